@@ -1,0 +1,25 @@
+"""Model backends: one small interface (``ImageTokenBackend``) over each unified model family.
+
+``load_backend(model, tokenizer)`` picks the backend from the model's config, so callers never name a family.
+Adding Lumina-mGPT/PURE or Janus-Pro means one subclass and one entry in ``BACKENDS``.
+"""
+
+from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend
+from vlcot_grpo.models.emu3 import Emu3Backend, unwrap_model
+
+#: model_type in the transformers config -> backend class
+BACKENDS: dict[str, type[ImageTokenBackend]] = {"emu3": Emu3Backend}
+
+
+def load_backend(model, tokenizer) -> ImageTokenBackend:
+    """The backend for ``model`` (a transformers model, possibly wrapped by PEFT or DeepSpeed)."""
+    model_type = getattr(unwrap_model(model).config, "model_type", None)
+    if model_type not in BACKENDS:
+        raise ValueError(
+            f"no image-token backend for model_type {model_type!r}; available: {sorted(BACKENDS)}. "
+            "Write a subclass of vlcot_grpo.models.ImageTokenBackend and register it in vlcot_grpo.models.BACKENDS."
+        )
+    return BACKENDS[model_type](model, tokenizer)
+
+
+__all__ = ["BACKENDS", "CODE", "Emu3Backend", "ImageParse", "ImageTokenBackend", "load_backend", "unwrap_model"]

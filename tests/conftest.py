@@ -1,0 +1,39 @@
+import os
+
+# Tests never touch the network: set before anything imports huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A tiny Emu3 checkpoint on disk, as a user's real checkpoint would be."""
+    from vlcot_grpo.models.tiny import save_tiny_emu3
+
+    return save_tiny_emu3(tmp_path_factory.mktemp("tiny-emu3"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    """(model, tokenizer, backend) loaded from disk through from_pretrained."""
+    from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+
+    from vlcot_grpo.models import load_backend
+
+    model = Emu3ForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    return model, tokenizer, load_backend(model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A real photograph bundled with scikit-image (public domain)."""
+    import skimage.data
+    from PIL import Image
+
+    return Image.fromarray(skimage.data.astronaut())

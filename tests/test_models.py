@@ -1,0 +1,163 @@
+import pytest
+import torch
+from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+
+from vlcot_grpo.models import CODE, load_backend
+from vlcot_grpo.models.emu3 import END_OF_ROW, IMAGE_START
+from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3, ensure_tiny_emu3
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 48), (16, 8)])
+def test_encode_decode_keeps_requested_size(tiny, photo, size):
+    _, _, backend = tiny
+    codes = backend.encode_images([photo, photo.convert("L")], size)
+    assert codes.shape == (2, size[0] // 4, size[1] // 4)
+    assert int(codes.min()) >= 0 and int(codes.max()) < backend.codebook_size
+    images = backend.decode_codes(codes)
+    assert [im.size for im in images] == [(size[1], size[0])] * 2
+    assert all(im.mode == "RGB" for im in images)
+
+
+def test_size_not_multiple_of_downsample_is_a_clear_error(tiny, photo):
+    with pytest.raises(ValueError, match="30x32.*downsample factor 4"):
+        tiny[2].encode_images([photo], (30, 32))
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (4, 4), (3, 7), (8, 2), (16, 16)])
+def test_layout_round_trip(tiny, grid):
+    backend = tiny[2]
+    codes = torch.randint(0, backend.codebook_size, grid)
+    ids = backend.codes_to_token_ids(codes)
+    template = backend.image_template(*grid)
+    assert len(ids) == len(template)
+    assert int((template == CODE).sum()) == grid[0] * grid[1]
+    parsed = backend.parse_image_tokens(ids)
+    assert parsed.ok, parsed.error
+    assert torch.equal(parsed.codes, codes)
+    assert backend.parse_image_tokens(ids, expected_grid=grid).ok
+
+
+def test_layout_is_emu3s(tiny):
+    _, tokenizer, backend = tiny
+    ids = backend.codes_to_token_ids(torch.zeros(2, 3, dtype=torch.long)).tolist()
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:5] == [IMAGE_START, "2", "*", "3", "<|image token|>"]
+    assert tokens[-2:] == ["<|extra_201|>", "<|image end|>"]
+    assert tokens.count(END_OF_ROW) == 2
+
+
+def _ids(backend, grid=(3, 4)):
+    torch.manual_seed(0)
+    return backend.codes_to_token_ids(torch.randint(0, backend.codebook_size, grid)).tolist()
+
+
+def test_malformed_missing_row_end(tiny):
+    backend = tiny[2]
+    ids = _ids(backend)
+    prefix = len(backend._image_prefix(3, 4))
+    del ids[prefix + 4]  # first row's end-of-row token
+    result = backend.parse_image_tokens(ids)
+    assert not result.ok and result.codes is None
+    assert "row 0, column 4" in result.error and "<|extra_200|>" in result.error
+
+
+def test_malformed_truncated(tiny):
+    result = tiny[2].parse_image_tokens(_ids(tiny[2])[:-5])
+    assert not result.ok and "truncated image" in result.error
+
+
+def test_malformed_text_inside_image(tiny):
+    backend = tiny[2]
+    ids = _ids(backend)
+    ids[len(backend._image_prefix(3, 4)) + 2] = backend.encode_text("a")[0]
+    result = backend.parse_image_tokens(ids)
+    assert not result.ok and "expected an image code" in result.error and "'a'" in result.error
+
+
+def test_malformed_wrong_size_tokens(tiny):
+    backend = tiny[2]
+    result = backend.parse_image_tokens(_ids(backend), expected_grid=(4, 4))
+    assert not result.ok and "3x4" in result.error and "expected 4x4" in result.error
+    garbled = _ids(backend)
+    garbled[1] = backend.encode_text("x")[0]
+    result = backend.parse_image_tokens(garbled)
+    assert not result.ok and "size tokens" in result.error
+
+
+def test_malformed_inputs_never_raise(tiny):
+    backend = tiny[2]
+    for ids in ([], [10**6], [backend.tag_ids["<rough_image>"]] * 5, _ids(backend) + [1, 2]):
+        assert not backend.parse_image_tokens(ids).ok
+
+
+def test_masks_partition_the_vocabulary(tiny):
+    backend = tiny[2]
+    assert int(backend.image_code_mask.sum()) == backend.codebook_size
+    assert not (backend.image_code_mask & backend.text_token_mask).any()
+    for tok in backend.layout_token_ids:
+        assert not backend.text_token_mask[tok]
+    digits = backend.encode_text("0123456789*")
+    assert backend.text_token_mask[digits].all()  # size tokens are ordinary text
+    assert all(backend.text_token_mask[t] for t in backend.tag_ids.values())
+    assert len(backend.tag_ids) == 14 and len(set(backend.tag_ids.values())) == 14
+
+
+def test_saved_and_reloaded_gives_identical_logits(tiny_path, tiny):
+    model, tokenizer, _ = tiny
+    again = Emu3ForConditionalGeneration.from_pretrained(tiny_path).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 300))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    fresh, _ = build_tiny_emu3(TinyEmu3Spec())  # same seed -> same weights
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert AutoTokenizer.from_pretrained(tiny_path).get_vocab() == tokenizer.get_vocab()
+
+
+def test_different_seed_gives_different_model():
+    a, _ = build_tiny_emu3(TinyEmu3Spec(seed=0))
+    b, _ = build_tiny_emu3(TinyEmu3Spec(seed=1))
+    assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
+
+
+def test_ensure_reuses_and_rebuilds(tmp_path):
+    path = ensure_tiny_emu3(tmp_path / "m")
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_emu3(tmp_path / "m").joinpath("model.safetensors").stat().st_mtime_ns == stamp
+    ensure_tiny_emu3(tmp_path / "m", TinyEmu3Spec(seed=3))
+    assert (path / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_forward_of_a_few_thousand_tokens_is_fast(tiny):
+    import time
+
+    model, tokenizer, _ = tiny
+    ids = torch.randint(0, len(tokenizer), (1, 3000))
+    with torch.no_grad():
+        model(input_ids=ids)
+        start = time.perf_counter()
+        model(input_ids=ids)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_tokenizer_is_character_level_with_single_token_tags(tiny):
+    tokenizer = tiny[1]
+    ids = tokenizer("ab <final_image>", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 4
+    assert tokenizer.decode(ids) == "ab <final_image>"
+
+
+def test_unknown_model_type_lists_backends(tiny):
+    class Fake(torch.nn.Module):
+        config = type("C", (), {"model_type": "llama"})()
+
+    with pytest.raises(ValueError, match="llama.*emu3"):
+        load_backend(Fake(), tiny[1])
+
+
+def test_import_is_offline_and_light():
+    import subprocess
+    import sys
+
+    code = "import sys, vlcot_grpo; assert 'trl' not in sys.modules and 'deepspeed' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
