@@ -231,3 +231,20 @@ def build_completion_ids(
     if eos and backend.eos_token_id is not None:
         ids.append(backend.eos_token_id)
     return ids
+
+
+def encode_prompt(
+    backend: ImageTokenBackend, lr_image: Image.Image, lr_size: tuple[int, int], prompt: str = DEFAULT_PROMPT
+) -> list[int]:
+    """Token ids of the prompt: BOS, the instruction text, and the low-quality image's tokens at the placeholder.
+
+    The image is resized to ``lr_size`` (height, width) before tokenisation (the paper: 512x512).
+    """
+    if prompt.count(IMAGE_PLACEHOLDER) != 1:
+        raise ValueError(
+            f"the prompt must contain the image placeholder {IMAGE_PLACEHOLDER!r} exactly once: {prompt!r}"
+        )
+    before, after = prompt.split(IMAGE_PLACEHOLDER)
+    codes = backend.encode_images([lr_image], lr_size)[0]
+    image_ids = backend.codes_to_token_ids(codes).tolist()
+    return backend.bos_token_ids + backend.encode_text(before) + image_ids + backend.encode_text(after)
