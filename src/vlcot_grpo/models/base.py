@@ -124,9 +124,13 @@ class ImageTokenBackend(ABC):
 
     @cached_property
     def text_token_mask(self) -> torch.Tensor:
-        """BoolTensor ``(vocab_size,)``: what free text may sample: everything but image codes and layout tokens."""
+        """BoolTensor ``(vocab_size,)``: what free text may sample: no image codes, layout or special tokens but EOS/tags."""
         mask = ~self.image_code_mask
         mask[self.layout_token_ids] = False
+        # Special tokens (pad, bos, unk, placeholders, ...) are never written as text; EOS and the tags are.
+        keep = set(self.tag_ids.values()) | ({self.eos_token_id} - {None})
+        special = [i for i in self.tokenizer.all_special_ids if i not in keep and i < self.vocab_size]
+        mask[special] = False
         return mask
 
     @cached_property

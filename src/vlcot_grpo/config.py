@@ -1,0 +1,89 @@
+"""``VLCoTGRPOConfig``: TRL's ``GRPOConfig`` plus what a VLCoT rollout needs. Every field carries its help text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from vlcot_grpo.rollout import RolloutConfig
+from vlcot_grpo.vlcot import DEFAULT_PROMPT
+
+
+@dataclass
+class VLCoTGRPOConfig(GRPOConfig):
+    """GRPO settings for VLCoT rollouts. Text sampling uses GRPOConfig's ``temperature``, ``top_k`` and ``top_p``;
+    ``max_completion_length`` bounds a whole completion (text and all three images)."""
+
+    lr_size: int = field(
+        default=512,
+        metadata={"help": "Side (pixels) the low-quality input is resized to before tokenisation (the paper: 512)."},
+    )
+    rough_size: int = field(default=128, metadata={"help": "Side (pixels) of the rough image (the paper: 128)."})
+    middle_size: int = field(default=256, metadata={"help": "Side (pixels) of the middle image (the paper: 256)."})
+    final_size: int = field(default=512, metadata={"help": "Side (pixels) of the final image (the paper: 512)."})
+    prompt_template: str = field(
+        default=DEFAULT_PROMPT,
+        metadata={
+            "help": "Instruction text with the image placeholder '<|image|>'; used when the dataset has no "
+            "'prompt' column."
+        },
+    )
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Classifier-free guidance for image codes in transformers' convention: guided = u + s (c - u)"
+            " on log-probs, 1.0 = off. The unconditional branch sees only the current image's tokens."
+        },
+    )
+    image_temperature: float = field(default=0.9, metadata={"help": "Sampling temperature of image codes."})
+    image_top_k: int = field(
+        default=-1,
+        metadata={
+            "help": "Top-k for image codes: 0 = off, > 0 fixed, -1 = entropy-dependent "
+            "k = 1 + 1999 sigmoid(H - 5) as in the paper."
+        },
+    )
+    logprob_support: str = field(
+        default="restricted",
+        metadata={
+            "help": "How trained log-probs are normalised. 'restricted' (default): image-code positions over the "
+            "image codes, text positions over the text vocabulary, each at its own temperature — the support the "
+            "sampler chose from. 'full': over the whole vocabulary. Neither includes guidance or top-k: those shape "
+            "sampling only, so the policy gradient is that of the unguided model (as in the paper).",
+            "choices": ["restricted", "full"],
+        },
+    )
+    image_log_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Every this many steps, save a picture per sample (LR | rough | middle | final, texts, "
+            "rewards) under output_dir/samples and send it to TensorBoard / W&B. 0 = never."
+        },
+    )
+    image_log_samples: int = field(default=4, metadata={"help": "How many samples per logged step get a picture."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logprob_support not in ("restricted", "full"):
+            raise ValueError(f"logprob_support must be 'restricted' or 'full', got {self.logprob_support!r}")
+        for name in ("lr_size", "rough_size", "middle_size", "final_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def rollout_config(self) -> RolloutConfig:
+        return RolloutConfig(
+            stage_sizes={
+                "rough": (self.rough_size, self.rough_size),
+                "middle": (self.middle_size, self.middle_size),
+                "final": (self.final_size, self.final_size),
+            },
+            max_new_tokens=self.max_completion_length,
+            do_sample=True,
+            text_temperature=self.temperature,
+            text_top_k=self.top_k or 0,
+            text_top_p=self.top_p,
+            image_temperature=self.image_temperature,
+            image_top_k=self.image_top_k,
+            guidance_scale=self.guidance_scale,
+        )

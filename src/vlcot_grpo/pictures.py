@@ -1,0 +1,70 @@
+"""Sample pictures: LR | rough | middle | final side by side, with the chain's texts and rewards underneath."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vlcot_grpo.vlcot import STAGES
+
+TILE = 192  # every panel is shown at this size, nearest-neighbour, so tiny images stay visible
+
+
+def sample_picture(lr_image, stage_images: dict, texts: dict, rewards: dict[str, float]) -> Image.Image:
+    panels = [("LR", lr_image)] + [(s, stage_images.get(s)) for s in STAGES]
+    lines = [f"{k}: {v}" for k, v in texts.items() if v] + [
+        "rewards: " + ", ".join(f"{k}={v:.3f}" for k, v in rewards.items())
+    ]
+    wrapped = [w for line in lines for w in textwrap.wrap(line, width=100)[:3]]
+    canvas = Image.new("RGB", (TILE * len(panels), TILE + 16 + 12 * len(wrapped) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, image) in enumerate(panels):
+        if image is not None:
+            canvas.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), (i * TILE, 0))
+        else:
+            draw.rectangle([i * TILE, 0, (i + 1) * TILE - 1, TILE - 1], outline="red")
+            draw.text((i * TILE + 8, TILE // 2), "missing / malformed", fill="red")
+        draw.text((i * TILE + 4, TILE + 2), label, fill="black")
+    for j, line in enumerate(wrapped):
+        draw.text((4, TILE + 16 + 12 * j), line, fill="black")
+    return canvas
+
+
+def log_pictures(trainer, inputs: list[dict], rewards: dict[str, list[float]], folder: Path) -> list[Path]:
+    """Save one picture per sample under ``folder`` and send them to TensorBoard / W&B when those are active."""
+    folder.mkdir(parents=True, exist_ok=True)
+    step = trainer.state.global_step
+    paths, pictures = [], []
+    for i, row in enumerate(inputs):
+        sample_rewards = {name: values[i] for name, values in rewards.items() if i < len(values)}
+        picture = sample_picture(
+            row["lr_image"], row.get("stage_images", {}), row.get("stage_texts", {}), sample_rewards
+        )
+        path = folder / f"step{step:06d}_sample{i}.png"
+        picture.save(path)
+        paths.append(path)
+        pictures.append(picture)
+    _to_tensorboard(trainer, pictures, step)
+    _to_wandb(pictures, step)
+    return paths
+
+
+def _to_tensorboard(trainer, pictures, step):
+    import numpy as np
+
+    for callback in trainer.callback_handler.callbacks:
+        writer = getattr(callback, "tb_writer", None)
+        if writer is not None:
+            for i, picture in enumerate(pictures):
+                writer.add_image(f"samples/{i}", np.asarray(picture), step, dataformats="HWC")
+
+
+def _to_wandb(pictures, step):
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.log({"samples": [wandb.Image(p) for p in pictures]}, step=step)

@@ -1,0 +1,285 @@
+"""The VLCoT rollout engine: free text, then images whose layout the engine forces, in one token sequence.
+
+Per row, a small state machine runs on tensors:
+
+* text mode: sample from the text vocabulary (no image codes, no layout tokens). Writing an image-opening tag
+  (``<rough_image>``, ...) switches the row to image mode for that stage; EOS or ``</final_image>`` ends it.
+* image mode: walk the stage's template (``backend.image_template`` + the closing tag): forced positions are written
+  as they are; code positions are sampled from the image codes only, optionally with classifier-free guidance.
+
+Guidance follows ``transformers``' convention (``guidance_scale`` 1.0 = off): guided = u + s (c - u) on log-softmaxed
+scores, where the unconditional branch sees only the current image's tokens, starting at its image-start token. Those
+unconditional rows run in the *same* forward pass as the conditional rows: they share the KV cache tensor, and at
+each image start the row is "restarted" by masking out everything before it (attention mask + position ids), so no
+second sequential pass and no cache copy is needed.
+
+The KV cache is explicit and the per-row state lives in tensors, so a faster GPU path (static cache, CUDA graphs)
+can replace ``_step`` without changing callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from vlcot_grpo.models import CODE, ImageTokenBackend
+from vlcot_grpo.vlcot import STAGES
+
+
+@dataclass
+class RolloutConfig:
+    """How rollouts are sampled. Sizes are in pixels; each must be a multiple of the model's downsample factor."""
+
+    stage_sizes: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: {"rough": (128, 128), "middle": (256, 256), "final": (512, 512)},
+        metadata={"help": "Image size (height, width) of each stage: rough, middle, final."},
+    )
+    max_new_tokens: int = field(default=7000, metadata={"help": "Length limit of a completion, in tokens."})
+    do_sample: bool = field(default=True, metadata={"help": "Sample (True) or take the argmax (False)."})
+    text_temperature: float = field(default=0.9, metadata={"help": "Temperature of text tokens."})
+    text_top_k: int = field(default=0, metadata={"help": "Top-k of text tokens (0 = off)."})
+    text_top_p: float = field(default=1.0, metadata={"help": "Nucleus top-p of text tokens (1.0 = off)."})
+    image_temperature: float = field(default=0.9, metadata={"help": "Temperature of image codes."})
+    image_top_k: int = field(
+        default=0,
+        metadata={
+            "help": "Top-k of image codes: 0 = off, > 0 fixed, -1 = the paper's entropy-dependent k = 1 + 1999 "
+            "sigmoid(H - 5), H the entropy (nats) of the guided code distribution, clipped to [0, 10]."
+        },
+    )
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={"help": "Classifier-free guidance on image codes, transformers' convention (1.0 = off)."},
+    )
+
+
+@dataclass
+class RolloutBatch:
+    """Rollouts of a batch. Row ``i`` belongs to prompt ``i // num_generations``."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    #: 1 where the model chose the token (sampled), 0 where the engine forced it (layout, closing tags, EOS).
+    sampled_mask: list[list[int]]
+    finished: list[bool]
+    #: tokens generated per stage block and for text, for logging
+    stage_tokens: dict[str, list[int]]
+
+
+class RolloutEngine:
+    """Generates VLCoT completions with ``model`` (a causal LM taking ``input_ids``/``cache``) and its backend."""
+
+    def __init__(self, model, backend: ImageTokenBackend, config: RolloutConfig):
+        self.model = model
+        self.backend = backend
+        self.config = config
+        tags = backend.tag_ids
+        self.eos_id = backend.eos_token_id if backend.eos_token_id is not None else -1
+        self.open_ids = torch.tensor([tags[f"<{s}_image>"] for s in STAGES])
+        self.final_close_id = tags["</final_image>"]
+        self.pad_id = backend.tokenizer.pad_token_id if backend.tokenizer.pad_token_id is not None else self.eos_id
+        # One template per stage: image layout + closing tag, padded into one (stages, max_len) tensor.
+        templates = []
+        for stage in STAGES:
+            grid = backend.grid_for(*config.stage_sizes[stage])
+            tail = [tags[f"</{stage}_image>"]]
+            if stage == STAGES[-1] and self.eos_id >= 0:
+                tail.append(self.eos_id)  # the chain is complete: end the completion so it reads as terminated
+            templates.append(torch.cat([backend.image_template(*grid), torch.tensor(tail)]))
+        self.template_len = torch.tensor([len(t) for t in templates])
+        self.templates = torch.nn.utils.rnn.pad_sequence(templates, batch_first=True, padding_value=self.pad_id)
+        self.text_mask = backend.text_token_mask.clone()
+        self.code_mask = backend.image_code_mask.clone()
+
+    # ----- public ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], num_generations: int = 1, generator: torch.Generator | None = None
+    ) -> RolloutBatch:
+        """Roll out ``num_generations`` completions for each prompt.
+
+        A prompt may end inside the chain, e.g. right after ``<rough_image>``: the engine then starts in image mode.
+        """
+        device = self.model.device if hasattr(self.model, "device") else next(self.model.parameters()).device
+        cfg = self.config
+        guided = cfg.guidance_scale != 1.0
+        n_rows = len(prompt_ids) * num_generations
+        templates = self.templates.to(device)
+        template_len = self.template_len.to(device)
+        open_ids = self.open_ids.to(device)
+        text_mask, code_mask = self.text_mask.to(device), self.code_mask.to(device)
+
+        cache, attn, positions, last_logits = self._prefill(prompt_ids, num_generations, device)
+        prompt_len = attn.shape[1]
+        if guided:  # unconditional rows: same cache tensor, no context until their first image start
+            self._add_unconditional_rows(cache)
+            attn = torch.cat([attn, torch.zeros_like(attn)])
+            uncond_logits = torch.zeros_like(last_logits)
+
+        # State per row: -1 = text mode, else the stage index of the image being written; `tpos` = template index.
+        stage = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+        tpos = torch.zeros(n_rows, dtype=torch.long, device=device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        restart = torch.full((n_rows,), prompt_len, dtype=torch.long, device=device)  # uncond context start
+        for i, ids in enumerate(prompt_ids):  # prompts that end with an image-opening tag start in image mode
+            if ids and ids[-1] in self.open_ids.tolist():
+                stage[i * num_generations : (i + 1) * num_generations] = self.open_ids.tolist().index(ids[-1])
+
+        out_tokens, out_sampled = [], []
+        for step in range(cfg.max_new_tokens):
+            in_image = stage >= 0
+            safe_stage = stage.clamp(min=0)
+            forced = templates[safe_stage, tpos.clamp(max=templates.shape[1] - 1)]
+            is_code = in_image & (forced == CODE)
+            is_forced = in_image & ~is_code
+
+            text_tok = self._sample(
+                last_logits, text_mask, cfg.text_temperature, cfg.text_top_k, cfg.text_top_p, generator
+            )
+            code_scores = torch.log_softmax(last_logits.float(), dim=-1)
+            if guided:
+                uncond = torch.log_softmax(uncond_logits.float(), dim=-1)
+                code_scores = uncond + cfg.guidance_scale * (code_scores - uncond)
+            code_tok = self._sample(code_scores, code_mask, cfg.image_temperature, cfg.image_top_k, 1.0, generator)
+
+            token = torch.where(is_code, code_tok, torch.where(is_forced, forced, text_tok))
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            sampled = ~done & ~is_forced
+            out_tokens.append(token)
+            out_sampled.append(sampled)
+
+            # Advance the state machine.
+            cur_pos = prompt_len + step  # sequence index of `token`
+            starts_image = in_image & (tpos == 0)
+            restart = torch.where(starts_image, torch.full_like(restart, cur_pos), restart)
+            tpos = torch.where(in_image, tpos + 1, tpos)
+            image_done = in_image & (tpos >= template_len[safe_stage])
+            finished_chain = image_done & (stage == len(STAGES) - 1)
+            stage = torch.where(image_done, torch.full_like(stage, -1), stage)
+            tpos = torch.where(image_done, torch.zeros_like(tpos), tpos)
+            opens = (~in_image) & ~done & (token[:, None] == open_ids[None]).any(-1)
+            stage = torch.where(opens, (token[:, None] == open_ids[None]).long().argmax(-1), stage)
+            ends_text = (~in_image) & ((token == self.final_close_id) | (token == self.eos_id))
+            done = done | finished_chain | ends_text
+            if bool(done.all()):
+                break
+
+            # Feed the token: conditional rows continue, unconditional rows see only [restart, now].
+            positions = positions + 1
+            attn = torch.cat([attn, torch.ones(attn.shape[0], 1, dtype=attn.dtype, device=device)], dim=1)
+            feed, pos_feed = token, positions
+            if guided:
+                seq_index = torch.arange(attn.shape[1], device=device)
+                attn[n_rows:] = (seq_index[None] >= restart[:, None]).to(attn.dtype)
+                feed = torch.cat([token, token])
+                pos_feed = torch.cat([positions, (cur_pos - restart).clamp(min=0)])
+            logits = self._step(feed, pos_feed, attn, cache)
+            last_logits = logits[:n_rows]
+            if guided:
+                uncond_logits = logits[n_rows:]
+        return self._collect(prompt_ids, num_generations, out_tokens, out_sampled, done)
+
+    # ----- pieces ------------------------------------------------------------------------------------------------
+    def _prefill(self, prompt_ids, num_generations, device):
+        """Run each distinct prompt once, then share its cache across its ``num_generations`` rows."""
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):  # left padding: every row's next token sits at the same index
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        logits = out.logits[:, -1]
+        if num_generations > 1:
+            cache.batch_repeat_interleave(num_generations)
+            logits = logits.repeat_interleave(num_generations, 0)
+            attn = attn.repeat_interleave(num_generations, 0)
+            positions = positions.repeat_interleave(num_generations, 0)
+        return cache, attn, positions[:, -1], logits
+
+    @staticmethod
+    def _add_unconditional_rows(cache: DynamicCache) -> None:
+        for layer in cache.layers:
+            layer.keys = torch.cat([layer.keys, torch.zeros_like(layer.keys)])
+            layer.values = torch.cat([layer.values, torch.zeros_like(layer.values)])
+
+    def _step(self, tokens, positions, attn, cache) -> torch.Tensor:
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=attn,
+            position_ids=positions[:, None],
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def _sample(self, scores, support, temperature, top_k, top_p, generator) -> torch.Tensor:
+        """One token per row from ``scores`` restricted to ``support``, with temperature, top-k (-1 = entropy) and top-p."""
+        scores = scores.float().masked_fill(~support, float("-inf"))
+        if not self.config.do_sample:
+            return scores.argmax(-1)
+        scores = scores / max(temperature, 1e-6)
+        if top_k == -1:
+            probs = torch.softmax(scores, -1)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).clamp(0, 10)
+            k = (1 + 1999 * torch.sigmoid(entropy - 5)).long()
+            scores = _top_k_per_row(scores, k)
+        elif top_k > 0:
+            scores = _top_k_per_row(scores, torch.full((scores.shape[0],), top_k, device=scores.device))
+        if top_p < 1.0:
+            sorted_scores, order = scores.sort(-1, descending=True)
+            cum = torch.softmax(sorted_scores, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_scores, -1) > top_p
+            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(scores, -1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def _collect(self, prompt_ids, num_generations, out_tokens, out_sampled, done) -> RolloutBatch:
+        tokens = torch.stack(out_tokens, 1).cpu() if out_tokens else torch.zeros(len(done), 0, dtype=torch.long)
+        sampled = torch.stack(out_sampled, 1).cpu() if out_sampled else torch.zeros_like(tokens, dtype=torch.bool)
+        completions, masks = [], []
+        for row in range(tokens.shape[0]):
+            ids = tokens[row].tolist()
+            keep = len(ids)
+            while keep and ids[keep - 1] == self.pad_id and not sampled[row, keep - 1]:
+                keep -= 1
+            completions.append(ids[:keep])
+            masks.append(sampled[row, :keep].long().tolist())
+        stage_tokens = self._count_stage_tokens(completions)
+        return RolloutBatch(
+            prompt_ids=[p for p in prompt_ids for _ in range(num_generations)],
+            completion_ids=completions,
+            sampled_mask=masks,
+            finished=done.cpu().tolist(),
+            stage_tokens=stage_tokens,
+        )
+
+    def _count_stage_tokens(self, completions) -> dict[str, list[int]]:
+        tags = self.backend.tag_ids
+        counts: dict[str, list[int]] = {s: [] for s in STAGES}
+        for ids in completions:
+            for s in STAGES:
+                o, c = tags[f"<{s}_image>"], tags[f"</{s}_image>"]
+                if o in ids:
+                    start = ids.index(o)
+                    end = ids.index(c, start) if c in ids[start:] else len(ids)
+                    counts[s].append(end - start - 1)
+                else:
+                    counts[s].append(0)
+        return counts
+
+
+def _top_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the ``k[i]`` best scores of row ``i`` (ties at the threshold are kept)."""
+    k = k.clamp(1, scores.shape[-1])
+    kth = scores.sort(-1, descending=True).values.gather(-1, (k - 1)[:, None])
+    return scores.masked_fill(scores < kth, float("-inf"))

@@ -1,0 +1,209 @@
+"""``VLCoTGRPOTrainer``: TRL's ``GRPOTrainer`` with VLCoT rollouts.
+
+It extends rather than forks. What it changes, and why:
+
+* generation goes through TRL's ``rollout_func`` hook to the ``RolloutEngine`` (text + forced-layout images), and
+  the engine's "sampled vs forced" mask goes back as ``env_mask`` so forced tokens never enter the loss;
+* rewards get the parsed chain (``vlcot``), its texts and decoded stage images as extra keyword arguments;
+* per-token log-probs are normalised over the support the sampler chose from (``logprob_support``);
+* logging adds the format-valid rate, tokens per stage, rollout vs training time and sample pictures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook; we pin TRL
+
+from trl import GRPOTrainer  # noqa: E402
+
+from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
+from vlcot_grpo.models import load_backend  # noqa: E402
+from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
+from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E402
+
+
+class VLCoTGRPOTrainer(GRPOTrainer):
+    """GRPO on VLCoT rollouts. The dataset needs an ``lr_image`` column (PIL) and may have a ``prompt`` column
+    (instruction text with the ``<|image|>`` placeholder); every other column reaches the rewards."""
+
+    def __init__(self, model, reward_funcs, args: VLCoTGRPOConfig, train_dataset, processing_class, **kwargs):
+        if not isinstance(args, VLCoTGRPOConfig):
+            raise TypeError(f"args must be a VLCoTGRPOConfig, got {type(args).__name__}")
+        if "lr_image" not in train_dataset.column_names:
+            raise ValueError(f"the training dataset needs an 'lr_image' column; it has {train_dataset.column_names}")
+        if "prompt" not in train_dataset.column_names:
+            train_dataset = train_dataset.add_column("prompt", [args.prompt_template] * len(train_dataset))
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            rollout_func=self._rollout,
+            **kwargs,
+        )
+        self.backend = load_backend(self.model, processing_class)
+        rollout_config = args.rollout_config()
+        self.stage_grids = {s: self.backend.grid_for(*rollout_config.stage_sizes[s]) for s in STAGES}
+        self.backend.grid_for(args.lr_size, args.lr_size)  # fail now, not at the first step, on a bad size
+        self.engine = RolloutEngine(self.model, self.backend, rollout_config)
+        self._code_mask = self.backend.image_code_mask.to(self.accelerator.device)
+        self._text_mask = self.backend.text_token_mask.to(self.accelerator.device)
+        self._batch_inputs: list[dict] | None = None
+        self._rollout_seconds = 0.0
+        self._step_started = None
+        for reward in self.reward_funcs:  # load metric weights etc. now, so a missing file fails at start
+            if hasattr(reward, "prepare"):
+                reward.prepare(self.accelerator.device)
+
+    # ----- generation ------------------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        self._batch_inputs = inputs  # the rollout needs each row's LR image, which TRL's hook does not pass
+        output = super()._generate_and_score_completions(inputs)
+        self._maybe_log_pictures(inputs)
+        return output
+
+    def _rollout(self, prompts: list, trainer) -> dict:
+        start = time.perf_counter()
+        inputs = self._batch_inputs
+        if inputs is None or len(inputs) != len(prompts):
+            raise RuntimeError("VLCoT rollout called without its batch inputs")
+        # TRL repeats each prompt num_generations times, consecutively: encode and prefill each group once.
+        groups = _consecutive_groups(inputs)
+        size = len(groups[0])
+        uniform = all(len(g) == size for g in groups)
+        firsts = [g[0] for g in groups] if uniform else list(range(len(inputs)))
+        prompt_ids = [
+            encode_prompt(self.backend, inputs[i]["lr_image"], (self.args.lr_size,) * 2, inputs[i]["prompt"])
+            for i in firsts
+        ]
+        self.engine.model = self.model
+        with torch.no_grad(), _eval_mode(self.model):
+            batch = self.engine.generate(prompt_ids, size if uniform else 1)
+        parses = parse_completions(self.backend, batch.completion_ids, self.stage_grids)
+        self._rollout_seconds = time.perf_counter() - start
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        metrics["vlcot/format_valid_rate"].append(sum(p.complete for p in parses) / len(parses))
+        metrics["vlcot/finished_rate"].append(sum(batch.finished) / len(batch.finished))
+        for stage in STAGES:
+            metrics[f"vlcot/tokens_{stage}_image"].append(sum(batch.stage_tokens[stage]) / len(parses))
+        metrics["timing/rollout_seconds"].append(self._rollout_seconds)
+        return {
+            "prompt_ids": batch.prompt_ids,
+            "completion_ids": batch.completion_ids,
+            "logprobs": None,
+            "env_mask": batch.sampled_mask,  # TRL multiplies this into the loss mask: forced tokens get 0
+            "vlcot": parses,
+            "stage_texts": [p.texts for p in parses],
+            "stage_images": [p.images for p in parses],
+        }
+
+    # ----- log-probs -------------------------------------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **unused_multimodal_kwargs,
+    ):
+        """Log-probs of the completion tokens under the sampler's support and temperatures (see logprob_support)."""
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with self.accelerator.autocast():
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep + 1
+                ).logits
+            logps, entropy = self.completion_logps(logits[:, :-1], ids[:, -logits_to_keep:], compute_entropy)
+            all_logps.append(logps)
+            if compute_entropy:
+                all_entropies.append(entropy)
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        return torch.cat(all_logps), entropies, None
+
+    def completion_logps(self, logits, targets, compute_entropy=False):
+        """``logits`` (B, T, V) predicting ``targets`` (B, T) -> log-probs (B, T) and optionally entropies (B, T)."""
+        logits = logits.float()
+        is_code = self._code_mask[targets]
+        temperature = torch.where(
+            is_code, torch.tensor(self.args.image_temperature, device=logits.device), torch.tensor(self.temperature)
+        )
+        logits = logits / temperature[..., None]
+        if self.args.logprob_support == "restricted":
+            support = torch.where(is_code[..., None], self._code_mask, self._text_mask)
+            # a target outside the support (a forced layout token; masked out of the loss) keeps a finite value
+            support = support | torch.nn.functional.one_hot(targets, logits.shape[-1]).bool()
+            logits = logits.masked_fill(~support, float("-inf"))
+        log_probs = torch.log_softmax(logits, dim=-1)
+        logps = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+        entropy = None
+        if compute_entropy:
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs.nan_to_num(neginf=0.0)).sum(-1)
+        return logps, entropy
+
+    # ----- logging ---------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch):
+        start = time.perf_counter()
+        self._rollout_seconds = 0.0
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._metrics["train"]["timing/train_seconds"].append(time.perf_counter() - start - self._rollout_seconds)
+        return loss
+
+    def _maybe_log_pictures(self, inputs):
+        every = self.args.image_log_steps
+        if not every or self.state.global_step % every or not self.accelerator.is_main_process:
+            return
+        if getattr(self, "_pictured_step", None) == self.state.global_step:
+            return
+        self._pictured_step = self.state.global_step
+        from vlcot_grpo.pictures import log_pictures
+
+        # the deque holds the last gathered batch; the main process owns its first rows
+        rewards = {name: list(values)[: len(inputs)] for name, values in self._logs["rewards"].items()}
+        log_pictures(self, inputs[: self.args.image_log_samples], rewards, Path(self.args.output_dir) / "samples")
+
+
+def _consecutive_groups(inputs: list[dict]) -> list[list[int]]:
+    """Indices of runs of consecutive rows that are the same prompt (same LR image and prompt text)."""
+    groups: list[list[int]] = []
+    for i, row in enumerate(inputs):
+        if groups and _same_prompt(inputs[groups[-1][0]], row):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _same_prompt(a: dict, b: dict) -> bool:
+    if a.get("prompt") != b.get("prompt"):
+        return False
+    if a["lr_image"] is b["lr_image"]:
+        return True
+    return a["lr_image"].size == b["lr_image"].size and a["lr_image"].tobytes() == b["lr_image"].tobytes()
+
+
+class _eval_mode:
+    """Dropout off while sampling; the previous mode is restored afterwards."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
