@@ -11,6 +11,18 @@ from vlcot_grpo.models.emu3 import Emu3Backend, unwrap_model
 BACKENDS: dict[str, type[ImageTokenBackend]] = {"emu3": Emu3Backend}
 
 
+def load_model(path: str, **from_pretrained_kwargs):
+    """Load a checkpoint with the model class of its family (read from its config), like a user's real checkpoint."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in BACKENDS:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} has no image-token backend; available: {sorted(BACKENDS)}"
+        )
+    return BACKENDS[model_type].model_class.from_pretrained(path, **from_pretrained_kwargs)
+
+
 def load_backend(model, tokenizer) -> ImageTokenBackend:
     """The backend for ``model`` (a transformers model, possibly wrapped by PEFT or DeepSpeed)."""
     model_type = getattr(unwrap_model(model).config, "model_type", None)
@@ -22,4 +34,13 @@ def load_backend(model, tokenizer) -> ImageTokenBackend:
     return BACKENDS[model_type](model, tokenizer)
 
 
-__all__ = ["BACKENDS", "CODE", "Emu3Backend", "ImageParse", "ImageTokenBackend", "load_backend", "unwrap_model"]
+__all__ = [
+    "BACKENDS",
+    "CODE",
+    "Emu3Backend",
+    "ImageParse",
+    "ImageTokenBackend",
+    "load_backend",
+    "load_model",
+    "unwrap_model",
+]

@@ -48,8 +48,12 @@ class ImageParse:
 class ImageTokenBackend(ABC):
     """One model family's image tokenisation and layout. Subclasses implement the abstract methods below."""
 
-    #: Short name used in recipes (``model_backend: emu3``).
+    #: Short name of the family.
     name: str = ""
+    #: transformers class that loads a checkpoint of this family.
+    model_class: type = None
+    #: PEFT ``target_modules`` (regex) for LoRA on the language model only.
+    lora_target_modules: str | list[str] | None = None
 
     def __init__(self, model, tokenizer):
         self.model = model

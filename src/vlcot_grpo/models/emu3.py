@@ -13,6 +13,7 @@ import re
 from functools import cached_property
 
 import torch
+from transformers import Emu3ForConditionalGeneration
 
 from vlcot_grpo.models.base import ImageTokenBackend
 
@@ -42,6 +43,9 @@ def unwrap_model(model):
 
 class Emu3Backend(ImageTokenBackend):
     name = "emu3"
+    model_class = Emu3ForConditionalGeneration
+    #: LoRA targets: the language model's projections only (the VQ model has q/k/v projections too, and is frozen)
+    lora_target_modules = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
     @cached_property
     def _ids(self) -> dict[str, int]:
