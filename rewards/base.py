@@ -59,7 +59,8 @@ def stage_texts(kwargs: dict[str, Any], n: int) -> list[dict[str, str | None]]:
 def stage_images(kwargs: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """Per completion: stage (``rough``/``middle``/``final``) -> decoded PIL image, ``None`` where missing/malformed.
 
-    Read from ``stage_images`` when given, else from the parses in ``vlcot``.
+    Read from ``stage_images`` when given, else from the parses in ``vlcot``. An image whose block was never closed
+    (e.g. no ``</final_image>``) counts as missing, like an unclosed text block: the model did not finish it.
     """
     images = column(kwargs, "stage_images", n)
     parses = column(kwargs, "vlcot", n)
@@ -67,7 +68,13 @@ def stage_images(kwargs: dict[str, Any], n: int) -> list[dict[str, Any]]:
     for given, parse in zip(images, parses):
         if given is None and parse is not None:
             given = parse.images
-        out.append({stage: (given or {}).get(stage) for stage in STAGES})
+        stages = {stage: (given or {}).get(stage) for stage in STAGES}
+        if parse is not None:
+            for stage in STAGES:
+                block = parse.blocks.get(f"{stage}_image")
+                if block is not None and not block.closed:
+                    stages[stage] = None
+        out.append(stages)
     return out
 
 

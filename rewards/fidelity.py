@@ -80,7 +80,8 @@ class FidelityReward(Reward):
         hr_weight: weight of HR fidelity (final image vs ``hr_image``); ``None`` = 1.0 for samples that have an HR
             image (and 0 for those that do not). Set 0.0 to ignore HR even when present.
         metric: ``"psnr"`` or ``"ssim"``.
-        psnr_max: PSNR (dB) that earns the full score; ``min(PSNR, psnr_max) / psnr_max``.
+        psnr_max: PSNR (dB) that earns the full score; ``min(PSNR, psnr_max) / psnr_max``. The default, 50 dB (an
+            RMS error under 1/255), saturates only for near-exact LR consistency, so small errors still cost.
         lr_size: compare at this size (an int, or ``(height, width)``) instead of the ``lr_image``'s own size: both
             the final image and ``lr_image`` are bicubic-resized to it. Use it when the LR column was already
             enlarged to the model's input canvas (the paper feeds LR resized to 512x512); set it to the true LR size,
@@ -95,7 +96,7 @@ class FidelityReward(Reward):
         lr_weight: float = 1.0,
         hr_weight: float | None = None,
         metric: str = "psnr",
-        psnr_max: float = 40.0,
+        psnr_max: float = 50.0,
         lr_size: int | tuple[int, int] | None = None,
         image: str = "final",
     ) -> None:
