@@ -257,6 +257,11 @@ def test_options_prompt_stage_sizes_and_lr_size(tmp_path):
     assert row["prompt"] == prompt
     assert row["target_final"].size == (24, 24) and row["lr_image"].size == (32, 32)
     assert DegradationRecord.from_json(row["degradation_params"]).output_resize.direction == "up"
+    # The trainer's config form: a mapping by stage name with (height, width) pairs.
+    by_name, _ = build(folder, tmp_path / "cache", stage_sizes={"rough": (8, 8), "middle": 16, "final": (24, 32)})
+    assert by_name[0]["target_final"].size == (32, 24)  # PIL sizes are (width, height)
+    with pytest.raises(ValueError, match="lacks the stage"):
+        build(folder, tmp_path / "cache", stage_sizes={"rough": 8, "final": 32})
     with pytest.raises(ValueError, match="placeholder"):
         build(folder, tmp_path / "cache", prompt="no image here")
     with pytest.raises(FileNotFoundError, match="not found"):

@@ -54,7 +54,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,7 +84,11 @@ FOLDER_ANNOTATIONS_FILE = "tags.json"
 SKIP_REASONS: tuple[str, ...] = ("corrupt", "not_an_image", "too_small", "too_large", "duplicate")
 #: PNG compression of the cached images: level 1 is ~3x faster than the default 6 and only ~10 % larger on photos.
 _PNG_COMPRESS_LEVEL = 1
-_TARGET_COLUMNS = ("target_rough", "target_middle", "target_final")
+_STAGES = ("rough", "middle", "final")
+_TARGET_COLUMNS = tuple(f"target_{stage}" for stage in _STAGES)
+#: Sizes of the stage targets: three entries (rough, middle, final) or a mapping by stage name; each entry an int
+#: side or a (height, width) pair. See normalise_stage_sizes.
+StageSizes = Sequence[int | Sequence[int]] | Mapping[str, int | Sequence[int]]
 
 
 def dataset_features() -> datasets.Features:
@@ -174,7 +178,7 @@ class ImageSettings:
     hr_size: int
     scale: int
     lr_size: int
-    stage_sizes: tuple[int, int, int]
+    stage_sizes: tuple[tuple[int, int], ...]  # (height, width) of the rough, middle and final targets
     seed: int
     small_images: str
     degradation: dict[str, Any]
@@ -342,8 +346,9 @@ def process_image(item: _Item, settings: ImageSettings, cache_root: Path, max_im
     lr = apply_degradation(np.asarray(hr), record)
 
     files = {"hr_image": _png_bytes(hr), "lr_image": _png_bytes(lr)}
-    for column, size in zip(_TARGET_COLUMNS, settings.stage_sizes):
-        target = hr if size == settings.hr_size else hr.resize((size, size), Image.Resampling.LANCZOS)
+    for column, (height, width) in zip(_TARGET_COLUMNS, settings.stage_sizes):
+        same_as_hr = (height, width) == (settings.hr_size, settings.hr_size)
+        target = hr if same_as_hr else hr.resize((width, height), Image.Resampling.LANCZOS)
         files[column] = files["hr_image"] if target is hr else _png_bytes(target)
     meta = {
         "source": item.source,
@@ -561,13 +566,35 @@ def _generate_rows(
         yield row
 
 
-def _check_arguments(hr_size: int, scale: int, lr_size: int, stage_sizes: tuple[int, ...], small_images: str) -> None:
+def normalise_stage_sizes(stage_sizes: StageSizes | None, hr_size: int) -> tuple[tuple[int, int], ...]:
+    """Stage target sizes as ``((h, w) rough, (h, w) middle, (h, w) final)``.
+
+    Accepts None (default: hr/4, hr/2, hr), three entries in rough / middle / final order, or a mapping with the
+    keys "rough", "middle", "final" (as ``VLCoTGRPOConfig.stage_sizes``); each entry an int side or ``(h, w)``.
+    """
+    if stage_sizes is None:
+        stage_sizes = (hr_size // 4, hr_size // 2, hr_size)
+    if isinstance(stage_sizes, Mapping):
+        missing = [stage for stage in _STAGES if stage not in stage_sizes]
+        if missing:
+            raise ValueError(f"stage_sizes lacks the stage(s) {missing}; got keys {sorted(stage_sizes)}")
+        stage_sizes = [stage_sizes[stage] for stage in _STAGES]
+    if len(stage_sizes) != 3:
+        raise ValueError(f"stage_sizes must have three entries (rough, middle, final), got {stage_sizes!r}")
+    pairs = []
+    for size in stage_sizes:
+        height, width = (size, size) if isinstance(size, (int, np.integer)) else size
+        if int(height) < 1 or int(width) < 1:
+            raise ValueError(f"stage sizes must be positive, got {size!r} in {stage_sizes!r}")
+        pairs.append((int(height), int(width)))
+    return tuple(pairs)
+
+
+def _check_arguments(hr_size: int, scale: int, lr_size: int, small_images: str) -> None:
     if hr_size < 1 or scale < 1 or hr_size // scale < 1:
         raise ValueError(f"need hr_size >= scale >= 1, got hr_size={hr_size}, scale={scale}")
     if lr_size < 1:
         raise ValueError(f"lr_size must be positive, got {lr_size}")
-    if len(stage_sizes) != 3 or any(size < 1 for size in stage_sizes):
-        raise ValueError(f"stage_sizes must be three positive sizes (rough, middle, final), got {stage_sizes}")
     if small_images not in ("skip", "upscale"):
         raise ValueError(f"small_images must be 'skip' or 'upscale', got {small_images!r}")
 
@@ -578,7 +605,7 @@ def build_vlcot_dataset_with_summary(
     hr_size: int = 512,
     scale: int = 4,
     lr_size: int | None = None,
-    stage_sizes: tuple[int, int, int] | None = None,
+    stage_sizes: StageSizes | None = None,
     seed: int = 0,
     prompt: str | None = None,
     degradation_config: DegradationConfig | None = None,
@@ -601,8 +628,7 @@ def build_vlcot_dataset_with_summary(
     from vlcot_grpo.vlcot import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
     lr_size = lr_size or hr_size // scale
-    stage_sizes = tuple(stage_sizes or (hr_size // 4, hr_size // 2, hr_size))
-    _check_arguments(hr_size, scale, lr_size, stage_sizes, small_images)
+    _check_arguments(hr_size, scale, lr_size, small_images)
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     if IMAGE_PLACEHOLDER not in prompt:
         raise ValueError(f"the prompt must contain the image placeholder {IMAGE_PLACEHOLDER!r}: {prompt[:200]!r}")
@@ -611,7 +637,7 @@ def build_vlcot_dataset_with_summary(
         hr_size=hr_size,
         scale=scale,
         lr_size=lr_size,
-        stage_sizes=stage_sizes,
+        stage_sizes=normalise_stage_sizes(stage_sizes, hr_size),
         seed=seed,
         small_images=small_images,
         degradation=degradation_config.to_dict(),
@@ -699,7 +725,7 @@ def build_vlcot_dataset(
     hr_size: int = 512,
     scale: int = 4,
     lr_size: int | None = None,
-    stage_sizes: tuple[int, int, int] | None = None,
+    stage_sizes: StageSizes | None = None,
     seed: int = 0,
     prompt: str | None = None,
     degradation_config: DegradationConfig | None = None,
@@ -724,7 +750,8 @@ def build_vlcot_dataset(
         hr_size: side of the square HR image; scale: super-resolution factor (LR = hr_size / scale).
         lr_size: side of the stored LR image; default hr_size // scale. A larger value (e.g. the model's input
             canvas) adds a final resize, recorded in ``degradation_params``.
-        stage_sizes: sides of the rough / middle / final targets; default (hr/4, hr/2, hr).
+        stage_sizes: sizes of the rough / middle / final targets, default (hr/4, hr/2, hr): three ints or
+            (h, w) pairs, or a mapping {"rough": ..., "middle": ..., "final": ...} (see normalise_stage_sizes).
         seed: global seed; each image's seed also depends on its content (see :func:`image_seed`).
         prompt: prompt text with ``IMAGE_PLACEHOLDER``; default ``vlcot_grpo.vlcot.DEFAULT_PROMPT``.
         degradation_config / level_thresholds: degradation ranges and level buckets (defaults: Real-ESRGAN's).

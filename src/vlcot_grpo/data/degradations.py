@@ -82,8 +82,9 @@ def _kernel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _quadratic_form(size: int, sigma_x: float, sigma_y: float, rotation: float) -> np.ndarray:
     """``d^T Sigma^-1 d`` for every offset ``d`` of the kernel grid.
 
-    ``Sigma = R diag(sigma_x^2, sigma_y^2) R^T`` where ``R`` rotates by ``rotation`` radians: the kernel's long
-    axis (of length ``sigma_x``) points along ``(cos rotation, sin rotation)`` in (column, row) coordinates.
+    ``Sigma = R diag(sigma_x^2, sigma_y^2) R^T`` where ``R`` rotates by ``rotation`` radians: the kernel's
+    ``sigma_x`` axis points along ``(cos rotation, sin rotation)`` in (column, row) coordinates, i.e. a positive
+    rotation turns it clockwise on screen (rows grow downwards).
     """
     if sigma_x <= 0 or sigma_y <= 0:
         raise ValueError(f"kernel sigmas must be positive, got sigma_x={sigma_x!r}, sigma_y={sigma_y!r}")
@@ -179,22 +180,6 @@ def _required(params: KernelParams, name: str) -> float:
     if value is None:
         raise ValueError(f"kernel kind {params.kind!r} needs {name!r}, got None in {params}")
     return float(value)
-
-
-def kernel_std(kernel: np.ndarray) -> float:
-    """Spread of a kernel in pixels: the root-mean-square of its two principal standard deviations.
-
-    Computed from the kernel's second moments, so it works for every family (for a Gaussian it is
-    ``sqrt((sigma_x^2 + sigma_y^2) / 2)`` up to truncation). Negative sinc lobes are clipped to zero first.
-    """
-    weights = np.clip(kernel.astype(np.float64), 0.0, None)
-    weights /= weights.sum()
-    half = kernel.shape[0] // 2
-    axis = np.arange(-half, half + 1, dtype=np.float64)
-    x, y = np.meshgrid(axis, axis)
-    variance_x = float((weights * x**2).sum())
-    variance_y = float((weights * y**2).sum())
-    return math.sqrt((variance_x + variance_y) / 2.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from vlcot_grpo.data.dataset import build_vlcot_dataset
+from vlcot_grpo.data.dataset import StageSizes, build_vlcot_dataset
 
 ANNOTATIONS_FILE = "demo_annotations.json"
 
@@ -93,11 +93,15 @@ def demo_source_dataset() -> datasets.Dataset:
 def build_demo_dataset(
     hr_size: int = 64,
     scale: int = 4,
-    stage_sizes: tuple[int, int, int] | None = None,
+    stage_sizes: StageSizes | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> datasets.Dataset:
-    """The demo VLCoT dataset (columns as :func:`~vlcot_grpo.data.dataset.build_vlcot_dataset`), built offline."""
+    """The demo VLCoT dataset (columns as :func:`~vlcot_grpo.data.dataset.build_vlcot_dataset`), built offline.
+
+    ``stage_sizes``: three ints or (h, w) pairs, or {"rough": ..., "middle": ..., "final": ...}; default
+    (hr/4, hr/2, hr). ``cache_dir`` defaults to :func:`~vlcot_grpo.data.dataset.default_cache_dir`.
+    """
     return build_vlcot_dataset(
         demo_source_dataset(),
         hr_size=hr_size,

@@ -212,79 +212,20 @@ def levels_agreement(predicted: dict[str, str | None], target: dict[str, str | N
 # Text -> levels
 # ----------------------------------------------------------------------------------------------------------------
 
-_STEP_WORDS: dict[str, tuple[str, ...]] = {
-    "blur": ("blur", "blurs", "blurry", "blurred", "blurring", "blurriness", "defocus", "defocused"),
-    "downsample": (
-        "downsample",
-        "downsamples",
-        "downsampled",
-        "downsampling",
-        "downscale",
-        "downscaled",
-        "downscaling",
-        "downsize",
-        "downsized",
-        "downsizing",
-        "subsample",
-        "subsampled",
-        "subsampling",
-    ),
-    "noise": ("noise", "noises", "noisy", "noised", "grain", "grainy", "graininess"),
-    "compression": (
-        "compression",
-        "compressed",
-        "compress",
-        "compressing",
-        "jpeg",
-        "jpg",
-        "blocky",
-        "blockiness",
-    ),
-    "upsample": (
-        "upsample",
-        "upsamples",
-        "upsampled",
-        "upsampling",
-        "upscale",
-        "upscaled",
-        "upscaling",
-        "upsize",
-        "upsized",
-        "upsizing",
-    ),
+#: Words naming each step (exact, lower-case words; "down-sampled" and "up scale" are joined before matching).
+_STEP_WORDS: dict[str, str] = {
+    "blur": "blur blurs blurry blurred blurring blurriness defocus defocused",
+    "downsample": "downsample downsamples downsampled downsampling downscale downscaled downscaling downsize "
+    "downsized downsizing subsample subsampled subsampling",
+    "noise": "noise noises noisy noised grain grainy graininess",
+    "compression": "compression compressed compress compressing jpeg jpg blocky blockiness",
+    "upsample": "upsample upsamples upsampled upsampling upscale upscaled upscaling upsize upsized upsizing",
 }
-_LEVEL_WORDS: dict[str, tuple[str, ...]] = {
-    "light": (
-        "light",
-        "lightly",
-        "slight",
-        "slightly",
-        "mild",
-        "mildly",
-        "low",
-        "weak",
-        "weakly",
-        "minor",
-        "minimal",
-        "little",
-        "subtle",
-        "faint",
-    ),
-    "medium": ("medium", "moderate", "moderately", "mid", "middle", "intermediate", "average", "modest"),
-    "heavy": (
-        "heavy",
-        "heavily",
-        "strong",
-        "strongly",
-        "severe",
-        "severely",
-        "high",
-        "intense",
-        "extreme",
-        "significant",
-        "substantial",
-        "considerable",
-    ),
+#: Words naming each level.
+_LEVEL_WORDS: dict[str, str] = {
+    "light": "light lightly slight slightly mild mildly low weak weakly minor minimal little subtle faint",
+    "medium": "medium moderate moderately mid middle intermediate average modest",
+    "heavy": "heavy heavily strong strongly severe severely high intense extreme significant substantial considerable",
 }
 #: Words that say a step is absent ("no noise", "without upsampling").
 _ABSENT_WORDS = frozenset({"no", "without", "none", "zero"})
@@ -297,8 +238,8 @@ _FILLER_WORDS = frozenset(
     visible appears seems looks like level levels amount predicted estimated""".split()
 )
 
-_STEP_OF_WORD = {word: step for step, words in _STEP_WORDS.items() for word in words}
-_LEVEL_OF_WORD = {word: level for level, words in _LEVEL_WORDS.items() for word in words}
+_STEP_OF_WORD = {word: step for step, words in _STEP_WORDS.items() for word in words.split()}
+_LEVEL_OF_WORD = {word: level for level, words in _LEVEL_WORDS.items() for word in words.split()}
 _LEVEL_OF_WORD.update({word: _ABSENT for word in _ABSENT_WORDS})
 
 #: "down-sampled", "up scale", "sub_sampling" -> one word.
