@@ -5,6 +5,9 @@
 Uses real photos bundled with scikit-image / matplotlib (the demo images), centre-cropped to the HR size, and a
 different seed per image, so all branches of the pipeline (Poisson / Gaussian noise, up / down resizing, sinc,
 both final orders) are exercised. Target: <= 60 ms mean per 512x512 image.
+
+Wall-clock time is the number that matters; the process CPU time is printed next to it because on a busy
+machine (other processes competing for the core) wall-clock time also counts the waiting.
 """
 
 from __future__ import annotations
@@ -42,22 +45,26 @@ def main() -> None:
         raise SystemExit(f"no demo photo is at least {args.size} px on its short side")
 
     apply_degradation(photos[0], sample_degradation(None, 0, args.size, args.scale))  # warm-up (tables, caches)
-    timings_ms = []
+    wall_ms, cpu_ms = [], []
     for index in range(args.images):
         hr = photos[index % len(photos)]
-        start = time.perf_counter()
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
         record = sample_degradation(None, 1000 + index, args.size, args.scale)
         apply_degradation(hr, record)
-        timings_ms.append((time.perf_counter() - start) * 1000)
+        wall_ms.append((time.perf_counter() - wall_start) * 1000)
+        cpu_ms.append((time.process_time() - cpu_start) * 1000)
 
-    timings_ms.sort()
-    p90 = timings_ms[min(len(timings_ms) - 1, int(round(0.9 * len(timings_ms))) - 1)]
     print(
-        f"degradation pipeline, {args.size}x{args.size} HR -> x{args.scale} LR, 1 CPU thread, "
-        f"{len(timings_ms)} images ({len(photos)} distinct photos):\n"
-        f"  mean {statistics.fmean(timings_ms):.1f} ms   median {statistics.median(timings_ms):.1f} ms   "
-        f"p90 {p90:.1f} ms   max {timings_ms[-1]:.1f} ms   (target: mean <= 60 ms)"
+        f"degradation pipeline (sample + apply), {args.size}x{args.size} HR -> x{args.scale} LR, 1 CPU thread, "
+        f"{len(wall_ms)} images ({len(photos)} distinct photos); target: mean <= 60 ms"
     )
+    for name, timings in (("wall-clock", wall_ms), ("CPU time", cpu_ms)):
+        timings = sorted(timings)
+        p90 = timings[min(len(timings) - 1, round(0.9 * len(timings)) - 1)]
+        print(
+            f"  {name:>10}: mean {statistics.fmean(timings):5.1f} ms   median {statistics.median(timings):5.1f} ms   "
+            f"p90 {p90:5.1f} ms   max {timings[-1]:5.1f} ms"
+        )
 
 
 if __name__ == "__main__":
