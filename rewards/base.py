@@ -41,11 +41,21 @@ def column(kwargs: dict[str, Any], key: str, n: int) -> list[Any]:
     return values
 
 
+def require_any(kwargs: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Fail clearly when none of ``keys`` was passed (rather than scoring every completion as if it were empty)."""
+    if not any(kwargs.get(key) is not None for key in keys):
+        raise ValueError(
+            f"this reward needs the keyword argument {' or '.join(map(repr, keys))} (one value per completion); "
+            "the VLCoT trainer passes it, see docs/rewards.md"
+        )
+
+
 def stage_texts(kwargs: dict[str, Any], n: int) -> list[dict[str, str | None]]:
     """Per completion: text block name -> text (``None`` where the block is missing or unclosed).
 
     Read from ``stage_texts`` when given, else from the parses in ``vlcot``.
     """
+    require_any(kwargs, ("stage_texts", "vlcot"))
     texts = column(kwargs, "stage_texts", n)
     parses = column(kwargs, "vlcot", n)
     out = []
@@ -62,6 +72,7 @@ def stage_images(kwargs: dict[str, Any], n: int) -> list[dict[str, Any]]:
     Read from ``stage_images`` when given, else from the parses in ``vlcot``. An image whose block was never closed
     (e.g. no ``</final_image>``) counts as missing, like an unclosed text block: the model did not finish it.
     """
+    require_any(kwargs, ("stage_images", "vlcot"))
     images = column(kwargs, "stage_images", n)
     parses = column(kwargs, "vlcot", n)
     out = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vlcot_grpo.vlcot import BLOCKS, VLCoTParse
 
-from .base import Reward, column
+from .base import Reward, column, require_any
 
 
 class FormatReward(Reward):
@@ -27,6 +27,7 @@ class FormatReward(Reward):
         self.partial_credit = bool(partial_credit)
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float | None]:
+        require_any(kwargs, ("vlcot",))
         parses = column(kwargs, "vlcot", len(completions))
         return [self.score(parse) for parse in parses]
 

@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,16 +78,18 @@ class RewardSpec:
             raise ValueError(f"reward spec {entry!r} has unknown keys {unknown}; allowed: {sorted(allowed)}")
         if "name" not in entry:
             raise ValueError(f"reward spec {entry!r} has no 'name'")
-        spec = cls(**entry)
-        spec.kwargs = dict(spec.kwargs or {})
-        if (
-            not isinstance(spec.weight, (int, float))
-            or isinstance(spec.weight, bool)
-            or not math.isfinite(spec.weight)
-        ):
-            raise ValueError(f"reward {spec.name!r}: weight must be a finite number, got {spec.weight!r}")
-        spec.weight = float(spec.weight)
-        return spec
+        return cls(**entry)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a reward spec's name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.kwargs, Mapping) and self.kwargs is not None:
+            raise ValueError(f"reward {self.name!r}: kwargs must be a dict, got {self.kwargs!r}")
+        self.kwargs = dict(self.kwargs or {})
+        weight = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"reward {self.name!r}: weight must be a finite number, got {weight!r}")
+        self.weight = float(weight)
 
 
 def resolve(name: str):

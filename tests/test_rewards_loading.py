@@ -120,6 +120,16 @@ def test_missing_file_attribute_module_and_bad_kwargs(tmp_path):
         load_rewards([{"name": "format", "kwargs": {"partial": True}}])
     with pytest.raises(ValueError, match="unknown keys.*'weights'"):
         load_rewards([{"name": "format", "weights": 2}])
+    with pytest.raises(ValueError, match="'format': weight must be a finite number, got 'heavy'"):
+        load_rewards([{"name": "format", "weight": "heavy"}])
+    with pytest.raises(ValueError, match="'format': kwargs must be a dict"):
+        load_rewards([{"name": "format", "kwargs": ["partial_credit"]}])
+
+
+def test_a_reward_called_without_the_parsed_completions_says_what_it_needs():
+    (format_reward,), _ = load_rewards(["format"])
+    with pytest.raises(RewardError, match="'format' raised on sample 0: ValueError: .*'vlcot'"):
+        call(format_reward, ["<degradation>"])
 
 
 def test_duplicate_names_are_made_unique_and_labels_apply():
