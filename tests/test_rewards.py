@@ -40,9 +40,10 @@ def completion(backend, texts=None, seed=0):
     return build_completion_ids(backend, {**TEXTS, **(texts or {})}, codes(backend, seed))
 
 
-def batch(backend, ids_list, **columns):
-    """The keyword arguments the trainer passes to a reward, for these completions."""
-    parses = parse_completions(backend, ids_list, GRIDS)
+def batch(backend, ids_list, decode=True, **columns):
+    """The keyword arguments the trainer passes to a reward, for these completions (text-only tests skip decoding
+    the images, which is most of the time here)."""
+    parses = parse_completions(backend, ids_list, GRIDS, decode_images=decode)
     return dict(
         prompts=["prompt"] * len(ids_list),
         completions=[backend.decode_text(ids) for ids in ids_list],
@@ -130,7 +131,7 @@ PAPER_TRUTH = {"blur": "heavy", "downsample": "medium", "noise": "heavy", "compr
 
 def test_degradation_paper_example_three_of_five(tiny):
     backend = tiny[2]
-    kwargs = batch(backend, [completion(backend)], degradation_levels=[PAPER_TRUTH])
+    kwargs = batch(backend, [completion(backend)], decode=False, degradation_levels=[PAPER_TRUTH])
     assert DegradationReward()(**kwargs) == [pytest.approx(0.6)]
     # Graded: medium for heavy blur earns 0.5, upsample present for absent earns 0 -> (0.5 + 1 + 1 + 1 + 0) / 5.
     assert DegradationReward(graded=True)(**kwargs) == [pytest.approx(0.7)]
@@ -141,7 +142,7 @@ def test_degradation_absent_steps_left_unnamed_are_right(tiny):
     ids = completion(backend, {"degradation": "heavy noise"})
     truth = {"blur": None, "downsample": None, "noise": "heavy", "compression": None, "upsample": None}
     wrong = dict(truth, noise="light")
-    kwargs = batch(backend, [ids, ids], degradation_levels=[truth, wrong])
+    kwargs = batch(backend, [ids, ids], decode=False, degradation_levels=[truth, wrong])
     assert DegradationReward()(**kwargs) == [1.0, pytest.approx(0.8)]
     assert DegradationReward(graded=True)(**kwargs) == [1.0, pytest.approx(0.8)]
 
@@ -153,7 +154,9 @@ def test_degradation_unreadable_and_missing_text_score_zero_with_reasons(tiny):
     missing = without_closing_tag(backend, completion(backend), "degradation")
     truth = {"noise": "heavy"}
     logs = Logs()
-    kwargs = batch(backend, [unreadable, partly, missing], degradation_levels=[truth] * 3, log_metric=logs)
+    kwargs = batch(
+        backend, [unreadable, partly, missing], decode=False, degradation_levels=[truth] * 3, log_metric=logs
+    )
     assert DegradationReward()(**kwargs) == [0.0, 1.0, 0.0]
     assert logs.values["degradation/unreadable"] == [1.0]
     assert logs.values["degradation/partly_unread"] == [1.0]
@@ -162,15 +165,17 @@ def test_degradation_unreadable_and_missing_text_score_zero_with_reasons(tiny):
 
 def test_degradation_without_recorded_levels_is_not_applicable(tiny):
     backend = tiny[2]
-    kwargs = batch(backend, [completion(backend)], degradation_levels=[None])
+    kwargs = batch(backend, [completion(backend)], decode=False, degradation_levels=[None])
     assert DegradationReward()(**kwargs) == [None]
-    kwargs = batch(backend, [completion(backend)])  # no column at all, no log_metric: outside the trainer
+    kwargs = batch(
+        backend, [completion(backend)], decode=False
+    )  # no column at all, no log_metric: outside the trainer
     assert DegradationReward()(**kwargs) == [None]
 
 
 def test_degradation_rejects_a_bad_recorded_level(tiny):
     backend = tiny[2]
-    kwargs = batch(backend, [completion(backend)], degradation_levels=[{"noise": "extreme"}])
+    kwargs = batch(backend, [completion(backend)], decode=False, degradation_levels=[{"noise": "extreme"}])
     with pytest.raises(ValueError, match="'noise'.*'extreme'"):
         DegradationReward()(**kwargs)
 
@@ -180,7 +185,7 @@ def test_degradation_rejects_a_bad_recorded_level(tiny):
 
 def test_understanding_paper_example_three_of_four(tiny):
     backend = tiny[2]
-    kwargs = batch(backend, [completion(backend)], tags=[["lion", "rock", "sky", "tree"]])
+    kwargs = batch(backend, [completion(backend)], decode=False, tags=[["lion", "rock", "sky", "tree"]])
     assert UnderstandingReward()(**kwargs) == [0.75]
 
 
@@ -191,7 +196,7 @@ def test_understanding_cat_is_not_catalogue(tiny):
         completion(backend, {"rough_understand": "Two Cats sleep on a catalogue."}),
         completion(backend, {"rough_understand": "A bobcat and a concatenated scatter."}),
     ]
-    kwargs = batch(backend, ids, tags=[["cat"]] * 3)
+    kwargs = batch(backend, ids, decode=False, tags=[["cat"]] * 3)
     assert UnderstandingReward()(**kwargs) == [0.0, 1.0, 0.0]
 
 
@@ -201,6 +206,7 @@ def test_understanding_plurals_and_phrases(tiny):
     kwargs = batch(
         backend,
         [completion(backend, {"rough_understand": text})],
+        decode=False,
         tags=[["bus", "traffic light", "berry", "leaf", "light bulb"]],
     )
     assert UnderstandingReward()(**kwargs) == [pytest.approx(4 / 5)]
@@ -210,7 +216,7 @@ def test_understanding_block_choice_no_tags_and_missing_text(tiny):
     backend = tiny[2]
     complete = completion(backend)
     missing = without_closing_tag(backend, complete, "rough_understand")
-    kwargs = batch(backend, [complete, complete, missing], tags=[["boulder"], [], ["lion"]])
+    kwargs = batch(backend, [complete, complete, missing], decode=False, tags=[["boulder"], [], ["lion"]])
     assert UnderstandingReward()(**kwargs) == [0.0, None, 0.0]
     assert UnderstandingReward(block="middle_understand")(**kwargs) == [1.0, None, 1.0]
     with pytest.raises(ValueError, match="rough_image"):
