@@ -91,7 +91,7 @@ class VLCoTParse:
 
     def image(self, block: str):
         b = self.blocks.get(block)
-        return None if b is None else b.image
+        return None if b is None or not b.closed else b.image
 
     @property
     def texts(self) -> dict[str, str | None]:
