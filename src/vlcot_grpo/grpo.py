@@ -109,7 +109,8 @@ def load_policy(model_args, training_args, script_args):
     if script_args.build_tiny_model and not Path(path).exists():
         from vlcot_grpo.models.tiny import ensure_tiny_emu3
 
-        ensure_tiny_emu3(path)
+        with training_args.main_process_first(desc="build the tiny model"):  # one writer, the others wait
+            ensure_tiny_emu3(path)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = load_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -164,6 +165,12 @@ def main(argv=None) -> Path:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model),
+    )
+    logger.info(
+        "distributed: %s, processes: %d, deepspeed: %s",
+        trainer.accelerator.distributed_type,
+        trainer.accelerator.num_processes,
+        trainer.is_deepspeed_enabled,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     output_dir = Path(training_args.output_dir)

@@ -20,6 +20,7 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook; we pin TRL
 
 from trl import GRPOTrainer  # noqa: E402
+from trl.models import unwrap_model_for_generation  # noqa: E402
 
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
 from vlcot_grpo.models import load_backend  # noqa: E402
@@ -78,14 +79,24 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         size = len(groups[0])
         uniform = all(len(g) == size for g in groups)
         firsts = [g[0] for g in groups] if uniform else list(range(len(inputs)))
-        prompt_ids = [
-            encode_prompt(self.backend, inputs[i]["lr_image"], (self.args.lr_size,) * 2, inputs[i]["prompt"])
-            for i in firsts
-        ]
-        self.engine.model = self.model
-        with torch.no_grad(), _eval_mode(self.model):
+        # Under ZeRO-3 the weights (the VQ model's too) are partitioned: gather them once for the whole rollout.
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped,
+            torch.no_grad(),
+            _eval_mode(unwrapped),
+        ):
+            prompt_ids = [
+                encode_prompt(self.backend, inputs[i]["lr_image"], (self.args.lr_size,) * 2, inputs[i]["prompt"])
+                for i in firsts
+            ]
+            self.engine.model = unwrapped
             batch = self.engine.generate(prompt_ids, size if uniform else 1)
-        parses = parse_completions(self.backend, batch.completion_ids, self.stage_grids)
+            parses = parse_completions(self.backend, batch.completion_ids, self.stage_grids)
         self._rollout_seconds = time.perf_counter() - start
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]

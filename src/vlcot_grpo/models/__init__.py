@@ -4,7 +4,7 @@
 Adding Lumina-mGPT/PURE or Janus-Pro means one subclass and one entry in ``BACKENDS``.
 """
 
-from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend
+from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend, without_zero3_init
 from vlcot_grpo.models.emu3 import Emu3Backend, unwrap_model
 
 #: model_type in the transformers config -> backend class
@@ -20,7 +20,8 @@ def load_model(path: str, **from_pretrained_kwargs):
         raise ValueError(
             f"{path}: model_type {model_type!r} has no image-token backend; available: {sorted(BACKENDS)}"
         )
-    return BACKENDS[model_type].model_class.from_pretrained(path, **from_pretrained_kwargs)
+    with without_zero3_init():  # see its docstring: Emu3's init fails on ZeRO-3-partitioned tensors
+        return BACKENDS[model_type].model_class.from_pretrained(path, **from_pretrained_kwargs)
 
 
 def load_backend(model, tokenizer) -> ImageTokenBackend:

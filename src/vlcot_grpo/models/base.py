@@ -17,6 +17,7 @@ and in their VQ model (``_encode_pixels``, ``_decode_grids``). Everything else l
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -27,6 +28,25 @@ from PIL import Image
 from vlcot_grpo.vlcot import TAGS
 
 CODE = -1  # marks a sampled (not forced) position in an image template
+
+
+@contextmanager
+def without_zero3_init():
+    """Build or load a model with full tensors even inside a ZeRO-3 run.
+
+    ``accelerate launch`` with ZeRO-3 sets transformers' global DeepSpeed config, under which models are partitioned
+    as they are constructed. Two things break there: a freshly built model would be saved empty, and Emu3's VQ
+    weight init (transformers 5.24) cannot run on partitioned tensors. DeepSpeed still partitions the model when the
+    trainer wraps it, so training memory is unchanged; only loading holds one full copy per process in CPU memory.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import Emu3Config, Emu3ForConditionalGeneration, PreTrainedTokenizerFast
 
+from vlcot_grpo.models.base import without_zero3_init
 from vlcot_grpo.models.emu3 import IMAGE_PLACEHOLDER_TOKEN, LAYOUT_TOKENS, visual_token
 from vlcot_grpo.vlcot import TAGS
 
@@ -90,7 +91,8 @@ def build_tiny_emu3(spec: TinyEmu3Spec | None = None):
         vocabulary_map=vocab,
     )
     torch.manual_seed(spec.seed)
-    model = Emu3ForConditionalGeneration(config).eval()
+    with without_zero3_init():
+        model = Emu3ForConditionalGeneration(config).eval()
     return model, tokenizer
 
 

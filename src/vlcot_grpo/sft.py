@@ -1,0 +1,448 @@
+"""Cold start: supervised fine-tuning on VLCoT traces, so that GRPO starts from a model that writes the seven blocks.
+
+``python -m vlcot_grpo.sft --config recipes/<model>/sft/<name>.yaml [--key value ...]`` (also under
+``accelerate launch [--config_file accelerate_configs/zero2.yaml] -m vlcot_grpo.sft ...``). Script, training and
+model arguments come from one YAML file (TRL's parser); the command line overrides it.
+
+Each sample of a VLCoT dataset becomes one trace (``vlcot_grpo.traces``): the prompt with the LR image's tokens, then
+the full chain with the stage targets' VQ tokens. Training is TRL's ``SFTTrainer`` on pre-tokenised sequences with
+the loss on the completion only; ``VLCoTSFTTrainer`` adds one thing, an optional weight of the loss on image-code
+tokens relative to the text (``image_loss_weight``).
+
+What GRPO loads afterwards (``model_name_or_path`` of the GRPO recipe) is always ``output_dir``: a full model and its
+tokenizer. With LoRA (``use_peft: true``) the adapter alone is kept in ``output_dir/adapter`` and ``output_dir`` holds
+the base model with the adapter merged in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from vlcot_grpo.models import load_backend
+from vlcot_grpo.traces import build_trace_dataset
+from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES
+
+logger = logging.getLogger("vlcot_grpo")
+
+#: Where the demo recipes keep the tiny model; a missing model there is built on the fly.
+DEMO_TINY_MODEL = Path("outputs/tiny-emu3/model")
+#: Default LoRA targets: the language model's projections, never the VQ model's (which has q/k/v too).
+LANGUAGE_MODEL_LORA_TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: Subfolder of output_dir that keeps the LoRA adapter alone.
+ADAPTER_SUBDIR = "adapter"
+
+
+# ----- configuration ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLCoTSFTConfig(SFTConfig):
+    """SFT settings for VLCoT traces. Sizes must match the GRPO recipe that continues from this model."""
+
+    lr_size: int = field(
+        default=512,
+        metadata={"help": "Side (pixels) the low-quality input is resized to before tokenisation (the paper: 512)."},
+    )
+    rough_size: int = field(default=128, metadata={"help": "Side (pixels) of the rough target image (paper: 128)."})
+    middle_size: int = field(default=256, metadata={"help": "Side (pixels) of the middle target image (paper: 256)."})
+    final_size: int = field(default=512, metadata={"help": "Side (pixels) of the final target image (paper: 512)."})
+    prompt_template: str = field(
+        default=DEFAULT_PROMPT,
+        metadata={
+            "help": "Instruction text with the image placeholder '<|image|>'; used for rows without a 'prompt' "
+            "column (as in GRPO)."
+        },
+    )
+    image_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the loss on image-code tokens relative to all other completion tokens (text, tags, "
+            "image layout, EOS). The loss is the weighted mean: 1.0 = plain SFT, 0.0 = text and layout only."
+        },
+    )
+    trace_batch_size: int = field(
+        default=16, metadata={"help": "Samples VQ-encoded per call while the traces are built."}
+    )
+    format_check_samples: int = field(
+        default=0,
+        metadata={
+            "help": "After training, roll out greedily on this many training prompts and log the rate of "
+            "format-valid completions (all seven blocks, images well-formed). 0 = skip."
+        },
+    )
+    # Changed defaults of SFTConfig fields:
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest trace (prompt + completion, tokens); a longer trace is an error, never truncated, since "
+            "truncation would cut off the final image and teach a broken chain. None = no limit."
+        },
+    )
+    completion_only_loss: bool | None = field(
+        default=True,
+        metadata={"help": "Loss on the completion only (default). False also trains on the prompt and LR image."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("lr_size", "rough_size", "middle_size", "final_size", "trace_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.image_loss_weight < 0:
+            raise ValueError(f"image_loss_weight must be >= 0, got {self.image_loss_weight}")
+        if self.format_check_samples < 0:
+            raise ValueError(f"format_check_samples must be >= 0, got {self.format_check_samples}")
+
+    @property
+    def stage_sizes(self) -> dict[str, tuple[int, int]]:
+        sides = {"rough": self.rough_size, "middle": self.middle_size, "final": self.final_size}
+        return {stage: (side, side) for stage, side in sides.items()}
+
+
+@dataclass
+class SFTScriptArguments:
+    """What to train on."""
+
+    dataset_name: str = field(
+        default="demo",
+        metadata={"help": "'demo' (bundled photos, built offline) or a folder written by `vlcot-grpo prepare-data`."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split, when the folder holds a DatasetDict."})
+    demo_hr_size: int = field(default=64, metadata={"help": "HR side (pixels) of the demo dataset."})
+    build_tiny_model: bool = field(
+        default=False,
+        metadata={
+            "help": "If model_name_or_path does not exist, build the tiny offline Emu3 there (demo, tests). Always "
+            f"done for the demo's own location, {DEMO_TINY_MODEL}."
+        },
+    )
+
+
+# ----- trainer ---------------------------------------------------------------------------------------------------
+
+
+def sft_features(traces: datasets.Dataset, max_length: int | None = None) -> datasets.Dataset:
+    """Trace columns (``prompt_ids``, ``completion_ids``) -> the pre-tokenised columns SFTTrainer reads:
+    ``input_ids`` (prompt + completion) and ``completion_mask`` (0 on the prompt, 1 on the completion)."""
+    lengths = [len(p) + len(c) for p, c in zip(traces["prompt_ids"], traces["completion_ids"])]
+    if max_length is not None and lengths and max(lengths) > max_length:
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        raise ValueError(
+            f"trace {longest} has {lengths[longest]} tokens, more than max_length={max_length}; raise max_length "
+            "(or set it to null) or use smaller lr_size/stage sizes: a truncated trace teaches a broken chain"
+        )
+
+    def join(row):
+        prompt, completion = row["prompt_ids"], row["completion_ids"]
+        return {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+
+    return traces.map(join, remove_columns=traces.column_names)
+
+
+class VLCoTSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` on VLCoT traces.
+
+    ``train_dataset`` is either a VLCoT dataset (columns ``lr_image``, ``degradation_text``, ``target_*``, ...: the
+    traces are built here with the sizes in ``args``) or a trace dataset (``prompt_ids``, ``completion_ids``, from
+    ``vlcot_grpo.traces.build_trace_dataset``). ``model`` is a loaded model or a checkpoint path.
+    """
+
+    def __init__(self, model, args: VLCoTSFTConfig, train_dataset, processing_class, **kwargs):
+        if not isinstance(args, VLCoTSFTConfig):
+            raise TypeError(f"args must be a VLCoTSFTConfig, got {type(args).__name__}")
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(model, args.model_init_kwargs)
+        if args.image_loss_weight != 1.0:
+            _check_weighted_loss_supported(args, kwargs)
+        backend = load_backend(model, processing_class)
+        for name, side in [("lr_size", args.lr_size)] + [(f"{s}_size", args.stage_sizes[s][0]) for s in STAGES]:
+            if side % backend.downsample:
+                raise ValueError(
+                    f"{name}={side} is not a multiple of the model's downsample factor {backend.downsample}"
+                )
+        # The VQ model only defines the targets; nothing in the loss reaches it. Frozen explicitly so that optimisers
+        # that step every parameter (DeepSpeed: zero gradients + weight decay) cannot change it.
+        vqmodel = getattr(backend, "vqmodel", None)
+        if vqmodel is not None:
+            vqmodel.requires_grad_(False)
+
+        self.trace_dataset = self._as_traces(backend, train_dataset, args)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=sft_features(self.trace_dataset, args.max_length),
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.backend = load_backend(self.model, processing_class)
+        self._code_mask = self.backend.image_code_mask.to(self.accelerator.device)
+
+    @staticmethod
+    def _as_traces(backend, dataset: datasets.Dataset, args: VLCoTSFTConfig) -> datasets.Dataset:
+        columns = dataset.column_names
+        if "prompt_ids" in columns and "completion_ids" in columns:
+            return dataset.select_columns(["prompt_ids", "completion_ids"])
+        return build_trace_dataset(
+            backend,
+            dataset,
+            lr_size=args.lr_size,
+            stage_sizes=args.stage_sizes,
+            prompt=args.prompt_template,
+            batch_size=args.trace_batch_size,
+        )
+
+    # ----- the image-weighted loss -----------------------------------------------------------------------------
+    def token_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss weights for next-token ``labels`` (-100 = no loss): image codes get ``image_loss_weight``,
+        every other trained token 1, ignored positions 0."""
+        is_code = self._code_mask.to(labels.device)[labels.clamp(min=0)]
+        weights = torch.where(is_code, self.args.image_loss_weight, 1.0)
+        return weights * (labels != -100)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.image_loss_weight == 1.0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Same fused forward as SFTTrainer (log-probs of the labels, no full logits), then a weighted mean.
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        weights = self.token_weights(inputs["labels"][:, 1:]).to(outputs.log_probs.dtype)
+        # num_items_in_batch is the weight sum over the whole accumulated batch (see _get_num_items_in_batch)
+        total_weight = weights.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -(outputs.log_probs * weights).sum() / torch.as_tensor(total_weight).clamp(min=1e-8)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the weight sum is global
+        self._log_token_metrics(outputs, inputs, mode)
+        if return_outputs:
+            raise ValueError("return_outputs is not supported with image_loss_weight != 1 (no logits are built)")
+        return loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """With image weighting, the loss normaliser is the summed token weight, not the token count."""
+        count = super()._get_num_items_in_batch(batch_samples, device)
+        if count is None or self.args.image_loss_weight == 1.0:
+            return count
+        weight = sum(self.token_weights(batch["labels"][..., 1:].to(device)).sum() for batch in batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            weight = self.accelerator.gather(weight.to(device)).sum()
+        return weight.to(device)
+
+    def _log_token_metrics(self, outputs, inputs, mode: str) -> None:
+        """The metrics SFTTrainer.compute_loss logs (entropy, token accuracy, tokens seen), for the weighted path."""
+        gather = self.accelerator.gather_for_metrics
+        valid = gather(outputs.label_mask.sum()).sum()
+        if valid > 0:
+            self._metrics[mode]["entropy"].append((gather(outputs.entropy.detach().sum()).sum() / valid).item())
+            self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.is_top1.sum()).sum() / valid).item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+def _check_weighted_loss_supported(args: VLCoTSFTConfig, trainer_kwargs: dict) -> None:
+    clashes = []
+    if args.loss_type != "nll":
+        clashes.append(f"loss_type={args.loss_type!r}")
+    if args.label_smoothing_factor > 0:
+        clashes.append(f"label_smoothing_factor={args.label_smoothing_factor}")
+    if args.padding_free or args.packing:
+        clashes.append("padding_free/packing")
+    if trainer_kwargs.get("compute_loss_func") is not None:
+        clashes.append("compute_loss_func")
+    if clashes:
+        raise ValueError(
+            f"image_loss_weight={args.image_loss_weight} needs the plain NLL loss on padded batches; it cannot be "
+            f"combined with {', '.join(clashes)}. Set image_loss_weight: 1.0 or drop those settings."
+        )
+
+
+# ----- model loading, evaluation, saving -------------------------------------------------------------------------
+
+
+def load_model(path: str | os.PathLike, init_kwargs: dict | None = None, dtype: str | None = None):
+    """An Emu3 checkpoint from ``path``; ``dtype`` is a torch dtype name or "auto" (None = float32)."""
+    from transformers import Emu3ForConditionalGeneration
+
+    kwargs = dict(init_kwargs or {})
+    if dtype not in (None, "auto"):
+        kwargs["dtype"] = getattr(torch, dtype)
+    elif dtype == "auto":
+        kwargs["dtype"] = "auto"
+    kwargs.setdefault("dtype", torch.float32)
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"model_name_or_path {str(path)!r} does not exist (a folder written by save_pretrained)"
+        )
+    return Emu3ForConditionalGeneration.from_pretrained(str(path), **kwargs)
+
+
+@torch.no_grad()
+def format_valid_rate(
+    model, tokenizer, prompt_ids: list[list[int]], args: VLCoTSFTConfig, max_new_tokens: int
+) -> float:
+    """Share of greedy rollouts (rollout engine, forced image layouts) that hold all seven well-formed blocks."""
+    from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
+    from vlcot_grpo.vlcot import parse_completions
+
+    backend = load_backend(model, tokenizer)
+    config = RolloutConfig(stage_sizes=args.stage_sizes, max_new_tokens=max_new_tokens, do_sample=False)
+    was_training = model.training
+    model.eval()
+    try:
+        batch = RolloutEngine(model, backend, config).generate(prompt_ids)
+    finally:
+        model.train(was_training)
+    grids = {stage: backend.grid_for(*size) for stage, size in args.stage_sizes.items()}
+    parses = parse_completions(backend, batch.completion_ids, grids, decode_images=False)
+    return sum(p.complete for p in parses) / len(parses)
+
+
+def check_saved_model(model_dir: Path, traces: datasets.Dataset, args: VLCoTSFTConfig) -> tuple[float, int]:
+    """Format-valid rate of the saved model (what GRPO will load) on the first ``args.format_check_samples`` traces'
+    prompts, and the number of rollouts. Loaded afresh on one process, so it works whatever sharding trained it."""
+    from transformers import AutoTokenizer
+
+    traces = traces.select(range(min(args.format_check_samples, len(traces))))
+    longest = max(len(ids) for ids in traces["completion_ids"])
+    model = load_model(model_dir)
+    rate = format_valid_rate(model, AutoTokenizer.from_pretrained(model_dir), traces["prompt_ids"], args, 2 * longest)
+    return rate, len(traces)
+
+
+def peft_config_for(model_args):
+    """TRL's LoRA config from ModelConfig; without lora_target_modules, the language model's projections only."""
+    if not model_args.use_peft:
+        return None
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if not model_args.lora_target_modules:
+        config.target_modules = LANGUAGE_MODEL_LORA_TARGETS
+    return config
+
+
+def save_for_grpo(trainer: VLCoTSFTTrainer, tokenizer, base_model_path: str | os.PathLike) -> Path:
+    """Save what GRPO loads (a full model + tokenizer in ``output_dir``) and return that folder.
+
+    A full fine-tune is saved as is. A LoRA adapter is saved to ``output_dir/adapter``, then merged into a fresh copy
+    of the base model on the main process (works whatever sharding trained it) and saved to ``output_dir``.
+    """
+    from peft import PeftModel
+
+    output_dir = Path(trainer.args.output_dir)
+    if not isinstance(trainer.model, PeftModel):
+        trainer.save_model(str(output_dir))
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(output_dir)
+        return output_dir
+    adapter_dir = output_dir / ADAPTER_SUBDIR
+    trainer.save_model(str(adapter_dir))
+    if trainer.accelerator.is_main_process:
+        base = load_model(base_model_path, dtype="auto")
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+# ----- script ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    from trl import ModelConfig, TrlParser
+
+    parser = TrlParser((SFTScriptArguments, VLCoTSFTConfig, ModelConfig))
+    return parser.parse_args_and_config(args=argv)
+
+
+def load_train_dataset(script_args: SFTScriptArguments, training_args: VLCoTSFTConfig) -> datasets.Dataset:
+    """The VLCoT dataset to build traces from; every error names the path or field."""
+    if script_args.dataset_name == "demo":
+        from vlcot_grpo.data.demo import build_demo_dataset
+
+        return build_demo_dataset(
+            hr_size=script_args.demo_hr_size, stage_sizes=training_args.stage_sizes, seed=training_args.seed
+        )
+    path = Path(script_args.dataset_name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset_name {script_args.dataset_name!r} is neither 'demo' nor an existing folder; "
+            "build one with `vlcot-grpo prepare-data --hr-dir DIR --out DIR`"
+        )
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if script_args.dataset_train_split not in loaded:
+            raise KeyError(f"{path}: no split {script_args.dataset_train_split!r}; it has {list(loaded)}")
+        loaded = loaded[script_args.dataset_train_split]
+    return loaded
+
+
+def _ensure_model(path: str, build_tiny: bool) -> None:
+    """Build the tiny offline model where the recipe expects one and none exists yet."""
+    if Path(path).exists():
+        return
+    if build_tiny or Path(path).resolve() == DEMO_TINY_MODEL.resolve():
+        from vlcot_grpo.models.tiny import ensure_tiny_emu3
+
+        logger.info("building the tiny Emu3 model at %s", path)
+        ensure_tiny_emu3(path)
+
+
+def _resume_checkpoint(training_args) -> str | None:
+    value = training_args.resume_from_checkpoint
+    if value in (None, "", "false", "False"):
+        return None
+    if str(value).lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(training_args.output_dir)
+        last = get_last_checkpoint(str(out)) if out.exists() else None
+        if last is None:
+            logger.warning("resume_from_checkpoint=%s but %s has no checkpoint: starting fresh", value, out)
+        return last
+    if not Path(value).exists():
+        raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
+    return value
+
+
+def main(argv=None) -> Path:
+    """Run the cold start; returns ``output_dir``, the folder the GRPO recipe loads as ``model_name_or_path``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    script_args, training_args, model_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from transformers import AutoTokenizer
+
+    path = model_args.model_name_or_path
+    if not path:
+        raise ValueError("model_name_or_path is required (a checkpoint folder)")
+    _ensure_model(path, script_args.build_tiny_model)
+    model = load_model(path, training_args.model_init_kwargs, model_args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    trainer = VLCoTSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=load_train_dataset(script_args, training_args),
+        processing_class=tokenizer,
+        peft_config=peft_config_for(model_args),
+    )
+    trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
+    output_dir = save_for_grpo(trainer, tokenizer, path)
+    if trainer.accelerator.is_main_process:
+        print(f"SFT done. GRPO loads: model_name_or_path: {output_dir}")
+        if training_args.format_check_samples:
+            rate, count = check_saved_model(output_dir, trainer.trace_dataset, training_args)
+            print(f"  format-valid rate of {count} greedy rollouts on training prompts: {rate:.2f}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

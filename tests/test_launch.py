@@ -1,0 +1,32 @@
+"""GRPO through `accelerate launch` with real DeepSpeed ZeRO on the CPU (one process). Slow: `make test-slow`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{zero}.yaml"),
+        "--num_processes", "1", "--mixed_precision", "no",
+        "-m", "vlcot_grpo.grpo", "--config", str(ROOT / "recipes" / "tiny-emu3" / "grpo" / "config_demo.yaml"),
+        "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "2", "--max_completion_length", "64", "--save_strategy", "no", "--use_cpu", "false",
+        "--image_log_steps", "1",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "deepspeed: True" in log, log[-2000:]
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
+    assert any((out / "samples").iterdir())
