@@ -87,3 +87,35 @@ class VLCoTGRPOConfig(GRPOConfig):
             image_top_k=self.image_top_k,
             guidance_scale=self.guidance_scale,
         )
+
+
+def check_recipe_keys(argv: list[str] | None, dataclass_types) -> None:
+    """Fail on a recipe key that no argument dataclass knows (TRL's parser would drop it silently), naming the file
+    and suggesting the closest known key."""
+    import dataclasses
+    import difflib
+    import sys
+
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        return
+    path = argv[argv.index("--config") + 1]
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a mapping of argument names to values, got {type(recipe).__name__}")
+    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"recipe {path}: unknown keys " + ", ".join(hints))

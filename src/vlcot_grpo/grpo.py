@@ -46,9 +46,11 @@ class GRPOScriptArguments:
 def parse_args(argv=None):
     from trl import ModelConfig, TrlParser
 
-    from vlcot_grpo.config import VLCoTGRPOConfig
+    from vlcot_grpo.config import VLCoTGRPOConfig, check_recipe_keys
 
-    parser = TrlParser((GRPOScriptArguments, VLCoTGRPOConfig, ModelConfig))
+    types = (GRPOScriptArguments, VLCoTGRPOConfig, ModelConfig)
+    check_recipe_keys(argv, types)
+    parser = TrlParser(types)
     return parser.parse_args_and_config(args=argv)
 
 
