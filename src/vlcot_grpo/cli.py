@@ -14,7 +14,7 @@ import sys
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("prepare-data", "sft", "grpo", "demo")
+    commands = ("prepare-data", "sft", "grpo", "upscale", "evaluate", "demo")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
@@ -35,6 +35,14 @@ def main(argv=None) -> int:
 
         grpo_main(rest)
         return 0
+    if command == "upscale":
+        from vlcot_grpo.inference import upscale_main
+
+        return upscale_main(rest)
+    if command == "evaluate":
+        from vlcot_grpo.inference import evaluate_main
+
+        return evaluate_main(rest)
     from vlcot_grpo.demo import main as demo_main
 
     return demo_main(rest)
