@@ -23,7 +23,7 @@ def test_upscale_writes_final_images_chains_and_reports(tiny_path, photo, tmp_pa
     records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert set(records) == {"astronaut", "turned"}
     assert (out / "astronaut_chain.png").exists() and (out / "turned_chain.png").exists()
-    for stem, record in records.items():
+    for record in records.values():
         if "final" in record:
             assert Image.open(record["final"]).size == (32, 32)
         else:

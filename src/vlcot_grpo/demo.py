@@ -29,8 +29,7 @@ def main(argv=None) -> int:
 
     from vlcot_grpo import sft
 
-    sft_out = Path(sft.main(["--config", str(_recipe("sft"))]))
-    policy = sft_out / "merged" if (sft_out / "merged").exists() else sft_out  # LoRA SFT saves a merged copy
+    policy = Path(sft.main(["--config", str(_recipe("sft"))]))  # a full model, also after a LoRA cold start
     print(f"[demo] cold start done in {time.perf_counter() - start:.0f} s: {policy}")
 
     from vlcot_grpo import grpo

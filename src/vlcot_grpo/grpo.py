@@ -13,19 +13,21 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlcot_grpo.script_utils import (
+    DataArguments,
+    load_policy,
+    load_train_dataset,
+    peft_config_for,
+    resume_checkpoint,
+)
+
 logger = logging.getLogger("vlcot_grpo")
 
 
 @dataclass
-class GRPOScriptArguments:
+class GRPOScriptArguments(DataArguments):
     """What to train on and with which rewards."""
 
-    dataset_name: str = field(
-        default="demo",
-        metadata={"help": "'demo' (bundled photos, built offline) or a folder written by `vlcot-grpo prepare-data`."},
-    )
-    dataset_train_split: str = field(default="train", metadata={"help": "Split, when the folder holds a DatasetDict."})
-    demo_hr_size: int = field(default=64, metadata={"help": "HR side (pixels) of the demo dataset."})
     rewards: list[str] = field(
         default_factory=lambda: ["format", "degradation", "understanding", "fidelity"],
         metadata={
@@ -36,10 +38,6 @@ class GRPOScriptArguments:
     reward_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Constructor keyword arguments per reward, e.g. {'generation': {'metrics': ['piqe']}}."},
-    )
-    build_tiny_model: bool = field(
-        default=False,
-        metadata={"help": "If model_name_or_path does not exist, build the tiny offline Emu3 there (demo, tests)."},
     )
 
 
@@ -52,33 +50,6 @@ def parse_args(argv=None):
     check_recipe_keys(argv, types)
     parser = TrlParser(types)
     return parser.parse_args_and_config(args=argv)
-
-
-def load_train_dataset(script_args: GRPOScriptArguments, training_args):
-    """The training dataset; every error names the path or field."""
-    import datasets
-
-    if script_args.dataset_name == "demo":
-        from vlcot_grpo.data.demo import build_demo_dataset
-
-        stage = {"rough": training_args.rough_size, "middle": training_args.middle_size}
-        return build_demo_dataset(
-            hr_size=script_args.demo_hr_size,
-            stage_sizes={**{k: (v, v) for k, v in stage.items()}, "final": (training_args.final_size,) * 2},
-            seed=training_args.seed,
-        )
-    path = Path(script_args.dataset_name)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dataset_name {script_args.dataset_name!r} is neither 'demo' nor an existing folder; "
-            "build one with `vlcot-grpo prepare-data --hr-dir DIR --out DIR`"
-        )
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if script_args.dataset_train_split not in loaded:
-            raise KeyError(f"{path}: no split {script_args.dataset_train_split!r}; it has {list(loaded)}")
-        loaded = loaded[script_args.dataset_train_split]
-    return loaded
 
 
 def build_rewards(script_args: GRPOScriptArguments, training_args):
@@ -97,56 +68,6 @@ def build_rewards(script_args: GRPOScriptArguments, training_args):
     funcs, weights = load_rewards(specs)
     training_args.reward_weights = list(weights)
     return funcs
-
-
-def load_policy(model_args, training_args, script_args):
-    import torch
-    from transformers import AutoTokenizer
-
-    from vlcot_grpo.models import load_model
-
-    path = model_args.model_name_or_path
-    if path is None:
-        raise ValueError("model_name_or_path is required (a checkpoint folder or hub id)")
-    if script_args.build_tiny_model and not Path(path).exists():
-        from vlcot_grpo.models.tiny import ensure_tiny_emu3
-
-        with training_args.main_process_first(desc="build the tiny model"):  # one writer, the others wait
-            ensure_tiny_emu3(path)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = load_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
-
-
-def peft_config_for(model_args, model):
-    if not model_args.use_peft:
-        return None
-    from trl import get_peft_config
-
-    from vlcot_grpo.models import BACKENDS
-
-    if not model_args.lora_target_modules:  # default: the language model's projections, never the VQ model
-        model_args.lora_target_modules = BACKENDS[model.config.model_type].lora_target_modules
-    return get_peft_config(model_args)
-
-
-def resume_checkpoint(training_args):
-    value = training_args.resume_from_checkpoint
-    if value in (None, "", "false", "False"):
-        return None
-    if str(value).lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).exists() else None
-        if last is None:
-            logger.warning(
-                "resume_from_checkpoint=%s but %s has no checkpoint: starting fresh", value, training_args.output_dir
-            )
-        return last
-    if not Path(value).exists():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
-    return value
 
 
 def main(argv=None) -> Path:

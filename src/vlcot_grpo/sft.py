@@ -26,16 +26,13 @@ import datasets
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from vlcot_grpo.models import load_backend
+from vlcot_grpo.models import load_backend, load_model
+from vlcot_grpo.script_utils import DataArguments, load_policy, load_train_dataset, peft_config_for, resume_checkpoint
 from vlcot_grpo.traces import build_trace_dataset
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES
 
 logger = logging.getLogger("vlcot_grpo")
 
-#: Where the demo recipes keep the tiny model; a missing model there is built on the fly.
-DEMO_TINY_MODEL = Path("outputs/tiny-emu3/model")
-#: Default LoRA targets: the language model's projections, never the VQ model's (which has q/k/v too).
-LANGUAGE_MODEL_LORA_TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 #: Subfolder of output_dir that keeps the LoRA adapter alone.
 ADAPTER_SUBDIR = "adapter"
 
@@ -107,25 +104,6 @@ class VLCoTSFTConfig(SFTConfig):
         return {stage: (side, side) for stage, side in sides.items()}
 
 
-@dataclass
-class SFTScriptArguments:
-    """What to train on."""
-
-    dataset_name: str = field(
-        default="demo",
-        metadata={"help": "'demo' (bundled photos, built offline) or a folder written by `vlcot-grpo prepare-data`."},
-    )
-    dataset_train_split: str = field(default="train", metadata={"help": "Split, when the folder holds a DatasetDict."})
-    demo_hr_size: int = field(default=64, metadata={"help": "HR side (pixels) of the demo dataset."})
-    build_tiny_model: bool = field(
-        default=False,
-        metadata={
-            "help": "If model_name_or_path does not exist, build the tiny offline Emu3 there (demo, tests). Always "
-            f"done for the demo's own location, {DEMO_TINY_MODEL}."
-        },
-    )
-
-
 # ----- trainer ---------------------------------------------------------------------------------------------------
 
 
@@ -159,7 +137,7 @@ class VLCoTSFTTrainer(SFTTrainer):
         if not isinstance(args, VLCoTSFTConfig):
             raise TypeError(f"args must be a VLCoTSFTConfig, got {type(args).__name__}")
         if isinstance(model, (str, os.PathLike)):
-            model = load_model(model, args.model_init_kwargs)
+            model = load_model(str(model), **{"dtype": torch.float32, **(args.model_init_kwargs or {})})
         if args.image_loss_weight != 1.0:
             _check_weighted_loss_supported(args, kwargs)
         backend = load_backend(model, processing_class)
@@ -267,23 +245,6 @@ def _check_weighted_loss_supported(args: VLCoTSFTConfig, trainer_kwargs: dict) -
 # ----- model loading, evaluation, saving -------------------------------------------------------------------------
 
 
-def load_model(path: str | os.PathLike, init_kwargs: dict | None = None, dtype: str | None = None):
-    """An Emu3 checkpoint from ``path``; ``dtype`` is a torch dtype name or "auto" (None = float32)."""
-    from transformers import Emu3ForConditionalGeneration
-
-    kwargs = dict(init_kwargs or {})
-    if dtype not in (None, "auto"):
-        kwargs["dtype"] = getattr(torch, dtype)
-    elif dtype == "auto":
-        kwargs["dtype"] = "auto"
-    kwargs.setdefault("dtype", torch.float32)
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"model_name_or_path {str(path)!r} does not exist (a folder written by save_pretrained)"
-        )
-    return Emu3ForConditionalGeneration.from_pretrained(str(path), **kwargs)
-
-
 @torch.no_grad()
 def format_valid_rate(
     model, tokenizer, prompt_ids: list[list[int]], args: VLCoTSFTConfig, max_new_tokens: int
@@ -312,21 +273,9 @@ def check_saved_model(model_dir: Path, traces: datasets.Dataset, args: VLCoTSFTC
 
     traces = traces.select(range(min(args.format_check_samples, len(traces))))
     longest = max(len(ids) for ids in traces["completion_ids"])
-    model = load_model(model_dir)
+    model = load_model(str(model_dir), dtype=torch.float32)
     rate = format_valid_rate(model, AutoTokenizer.from_pretrained(model_dir), traces["prompt_ids"], args, 2 * longest)
     return rate, len(traces)
-
-
-def peft_config_for(model_args):
-    """TRL's LoRA config from ModelConfig; without lora_target_modules, the language model's projections only."""
-    if not model_args.use_peft:
-        return None
-    from trl import get_peft_config
-
-    config = get_peft_config(model_args)
-    if not model_args.lora_target_modules:
-        config.target_modules = LANGUAGE_MODEL_LORA_TARGETS
-    return config
 
 
 def save_for_grpo(trainer: VLCoTSFTTrainer, tokenizer, base_model_path: str | os.PathLike) -> Path:
@@ -346,7 +295,7 @@ def save_for_grpo(trainer: VLCoTSFTTrainer, tokenizer, base_model_path: str | os
     adapter_dir = output_dir / ADAPTER_SUBDIR
     trainer.save_model(str(adapter_dir))
     if trainer.accelerator.is_main_process:
-        base = load_model(base_model_path, dtype="auto")
+        base = load_model(str(base_model_path), dtype="auto")
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
@@ -360,58 +309,11 @@ def save_for_grpo(trainer: VLCoTSFTTrainer, tokenizer, base_model_path: str | os
 def parse_args(argv=None):
     from trl import ModelConfig, TrlParser
 
-    parser = TrlParser((SFTScriptArguments, VLCoTSFTConfig, ModelConfig))
-    return parser.parse_args_and_config(args=argv)
+    from vlcot_grpo.config import check_recipe_keys
 
-
-def load_train_dataset(script_args: SFTScriptArguments, training_args: VLCoTSFTConfig) -> datasets.Dataset:
-    """The VLCoT dataset to build traces from; every error names the path or field."""
-    if script_args.dataset_name == "demo":
-        from vlcot_grpo.data.demo import build_demo_dataset
-
-        return build_demo_dataset(
-            hr_size=script_args.demo_hr_size, stage_sizes=training_args.stage_sizes, seed=training_args.seed
-        )
-    path = Path(script_args.dataset_name)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dataset_name {script_args.dataset_name!r} is neither 'demo' nor an existing folder; "
-            "build one with `vlcot-grpo prepare-data --hr-dir DIR --out DIR`"
-        )
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if script_args.dataset_train_split not in loaded:
-            raise KeyError(f"{path}: no split {script_args.dataset_train_split!r}; it has {list(loaded)}")
-        loaded = loaded[script_args.dataset_train_split]
-    return loaded
-
-
-def _ensure_model(path: str, build_tiny: bool) -> None:
-    """Build the tiny offline model where the recipe expects one and none exists yet."""
-    if Path(path).exists():
-        return
-    if build_tiny or Path(path).resolve() == DEMO_TINY_MODEL.resolve():
-        from vlcot_grpo.models.tiny import ensure_tiny_emu3
-
-        logger.info("building the tiny Emu3 model at %s", path)
-        ensure_tiny_emu3(path)
-
-
-def _resume_checkpoint(training_args) -> str | None:
-    value = training_args.resume_from_checkpoint
-    if value in (None, "", "false", "False"):
-        return None
-    if str(value).lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        out = Path(training_args.output_dir)
-        last = get_last_checkpoint(str(out)) if out.exists() else None
-        if last is None:
-            logger.warning("resume_from_checkpoint=%s but %s has no checkpoint: starting fresh", value, out)
-        return last
-    if not Path(value).exists():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
-    return value
+    types = (DataArguments, VLCoTSFTConfig, ModelConfig)
+    check_recipe_keys(argv, types)
+    return TrlParser(types).parse_args_and_config(args=argv)
 
 
 def main(argv=None) -> Path:
@@ -419,23 +321,16 @@ def main(argv=None) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     script_args, training_args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from transformers import AutoTokenizer
-
-    path = model_args.model_name_or_path
-    if not path:
-        raise ValueError("model_name_or_path is required (a checkpoint folder)")
-    _ensure_model(path, script_args.build_tiny_model)
-    model = load_model(path, training_args.model_init_kwargs, model_args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_policy(model_args, training_args, script_args)
     trainer = VLCoTSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=load_train_dataset(script_args, training_args),
         processing_class=tokenizer,
-        peft_config=peft_config_for(model_args),
+        peft_config=peft_config_for(model_args, model),
     )
-    trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
-    output_dir = save_for_grpo(trainer, tokenizer, path)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    output_dir = save_for_grpo(trainer, tokenizer, model_args.model_name_or_path)
     if trainer.accelerator.is_main_process:
         print(f"SFT done. GRPO loads: model_name_or_path: {output_dir}")
         if training_args.format_check_samples:

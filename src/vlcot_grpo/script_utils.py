@@ -1,0 +1,116 @@
+"""What the two training scripts (``sft.py`` and ``grpo.py``) share: the data arguments, loading the model and the
+dataset, the default LoRA targets, and resuming from a checkpoint. Every error names the path or field at fault."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("vlcot_grpo")
+
+
+@dataclass
+class DataArguments:
+    """What to train on."""
+
+    dataset_name: str = field(
+        default="demo",
+        metadata={"help": "'demo' (bundled photos, built offline) or a folder written by `vlcot-grpo prepare-data`."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split, when the folder holds a DatasetDict."})
+    demo_hr_size: int = field(default=64, metadata={"help": "HR side (pixels) of the demo dataset."})
+    build_tiny_model: bool = field(
+        default=False,
+        metadata={"help": "If model_name_or_path does not exist, build the tiny offline Emu3 there (demo, tests)."},
+    )
+
+
+def stage_sizes(training_args) -> dict[str, tuple[int, int]]:
+    """``{"rough": (h, w), "middle": ..., "final": ...}`` from a config's ``rough_size``/``middle_size``/``final_size``."""
+    return {stage: (getattr(training_args, f"{stage}_size"),) * 2 for stage in ("rough", "middle", "final")}
+
+
+def load_policy(model_args, training_args, data_args):
+    """The model and tokenizer at ``model_args.model_name_or_path`` (built first when it is the tiny model)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vlcot_grpo.models import load_model
+
+    path = model_args.model_name_or_path
+    if not path:
+        raise ValueError("model_name_or_path is required (a checkpoint folder or hub id)")
+    if data_args.build_tiny_model and not Path(path).exists():
+        from vlcot_grpo.models.tiny import ensure_tiny_emu3
+
+        with training_args.main_process_first(desc="build the tiny model"):  # one writer, the others wait
+            ensure_tiny_emu3(path)
+    dtype = model_args.dtype
+    if dtype not in (None, "auto"):
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype name (float32, bfloat16, float16) or 'auto'")
+        dtype = getattr(torch, dtype)
+    kwargs = getattr(training_args, "model_init_kwargs", None) or {}
+    kwargs = dict(json.loads(kwargs) if isinstance(kwargs, str) else kwargs)
+    kwargs.update(dtype=dtype, attn_implementation=model_args.attn_implementation)
+    model = load_model(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def load_train_dataset(data_args: DataArguments, training_args):
+    """The VLCoT training dataset: the demo (built for the config's stage sizes) or a prepared folder."""
+    import datasets
+
+    if data_args.dataset_name == "demo":
+        from vlcot_grpo.data.demo import build_demo_dataset
+
+        return build_demo_dataset(
+            hr_size=data_args.demo_hr_size, stage_sizes=stage_sizes(training_args), seed=training_args.seed
+        )
+    path = Path(data_args.dataset_name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset_name {data_args.dataset_name!r} is neither 'demo' nor an existing folder; "
+            "build one with `vlcot-grpo prepare-data --hr-dir DIR --out DIR`"
+        )
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if data_args.dataset_train_split not in loaded:
+            raise KeyError(f"{path}: no split {data_args.dataset_train_split!r}; it has {list(loaded)}")
+        loaded = loaded[data_args.dataset_train_split]
+    return loaded
+
+
+def peft_config_for(model_args, model):
+    """TRL's LoRA config from ``ModelConfig``, or None without ``use_peft``. Without ``lora_target_modules``, the
+    backend's default: the language model's projections, never the VQ model's (which has q/k/v too)."""
+    if not model_args.use_peft:
+        return None
+    from trl import get_peft_config
+
+    from vlcot_grpo.models import BACKENDS
+
+    if not model_args.lora_target_modules:
+        model_args.lora_target_modules = BACKENDS[model.config.model_type].lora_target_modules
+    return get_peft_config(model_args)
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """``resume_from_checkpoint`` resolved: a path, or ``true``/``last`` = the newest checkpoint in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value in (None, "", "false", "False"):
+        return None
+    if str(value).lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(training_args.output_dir)
+        last = get_last_checkpoint(str(out)) if out.exists() else None
+        if last is None:
+            logger.warning("resume_from_checkpoint=%s but %s has no checkpoint: starting fresh", value, out)
+        return last
+    if not Path(value).exists():
+        raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
+    return value
