@@ -13,7 +13,8 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-emu3" / "grpo" 
 def _argv(tmp_path, *extra):
     return [
         "--config", str(RECIPE), "--model_name_or_path", str(tmp_path / "model"),
-        "--output_dir", str(tmp_path / "out"), "--max_completion_length", "48", "--num_generations", "2",
+        "--output_dir", str(tmp_path / "out"), "--max_completion_length", "96", "--num_generations", "2",
+        "--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_size", "16",
         "--per_device_train_batch_size", "2", "--report_to", "none", "--image_log_steps", "1", *extra,
     ]  # fmt: skip
 
@@ -36,7 +37,7 @@ def test_command_line_overrides_the_recipe(tmp_path):
         _argv(tmp_path, "--guidance_scale", "2.5", "--rewards", "format", "fidelity")
     )
     assert training_args.guidance_scale == 2.5 and script_args.rewards == ["format", "fidelity"]
-    assert training_args.rough_size == 16 and model_args.use_peft
+    assert training_args.rough_size == 4 and model_args.use_peft
 
 
 def test_recipe_typo_is_named(tmp_path):
@@ -61,3 +62,10 @@ def test_unknown_reward_name_lists_the_known_ones(tmp_path):
 def test_missing_dataset_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         grpo.main(_argv(tmp_path, "--dataset_name", str(tmp_path / "nowhere"), "--max_steps", "1"))
+
+
+def test_length_limit_below_a_complete_chain_is_refused(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"max_completion_length=40 cannot hold a complete VLCoT chain.*take \d+ tokens"
+    ):
+        grpo.main(_argv(tmp_path, "--max_completion_length", "40", "--max_steps", "1"))

@@ -70,6 +70,21 @@ def build_rewards(script_args: GRPOScriptArguments, training_args):
     return funcs
 
 
+def check_completion_budget(model, tokenizer, training_args) -> None:
+    """Fail before training when ``max_completion_length`` cannot hold a complete chain at the stage sizes."""
+    from vlcot_grpo.models import load_backend
+    from vlcot_grpo.script_utils import stage_sizes
+    from vlcot_grpo.vlcot import min_completion_tokens
+
+    sizes = stage_sizes(training_args)
+    need = min_completion_tokens(load_backend(model, tokenizer), sizes)
+    if training_args.max_completion_length < need:
+        raise ValueError(
+            f"max_completion_length={training_args.max_completion_length} cannot hold a complete VLCoT chain at "
+            f"stage sizes {sizes}: the images and tags alone take {need} tokens. Raise it (add room for the text)."
+        )
+
+
 def main(argv=None) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     script_args, training_args, model_args = parse_args(argv)
@@ -79,6 +94,7 @@ def main(argv=None) -> Path:
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
     model, tokenizer = load_policy(model_args, training_args, script_args)
+    check_completion_budget(model, tokenizer, training_args)
     dataset = load_train_dataset(script_args, training_args)
     rewards = build_rewards(script_args, training_args)
     trainer = VLCoTGRPOTrainer(

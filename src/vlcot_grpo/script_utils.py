@@ -21,6 +21,13 @@ class DataArguments:
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split, when the folder holds a DatasetDict."})
     demo_hr_size: int = field(default=64, metadata={"help": "HR side (pixels) of the demo dataset."})
+    demo_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the demo dataset's degradations. Kept apart from the training seed so that the cold "
+            "start and GRPO see the same low-quality inputs."
+        },
+    )
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "If model_name_or_path does not exist, build the tiny offline Emu3 there (demo, tests)."},
@@ -68,7 +75,7 @@ def load_train_dataset(data_args: DataArguments, training_args):
         from vlcot_grpo.data.demo import build_demo_dataset
 
         return build_demo_dataset(
-            hr_size=data_args.demo_hr_size, stage_sizes=stage_sizes(training_args), seed=training_args.seed
+            hr_size=data_args.demo_hr_size, stage_sizes=stage_sizes(training_args), seed=data_args.demo_seed
         )
     path = Path(data_args.dataset_name)
     if not path.exists():

@@ -248,3 +248,10 @@ def encode_prompt(
     codes = backend.encode_images([lr_image], lr_size)[0]
     image_ids = backend.codes_to_token_ids(codes).tolist()
     return backend.bos_token_ids + backend.encode_text(before) + image_ids + backend.encode_text(after)
+
+
+def min_completion_tokens(backend: ImageTokenBackend, stage_sizes: dict[str, tuple[int, int]]) -> int:
+    """Fewest tokens a complete chain can take at these stage sizes (pixels): the three images in the backend's
+    layout, the 14 tags and EOS, with every text block one token long. A length limit below this cuts every chain."""
+    images = sum(len(backend.image_template(*backend.grid_for(*stage_sizes[s]))) for s in STAGES)
+    return images + len(TAGS) + len(TEXT_BLOCKS) + 1
