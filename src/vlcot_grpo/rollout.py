@@ -13,8 +13,10 @@ unconditional rows run in the *same* forward pass as the conditional rows: they 
 each image start the row is "restarted" by masking out everything before it (attention mask + position ids), so no
 second sequential pass and no cache copy is needed.
 
-The KV cache is explicit and the per-row state lives in tensors, so a faster GPU path (static cache, CUDA graphs)
-can replace ``_step`` without changing callers.
+This module is the *reference* path: a ``DynamicCache`` grown by concatenation, one Python-driven step at a time.
+``vlcot_grpo.fast_rollout`` is the GPU path (static caches, a separate small guidance cache, sampling and the state
+machine as in-place tensor ops, CUDA graphs): same interface, same tokens under greedy decoding, same distribution
+when sampling. ``RolloutConfig.engine`` picks one; ``"auto"`` takes the static path on CUDA.
 """
 
 from __future__ import annotations
@@ -53,6 +55,40 @@ class RolloutConfig:
         default=1.0,
         metadata={"help": "Classifier-free guidance on image codes, transformers' convention (1.0 = off)."},
     )
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "'reference' (DynamicCache, eager), 'static' (vlcot_grpo.fast_rollout: static caches, CUDA graphs "
+            "on CUDA) or 'auto' (static on CUDA, reference elsewhere).",
+            "choices": ["auto", "reference", "static"],
+        },
+    )
+    sync_every: int = field(
+        default=32,
+        metadata={"help": "Static engine: decode steps between host checks for 'every row is done'."},
+    )
+    kv_bucket: int = field(
+        default=256,
+        metadata={
+            "help": "Static engine: attention reads the KV caches in multiples of this many positions (one CUDA "
+            "graph per bucket pair): smaller wastes less bandwidth on unused positions, larger captures fewer graphs."
+        },
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "Static engine on CUDA: replay the decode step as captured CUDA graphs."}
+    )
+
+    def __post_init__(self):
+        if self.engine not in ("auto", "reference", "static"):
+            raise ValueError(f"engine must be 'auto', 'reference' or 'static', got {self.engine!r}")
+        if self.sync_every < 1 or self.kv_bucket < 1:
+            raise ValueError("sync_every and kv_bucket must be at least 1")
+
+    def resolved_engine(self, device: torch.device) -> str:
+        """The engine that runs on ``device``: ``engine`` with ``"auto"`` resolved."""
+        if self.engine == "auto":
+            return "static" if torch.device(device).type == "cuda" else "reference"
+        return self.engine
 
 
 @dataclass
@@ -103,6 +139,13 @@ class RolloutEngine:
         A prompt may end inside the chain, e.g. right after ``<rough_image>``: the engine then starts in image mode.
         """
         device = self.model.device if hasattr(self.model, "device") else next(self.model.parameters()).device
+        if self.config.resolved_engine(device) == "static":
+            from vlcot_grpo.fast_rollout import StaticDecoder
+
+            return StaticDecoder(self, device).run(prompt_ids, num_generations, generator)
+        return self._generate_reference(prompt_ids, num_generations, generator, device)
+
+    def _generate_reference(self, prompt_ids, num_generations, generator, device) -> RolloutBatch:
         cfg = self.config
         guided = cfg.guidance_scale != 1.0
         n_rows = len(prompt_ids) * num_generations
@@ -123,9 +166,7 @@ class RolloutEngine:
         tpos = torch.zeros(n_rows, dtype=torch.long, device=device)
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)
         restart = torch.full((n_rows,), prompt_len, dtype=torch.long, device=device)  # uncond context start
-        for i, ids in enumerate(prompt_ids):  # prompts that end with an image-opening tag start in image mode
-            if ids and ids[-1] in self.open_ids.tolist():
-                stage[i * num_generations : (i + 1) * num_generations] = self.open_ids.tolist().index(ids[-1])
+        stage.copy_(self._initial_stage(prompt_ids, num_generations))
 
         out_tokens, out_sampled = [], []
         for step in range(cfg.max_new_tokens):
@@ -179,11 +220,32 @@ class RolloutEngine:
             last_logits = logits[:n_rows]
             if guided:
                 uncond_logits = logits[n_rows:]
-        return self._collect(prompt_ids, num_generations, out_tokens, out_sampled, done)
+        tokens = torch.stack(out_tokens, 1) if out_tokens else torch.zeros(n_rows, 0, dtype=torch.long)
+        sampled = torch.stack(out_sampled, 1) if out_sampled else torch.zeros_like(tokens, dtype=torch.bool)
+        return self._collect(prompt_ids, num_generations, tokens, sampled, done)
 
     # ----- pieces ------------------------------------------------------------------------------------------------
+    def _initial_stage(self, prompt_ids, num_generations) -> torch.Tensor:
+        """-1 per row, or the stage whose image-opening tag ends the row's prompt (that row starts in image mode)."""
+        opens = self.open_ids.tolist()
+        stage = torch.full((len(prompt_ids) * num_generations,), -1, dtype=torch.long)
+        for i, ids in enumerate(prompt_ids):
+            if ids and ids[-1] in opens:
+                stage[i * num_generations : (i + 1) * num_generations] = opens.index(ids[-1])
+        return stage
+
     def _prefill(self, prompt_ids, num_generations, device):
         """Run each distinct prompt once, then share its cache across its ``num_generations`` rows."""
+        cache, attn, positions, logits = self._prefill_prompts(prompt_ids, device)
+        if num_generations > 1:
+            cache.batch_repeat_interleave(num_generations)
+            logits = logits.repeat_interleave(num_generations, 0)
+            attn = attn.repeat_interleave(num_generations, 0)
+            positions = positions.repeat_interleave(num_generations, 0)
+        return cache, attn, positions[:, -1], logits
+
+    def _prefill_prompts(self, prompt_ids, device):
+        """One left-padded forward over the distinct prompts: (cache, attention mask, position ids, last logits)."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
         width = max(len(p) for p in prompt_ids)
@@ -198,13 +260,7 @@ class RolloutEngine:
         out = self.model(
             input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         )
-        logits = out.logits[:, -1]
-        if num_generations > 1:
-            cache.batch_repeat_interleave(num_generations)
-            logits = logits.repeat_interleave(num_generations, 0)
-            attn = attn.repeat_interleave(num_generations, 0)
-            positions = positions.repeat_interleave(num_generations, 0)
-        return cache, attn, positions[:, -1], logits
+        return cache, attn, positions, out.logits[:, -1]
 
     @staticmethod
     def _add_unconditional_rows(cache: DynamicCache) -> None:
@@ -243,9 +299,9 @@ class RolloutEngine:
         probs = torch.softmax(scores, -1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def _collect(self, prompt_ids, num_generations, out_tokens, out_sampled, done) -> RolloutBatch:
-        tokens = torch.stack(out_tokens, 1).cpu() if out_tokens else torch.zeros(len(done), 0, dtype=torch.long)
-        sampled = torch.stack(out_sampled, 1).cpu() if out_sampled else torch.zeros_like(tokens, dtype=torch.bool)
+    def _collect(self, prompt_ids, num_generations, tokens, sampled, done) -> RolloutBatch:
+        """``tokens`` / ``sampled``: (rows, steps) as generated; rows are cut after their last non-padding token."""
+        tokens, sampled = tokens.cpu(), sampled.cpu()
         completions, masks = [], []
         for row in range(tokens.shape[0]):
             ids = tokens[row].tolist()

@@ -1,0 +1,412 @@
+"""The static rollout engine: the GPU path of ``RolloutEngine`` (``RolloutConfig.engine = "static"``, or ``"auto"`` on
+CUDA). Same interface, same state machine, same tokens as the reference path under greedy decoding, and the same
+per-position distribution when sampling (see ``tests/test_fast_rollout.py``).
+
+Design
+------
+Rows. ``R = prompts x num_generations`` conditional rows and, with guidance, ``R`` unconditional rows. Both kinds run
+in ONE forward pass per decode step (batch ``2R``).
+
+Conditional cache. One preallocated buffer per layer, ``(R, kv_heads, W + max_new_tokens, head_dim)``, ``W`` the
+left-padded prompt width. Each distinct prompt is prefilled once (transformers' ordinary forward) and its keys/values
+are copied into its ``num_generations`` rows. Decode step ``t`` writes column ``W + t`` of every row (left padding puts
+every row's next token at the same column) and attends to the first ``ceil((W + t + 1) / kv_bucket) * kv_bucket``
+columns only. The bucket follows from the step count, so the host picks it (and its CUDA graph) without a sync.
+
+Guidance cache. The unconditional branch sees only the current image, from its image-start token on, so it gets its
+own small buffer ``(R, kv_heads, L_img, head_dim)``, ``L_img`` the longest stage template: row ``r`` writes at the
+index of the fed token inside its current image and a restart is simply that index going back to 0 (the mask hides
+stale entries; nothing is cleared). Its reads are bucketed as well: at each host check (every ``sync_every`` steps)
+the longest live image plus ``sync_every`` bounds the slots the next steps can touch.
+
+Why not ``transformers.StaticCache``: it writes one position shared by all rows and hands one key tensor to the
+attention, so unconditional rows would need a full-length cache (twice the KV memory; the 7B paper shape would not
+fit next to the weights) and would read it whole every step. Here a registered attention function (``vlcot_split``)
+attends the first ``R`` query rows to the conditional buffer and the last ``R`` to the guidance buffer: two SDPA calls
+per layer, grouped-query heads folded into the query length so keys/values are never repeated. The trade-off: two
+small attention kernels per layer instead of one, and reads rounded up to a bucket (at most ``kv_bucket - 1`` unused
+positions per row) in exchange for a handful of graphs; nothing reads the full-length buffer for guidance rows.
+
+Sampling and state. Text and code candidates are computed for every row every step (fixed shapes): temperature,
+fixed or entropy-dependent top-k (``topk`` with the largest k the rule can give, instead of a full sort), top-p for
+text, guidance on log-softmaxed scores, then a draw by the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, which
+samples from ``p`` exactly and is what ``torch.multinomial`` itself computes for one sample (after a validity check
+that reads the device: the per-token sync this avoids). The noise is drawn from the caller's generator into two static
+buffers (text, then codes, as the reference path draws) before each step, outside any graph, so any generator works
+and, where ``torch.multinomial`` is that race, a seeded run repeats the reference path's samples exactly. Forced layout tokens, image-code masking and the
+stage state machine are in-place tensor ops; the host reads the device only every ``sync_every`` steps ("every row
+done?" and the longest live image, in one transfer). Steps run after the last row finished only add padding, which
+``_collect`` trims exactly as for the reference path.
+
+CUDA graphs. The whole decode step (state machine, sampling, forward, cache writes) is captured once per
+(conditional bucket, guidance bucket) pair when first needed, after one eager warm-up run on a side stream whose
+effects on the state are rolled back (the cache writes it makes land where the real step writes next). Graphs share
+one memory pool and live for one ``generate`` call, so the KV memory is released before training resumes.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from vlcot_grpo.models import CODE
+from vlcot_grpo.vlcot import STAGES
+
+ATTENTION_NAME = "vlcot_split"
+ENTROPY_TOP_K_MAX = 2000  # k = 1 + 1999 sigmoid(H - 5) never exceeds this
+
+
+# ----- attention over the two caches ---------------------------------------------------------------------------------
+@dataclass
+class _SplitKV:
+    """Per-layer static caches and what the current step may read of them. Passed to the model as ``cache=`` and,
+    through transformers' attention kwargs, to ``split_attention``."""
+
+    keys: list[torch.Tensor]  # (R, kv_heads, L, head_dim) per layer
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # (R, L) bool: the conditional rows' valid columns
+    column: torch.Tensor  # (1,) long: the column this step writes
+    rows: int
+    read_len: int = 0  # conditional columns read this step (a bucket)
+    guide_keys: list[torch.Tensor] | None = None  # (R, kv_heads, L_img, head_dim) per layer
+    guide_values: list[torch.Tensor] | None = None
+    guide_slot: torch.Tensor | None = None  # (R,) long: the slot each guidance row writes this step
+    guide_mask: torch.Tensor | None = None  # (R, guide_read_len) bool, set each step
+    guide_read_len: int = 0
+    row_index: torch.Tensor | None = None  # arange(R)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """transformers' cache hook: write this step's keys/values in place. Attention reads the buffers itself."""
+        r = self.rows
+        self.keys[layer_idx].index_copy_(2, self.column, key_states[:r])
+        self.values[layer_idx].index_copy_(2, self.column, value_states[:r])
+        if self.guide_keys is not None:
+            self.guide_keys[layer_idx][self.row_index, :, self.guide_slot] = key_states[r:, :, 0]
+            self.guide_values[layer_idx][self.row_index, :, self.guide_slot] = value_states[r:, :, 0]
+        return key_states, value_states
+
+
+def _attend(query, keys, values, mask, scaling):
+    """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under ``mask`` (B, L)."""
+    b, heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    # Query heads that share a key/value head become that head's "query positions": no repeat of the cache.
+    q = query.reshape(b, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], scale=scaling)
+    return out.reshape(b, heads, 1, dim)
+
+
+def split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function registered as ``vlcot_split``: conditional rows read the conditional cache, guidance rows
+    (the second half of the batch) the guidance cache. Returns (batch, 1, heads, head_dim) like transformers' SDPA."""
+    kv: _SplitKV = kwargs["vlcot_kv"]
+    layer, r, n = module.layer_idx, kv.rows, kv.read_len
+    out = _attend(query[:r], kv.keys[layer][:, :, :n], kv.values[layer][:, :, :n], kv.mask[:, :n], scaling)
+    if kv.guide_keys is not None:
+        g = kv.guide_read_len
+        guided = _attend(
+            query[r:], kv.guide_keys[layer][:, :, :g], kv.guide_values[layer][:, :, :g], kv.guide_mask, scaling
+        )
+        out = torch.cat([out, guided])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, split_attention)
+
+
+@contextmanager
+def _attention_implementation(model, name: str):
+    """Temporarily switch the attention function of every config that an attention layer of ``model`` reads."""
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(module, "layer_idx") and config is not None and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = config
+    saved = {key: c._attn_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation = saved[key]
+
+
+# ----- sampling ------------------------------------------------------------------------------------------------------
+def _filter_top_k(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Keep the ``k[i]`` best scores of row ``i`` (ties at the threshold kept), with ``topk`` instead of a sort."""
+    k_max = min(k_max, scores.shape[-1])
+    best = scores.topk(k_max, dim=-1).values
+    kth = best.gather(-1, (k.clamp(1, k_max) - 1)[:, None])
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _filter_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_scores, order = scores.sort(-1, descending=True)
+    probs = torch.softmax(sorted_scores, -1)
+    drop = probs.cumsum(-1) - probs > top_p
+    return scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+
+
+def sample_scores(scores, support, *, do_sample, temperature, top_k, top_p, noise):
+    """One token per row, as ``RolloutEngine._sample`` but without a host sync: exponential race on ``noise``."""
+    scores = scores.float().masked_fill(~support, float("-inf"))
+    if not do_sample:
+        return scores.argmax(-1)
+    scores = scores / max(temperature, 1e-6)
+    if top_k == -1:
+        probs = torch.softmax(scores, -1)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).clamp(0, 10)
+        scores = _filter_top_k(scores, (1 + 1999 * torch.sigmoid(entropy - 5)).long(), ENTROPY_TOP_K_MAX)
+    elif top_k > 0:
+        scores = _filter_top_k(scores, torch.full_like(scores[:, 0], top_k, dtype=torch.long), top_k)
+    if top_p < 1.0:
+        scores = _filter_top_p(scores, top_p)
+    # an exact 0 from exponential_ would turn a zero probability into NaN, which argmax prefers
+    return (torch.softmax(scores, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+
+
+def _bucket(length: int, bucket: int, cap: int) -> int:
+    return min(cap, math.ceil(length / bucket) * bucket)
+
+
+# ----- the decoder ---------------------------------------------------------------------------------------------------
+class StaticDecoder:
+    """One ``generate`` call of the static engine; holds the buffers and graphs of that call."""
+
+    def __init__(self, engine, device):
+        self.engine = engine
+        self.model = engine.model
+        self.config = engine.config
+        self.device = torch.device(device)
+        self.guided = self.config.guidance_scale != 1.0
+        self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        #: (conditional bucket, guidance bucket) of every decode step run, for benchmarks and tests
+        self.buckets_used: list[tuple[int, int]] = []
+
+    @torch.no_grad()
+    def run(self, prompt_ids, num_generations: int = 1, generator: torch.Generator | None = None):
+        eng, cfg, device = self.engine, self.config, self.device
+        max_new = cfg.max_new_tokens
+        self._setup(prompt_ids, num_generations, device)
+        s = self.state
+        if max_new <= 0:
+            return eng._collect(prompt_ids, num_generations, s["tokens"][:, :0], s["sampled"][:, :0], s["done"])
+        sync_every = cfg.sync_every
+        guide_len = 0
+        steps = 0
+        with _attention_implementation(self.model, ATTENTION_NAME):
+            while steps < max_new:
+                if steps % sync_every == 0:
+                    all_done, live = torch.stack([s["done"].all().long(), s["guide_slot"].max()]).tolist()
+                    if all_done:
+                        break
+                    if self.guided:  # slots grow by at most one a step until the next check
+                        guide_len = _bucket(live + sync_every + 1, cfg.kv_bucket, self.guide_cap)
+                key = (_bucket(self.width + steps + 1, cfg.kv_bucket, self.kv_cap), guide_len)
+                if cfg.do_sample:  # text first, then codes: the order in which the reference path draws
+                    s["text_noise"].exponential_(generator=generator)
+                    s["code_noise"].exponential_(generator=generator)
+                if self.use_graphs:
+                    self._graph(key).replay()
+                else:
+                    self._step(*key)
+                self.buckets_used.append(key)
+                steps += 1
+        batch = eng._collect(prompt_ids, num_generations, s["tokens"][:, :steps], s["sampled"][:, :steps], s["done"])
+        self._release()
+        return batch
+
+    # ----- setup -----------------------------------------------------------------------------------------------
+    def _setup(self, prompt_ids, num_generations, device):
+        eng, cfg = self.engine, self.config
+        cache, attn, positions, logits = eng._prefill_prompts(prompt_ids, device)
+        n_prompts, width = attn.shape
+        rows = n_prompts * num_generations
+        total = width + cfg.max_new_tokens
+        self.rows, self.width = rows, width
+        self.kv_cap = total
+        template_len = int(eng.template_len.max())
+        self.guide_cap = template_len
+        n_layers = len(cache.layers)
+        keys, values = [], []
+        for layer in cache.layers:
+            shape = (rows, layer.keys.shape[1], total, layer.keys.shape[3])
+            k = torch.zeros(shape, dtype=layer.keys.dtype, device=device)
+            v = torch.zeros(shape[:3] + (layer.values.shape[3],), dtype=layer.values.dtype, device=device)
+            # each prompt's keys/values go to its num_generations rows without a repeated temporary
+            k.view(n_prompts, num_generations, *shape[1:])[:, :, :, :width] = layer.keys[:, None]
+            v.view(n_prompts, num_generations, *v.shape[1:])[:, :, :, :width] = layer.values[:, None]
+            keys.append(k)
+            values.append(v)
+            layer.keys = layer.values = None  # free the prefill cache layer by layer
+        del cache
+        mask = torch.zeros((rows, total), dtype=torch.bool, device=device)
+        mask[:, :width] = attn.bool().repeat_interleave(num_generations, 0)
+        vocab = logits.shape[-1]
+        self.kv = _SplitKV(
+            keys=keys,
+            values=values,
+            mask=mask,
+            column=torch.full((1,), width, dtype=torch.long, device=device),
+            rows=rows,
+            row_index=torch.arange(rows, device=device),
+        )
+        if self.guided:
+            self.kv.guide_keys = [torch.zeros_like(k[:, :, :template_len]) for k in keys]
+            self.kv.guide_values = [torch.zeros_like(v[:, :, :template_len]) for v in values]
+        self.n_layers = n_layers
+        # Everything a step reads or writes, as fixed buffers: graphs replay on their addresses.
+        self.state = {
+            "stage": eng._initial_stage(prompt_ids, num_generations).to(device),
+            "tpos": torch.zeros(rows, dtype=torch.long, device=device),
+            "done": torch.zeros(rows, dtype=torch.bool, device=device),
+            "restart": torch.full((rows,), width, dtype=torch.long, device=device),
+            "positions": positions[:, -1].repeat_interleave(num_generations, 0).clone(),
+            "step": torch.zeros(1, dtype=torch.long, device=device),
+            "logits": logits.float().repeat_interleave(num_generations, 0),
+            "uncond_logits": torch.zeros((rows, vocab), dtype=torch.float32, device=device),
+            "guide_slot": torch.zeros(rows, dtype=torch.long, device=device),
+            "text_noise": torch.ones((rows, vocab), dtype=torch.float32, device=device),
+            "code_noise": torch.ones((rows, vocab), dtype=torch.float32, device=device),
+            "tokens": torch.full((rows, max(cfg.max_new_tokens, 0)), eng.pad_id, dtype=torch.long, device=device),
+            "sampled": torch.zeros((rows, max(cfg.max_new_tokens, 0)), dtype=torch.bool, device=device),
+        }
+        self.kv.guide_slot = self.state["guide_slot"]
+        self.templates = eng.templates.to(device)
+        self.template_len = eng.template_len.to(device)
+        self.open_ids = eng.open_ids.to(device)
+        self.text_mask = eng.text_mask.to(device)
+        self.code_mask = eng.code_mask.to(device)
+        self.slot_range = torch.arange(template_len, device=device)
+
+    def _release(self):
+        self.graphs.clear()
+        self.graph_pool = None
+        self.kv = None
+        self.state = None
+
+    # ----- one decode step (graph-capturable: fixed shapes, in-place writes, no host reads) ----------------------
+    def _step(self, read_len: int, guide_read_len: int) -> None:
+        eng, cfg, s = self.engine, self.config, self.state
+        stage, tpos, done = s["stage"], s["tpos"], s["done"]
+        column = self.kv.column
+
+        in_image = stage >= 0
+        safe_stage = stage.clamp(min=0)
+        forced = self.templates[safe_stage, tpos.clamp(max=self.templates.shape[1] - 1)]
+        is_code = in_image & (forced == CODE)
+        is_forced = in_image & ~is_code
+
+        logits = s["logits"]
+        text_tok = sample_scores(
+            logits,
+            self.text_mask,
+            do_sample=cfg.do_sample,
+            temperature=cfg.text_temperature,
+            top_k=cfg.text_top_k,
+            top_p=cfg.text_top_p,
+            noise=s["text_noise"],
+        )
+        code_scores = torch.log_softmax(logits, dim=-1)
+        if self.guided:
+            uncond = torch.log_softmax(s["uncond_logits"], dim=-1)
+            code_scores = uncond + cfg.guidance_scale * (code_scores - uncond)
+        code_tok = sample_scores(
+            code_scores,
+            self.code_mask,
+            do_sample=cfg.do_sample,
+            temperature=cfg.image_temperature,
+            top_k=cfg.image_top_k,
+            top_p=1.0,
+            noise=s["code_noise"],
+        )
+        token = torch.where(is_code, code_tok, torch.where(is_forced, forced, text_tok))
+        token = torch.where(done, torch.full_like(token, eng.pad_id), token)
+        s["tokens"].index_copy_(1, s["step"], token[:, None])
+        s["sampled"].index_copy_(1, s["step"], (~done & ~is_forced)[:, None])
+
+        # The state machine, exactly as the reference path.
+        starts_image = in_image & (tpos == 0)
+        restart = torch.where(starts_image, column.expand_as(s["restart"]), s["restart"])
+        new_tpos = torch.where(in_image, tpos + 1, tpos)
+        image_done = in_image & (new_tpos >= self.template_len[safe_stage])
+        finished_chain = image_done & (stage == len(STAGES) - 1)
+        new_stage = torch.where(image_done, torch.full_like(stage, -1), stage)
+        new_tpos = torch.where(image_done, torch.zeros_like(new_tpos), new_tpos)
+        opens_at = token[:, None] == self.open_ids[None]
+        opens = ~in_image & ~done & opens_at.any(-1)
+        new_stage = torch.where(opens, opens_at.long().argmax(-1), new_stage)
+        ends_text = ~in_image & ((token == eng.final_close_id) | (token == eng.eos_id))
+        done.logical_or_(finished_chain | ends_text)
+        stage.copy_(new_stage)
+        tpos.copy_(new_tpos)
+        s["restart"].copy_(restart)
+
+        # Feed the token. A guidance row's context is its current image only: it writes at the token's index in that
+        # image; rows not inside a started image write slot 0, and their guidance logits are never used.
+        s["positions"].add_(1)
+        self.kv.mask.index_fill_(1, column, True)
+        self.kv.read_len = read_len
+        feed, positions = token, s["positions"]
+        if self.guided:
+            live = (new_stage >= 0) & (new_tpos > 0)
+            slot = torch.where(live, column - restart, torch.zeros_like(restart))
+            s["guide_slot"].copy_(slot)
+            self.kv.guide_read_len = guide_read_len
+            self.kv.guide_mask = self.slot_range[None, :guide_read_len] <= slot[:, None]
+            feed = torch.cat([token, token])
+            positions = torch.cat([positions, slot])
+        out = self.model(
+            input_ids=feed[:, None],
+            position_ids=positions[:, None],
+            cache=self.kv,
+            use_cache=True,
+            vlcot_kv=self.kv,
+        )
+        step_logits = out.logits[:, -1]
+        s["logits"].copy_(step_logits[: self.rows])
+        if self.guided:
+            s["uncond_logits"].copy_(step_logits[self.rows :])
+        s["step"].add_(1)
+        column.add_(1)
+
+    # ----- CUDA graphs ---------------------------------------------------------------------------------------------
+    def _graph(self, key: tuple[int, int]):
+        graph = self.graphs.get(key)
+        if graph is not None:
+            return graph
+        # Warm up once outside capture (lazy kernel/handle set-up), then roll the state back: its cache writes land
+        # where the real step writes next, so only the small state tensors need restoring.
+        saved = {
+            name: t.clone()
+            for name, t in self.state.items()
+            if name not in ("tokens", "sampled", "text_noise", "code_noise")
+        }
+        saved_column = self.kv.column.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._step(*key)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._restore(saved, saved_column)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self._step(*key)
+        self._restore(saved, saved_column)
+        self.graphs[key] = graph
+        return graph
+
+    def _restore(self, saved, saved_column):
+        for name, t in saved.items():
+            self.state[name].copy_(t)
+        self.kv.column.copy_(saved_column)

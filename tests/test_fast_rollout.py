@@ -1,0 +1,370 @@
+"""The static rollout engine (vlcot_grpo.fast_rollout) against the reference engine: same tokens under greedy
+decoding, same sampled distribution, guidance-cache restarts, well-formed images. CPU tests run the decode step
+eagerly; the tests marked ``gpu`` check CUDA-graph replay and the larger presets on a device machine."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlcot_grpo.fast_rollout import StaticDecoder
+from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
+from vlcot_grpo.vlcot import IMAGE_BLOCKS, encode_prompt, parse_completions
+
+SIZES = {"rough": (8, 8), "middle": (16, 16), "final": (32, 32)}
+GRIDS = {s: (h // 4, w // 4) for s, (h, w) in SIZES.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two cores shared with other jobs: one intra-op thread makes these tiny forwards ~30x faster, not slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def hooks(tiny):
+    """Adds logit hooks to the tiny model for one test; removed afterwards."""
+    model = tiny[0]
+    handles = []
+
+    def add(fn, pre_embed=None):
+        handles.append(model.lm_head.register_forward_hook(fn))
+        if pre_embed is not None:
+            handles.append(model.get_input_embeddings().register_forward_pre_hook(pre_embed, with_kwargs=True))
+
+    yield add
+    for h in handles:
+        h.remove()
+
+
+def _tag_bias(backend, bonus=6.0):
+    """+bonus on the image-opening tags' logits, so random text opens images often."""
+    ids = [backend.tag_ids[f"<{b}>"] for b in IMAGE_BLOCKS]
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., ids] += bonus
+        return output
+
+    return hook
+
+
+def _chain_hooks(backend, code_bias=None):
+    """Right after ``</rough_image>`` / ``</middle_image>`` the next stage's opening tag wins, so a row writes
+    rough, middle, final with no text between. ``code_bias``: a fixed logit bias (e.g. one code hugely favoured)."""
+    last = {}
+    table = torch.full((backend.vocab_size,), -1, dtype=torch.long)
+    table[backend.tag_ids["</rough_image>"]] = backend.tag_ids["<middle_image>"]
+    table[backend.tag_ids["</middle_image>"]] = backend.tag_ids["<final_image>"]
+
+    def pre(module, args, kwargs):
+        ids = args[0] if args else kwargs["input"]
+        last["ids"] = ids[:, -1]
+
+    def hook(module, inputs, output):
+        nxt = table.to(output.device)[last["ids"]]
+        bonus = torch.zeros_like(output[:, -1])
+        bonus.scatter_(-1, nxt.clamp(min=0)[:, None], (nxt >= 0).to(bonus.dtype)[:, None] * 100.0)
+        output = output.clone()
+        output[:, -1] += bonus
+        if code_bias is not None:
+            output = output + code_bias.to(output)
+        return output
+
+    return pre, hook
+
+
+def _config(**kw):
+    base = {"stage_sizes": SIZES, "kv_bucket": 16, "sync_every": 5}
+    base.update(kw)
+    return RolloutConfig(**base)
+
+
+def _both(model, backend, prompts, g, seeds=None, **kw):
+    out = {}
+    for i, engine in enumerate(("reference", "static")):
+        gen = None if seeds is None else torch.Generator().manual_seed(seeds[i])
+        out[engine] = RolloutEngine(model, backend, _config(engine=engine, **kw)).generate(prompts, g, gen)
+    return out["reference"], out["static"]
+
+
+def _prompts(backend, photo):
+    base = encode_prompt(backend, photo, (16, 16))
+    tags = backend.tag_ids
+    return [
+        base,
+        base[9:] + backend.encode_text("a sharp cat") + [tags["<rough_image>"]],  # shorter, starts in image mode
+        base[3:] + [tags["<final_image>"]],
+    ]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("max_new", [700, 37])
+def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new):
+    model, _, backend = tiny
+    hooks(_tag_bias(backend))
+    pre, hook = _chain_hooks(backend)
+    hooks(hook, pre_embed=pre)
+    prompts = _prompts(backend, photo)
+    ref, fast = _both(model, backend, prompts, 2, max_new_tokens=max_new, do_sample=False, guidance_scale=guidance)
+    assert fast.completion_ids == ref.completion_ids
+    assert fast.sampled_mask == ref.sampled_mask
+    assert fast.finished == ref.finished
+    assert fast.stage_tokens == ref.stage_tokens and fast.prompt_ids == ref.prompt_ids
+    parses = parse_completions(backend, fast.completion_ids, GRIDS, decode_images=False)
+    if max_new == 37:  # the length limit cuts every row inside an image (middle for the first two prompts)
+        assert not any(fast.finished) and all(len(c) == 37 for c in fast.completion_ids)
+        assert all("truncated" in p.blocks["middle_image"].error for p in parses[:4])
+    else:  # whole chains (the first opened from text mode), rows of different lengths
+        assert sum(len(p.blocks) for p in parses) >= 10 and all(fast.finished)
+        assert len({len(c) for c in fast.completion_ids}) == 3
+
+
+def test_greedy_guidance_changes_codes_in_both_engines(tiny, photo):
+    model, _, backend = tiny
+    prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<final_image>"]]
+    plain = _both(model, backend, [prompt], 1, max_new_tokens=90, do_sample=False)
+    guided = _both(model, backend, [prompt], 1, max_new_tokens=90, do_sample=False, guidance_scale=4.0)
+    assert plain[1].completion_ids == plain[0].completion_ids and guided[1].completion_ids == guided[0].completion_ids
+    assert plain[1].completion_ids != guided[1].completion_ids
+
+
+def _chi2_same(a: list[int], b: list[int]) -> float:
+    """p-value of a two-sample chi-square test that ``a`` and ``b`` come from one categorical distribution."""
+    from scipy.stats import chi2
+
+    cats = sorted(set(a) | set(b))
+    ca = torch.tensor([a.count(c) for c in cats], dtype=torch.float64)
+    cb = torch.tensor([b.count(c) for c in cats], dtype=torch.float64)
+    na, nb = ca.sum(), cb.sum()
+    stat = float((((ca * (nb / na) ** 0.5 - cb * (na / nb) ** 0.5) ** 2) / (ca + cb)).sum())
+    return float(chi2.sf(stat, len(cats) - 1))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"image_top_k": 12, "image_temperature": 0.7, "guidance_scale": 3.0},
+        {"image_top_k": -1, "image_temperature": 1.0, "guidance_scale": 1.0},
+        {"text_top_p": 0.8, "text_temperature": 0.8, "text_top_k": 30},
+    ],
+    ids=["fixed-top-k-guided", "entropy-top-k", "text-top-p"],
+)
+def test_sampled_distribution_matches_reference(tiny, hooks, photo, kw):
+    model, _, backend = tiny
+    # Sharpen the random model's flat logits, so that temperature, top-k/p and guidance visibly shape the sample.
+    hooks(lambda module, inputs, output: output * 25.0)
+    text = "image_top_k" not in kw
+    tail = backend.encode_text("cat") if text else [backend.tag_ids["<rough_image>"]]
+    prompt = encode_prompt(backend, photo, (16, 16)) + tail
+    # rough 2x2 image: 5 forced header tokens, then codes at 5, 6 and (after a row end) 8, 9
+    positions = [0, 1, 2] if text else [5, 6, 8]
+    # different seeds: independent samples, so this tests the distribution and not a shared random stream
+    ref, fast = _both(model, backend, [prompt], 800, seeds=(0, 1), max_new_tokens=positions[-1] + 1, **kw)
+    for pos in positions:
+        a = [c[pos] for c in ref.completion_ids]
+        b = [c[pos] for c in fast.completion_ids]
+        assert len(set(a)) > 2, "degenerate: the test would not see a distribution"
+        assert _chi2_same(a, b) > 1e-3, pos
+
+
+def _multinomial_is_exponential_race() -> bool:
+    probs = torch.softmax(torch.randn(4, 50), -1)
+    a = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(-1)
+    noise = torch.empty_like(probs).exponential_(generator=torch.Generator().manual_seed(3))
+    return torch.equal(a, (probs / noise).argmax(-1))
+
+
+@pytest.mark.skipif(not _multinomial_is_exponential_race(), reason="torch.multinomial draws differently here")
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_seeded_samples_equal_reference(tiny, hooks, photo, guidance):
+    """torch.multinomial is the exponential race the static engine runs, drawn in the same order: one seed gives the
+    reference path's sampled rollouts token for token (every stage, text and codes, entropy top-k and top-p)."""
+    model, _, backend = tiny
+    hooks(_tag_bias(backend))
+    kw = {"image_top_k": -1, "text_top_p": 0.9, "text_temperature": 1.3, "guidance_scale": guidance}
+    ref, fast = _both(model, backend, _prompts(backend, photo), 3, seeds=(5, 5), max_new_tokens=500, **kw)
+    assert fast.completion_ids == ref.completion_ids and fast.sampled_mask == ref.sampled_mask
+    assert fast.finished == ref.finished
+    parses = parse_completions(backend, fast.completion_ids, GRIDS, decode_images=False)
+    assert sum(len(p.blocks) for p in parses) >= 6 and len({len(c) for c in fast.completion_ids}) > 3
+
+
+class _Recorder(StaticDecoder):
+    """Keeps the unconditional logits after every step (those that guide the next token)."""
+
+    def _step(self, read_len, guide_read_len):
+        super()._step(read_len, guide_read_len)
+        self.uncond.append(self.state["uncond_logits"].clone())
+        self.cond.append(self.state["logits"].clone())
+
+
+def _record(engine, prompt):
+    decoder = _Recorder(engine, torch.device("cpu"))
+    decoder.uncond, decoder.cond = [], []
+    batch = decoder.run([prompt], 1)
+    return batch.completion_ids[0], torch.stack(decoder.uncond)[:, 0], torch.stack(decoder.cond)[:, 0]
+
+
+def test_guidance_rows_see_only_the_current_image(tiny, hooks, photo):
+    """Unconditional logits inside an image depend only on that image's tokens: not on the prompt, the text before
+    it, or earlier images (the guidance cache restarts at each image start)."""
+    model, _, backend = tiny
+    code_bias = torch.zeros(backend.vocab_size)
+    code_bias[backend.code_token_ids[7]] = 50.0  # every code is the same, whatever the context
+    pre, hook = _chain_hooks(backend, code_bias)
+    hooks(hook, pre_embed=pre)
+    tags = backend.tag_ids
+    base = encode_prompt(backend, photo, (16, 16))
+    engine = RolloutEngine(model, backend, _config(max_new_tokens=200, do_sample=False, guidance_scale=3.0))
+    # run A: rough, middle, final after one prompt; run B: middle, final after another prompt and other text
+    ids_a, uncond_a, cond_a = _record(engine, base + backend.encode_text("a cat") + [tags["<rough_image>"]])
+    ids_b, uncond_b, cond_b = _record(
+        engine, base[20:] + backend.encode_text("a dog, blurry") + [tags["<middle_image>"]]
+    )
+    starts_b = {"middle": 0, "final": ids_b.index(tags["<final_image>"]) + 1}  # B's prompt opened the middle image
+    for stage in ("middle", "final"):
+        start_a, start_b = ids_a.index(tags[f"<{stage}_image>"]) + 1, starts_b[stage]
+        n = len(backend.image_template(*GRIDS[stage])) - 1  # logits after each image token but the last
+        torch.testing.assert_close(uncond_a[start_a : start_a + n], uncond_b[start_b : start_b + n])
+        assert not torch.allclose(cond_a[start_a : start_a + n], cond_b[start_b : start_b + n], atol=1e-3)
+    assert (
+        ids_a[ids_a.index(tags["<middle_image>"]) + 1 :] == ids_b
+    )  # the same image tokens, so the comparison is fair
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_every_image_block_is_well_formed(tiny, hooks, photo, guidance):
+    model, _, backend = tiny
+    hooks(_tag_bias(backend))
+    config = _config(
+        max_new_tokens=700, text_temperature=1.5, image_top_k=-1, guidance_scale=guidance, engine="static"
+    )
+    batch = RolloutEngine(model, backend, config).generate(
+        _prompts(backend, photo), 3, torch.Generator().manual_seed(0)
+    )
+    parses = parse_completions(backend, batch.completion_ids, GRIDS)
+    opened = 0
+    for parse, mask, ids in zip(parses, batch.sampled_mask, batch.completion_ids):
+        assert len(mask) == len(ids)
+        for block in IMAGE_BLOCKS:
+            if block in parse.blocks:
+                opened += 1
+                assert parse.blocks[block].error is None, parse.problems
+                assert parse.images[block.removesuffix("_image")].size == SIZES[block.removesuffix("_image")]
+        assert not any("malformed" in p for p in parse.problems)
+    assert opened >= 8
+
+
+def test_buckets_follow_length_and_live_image(tiny, hooks, photo):
+    model, _, backend = tiny
+    pre, hook = _chain_hooks(backend)
+    hooks(hook, pre_embed=pre)
+    prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<rough_image>"]]
+    engine = RolloutEngine(model, backend, _config(max_new_tokens=150, do_sample=False, guidance_scale=2.0))
+    decoder = StaticDecoder(engine, torch.device("cpu"))
+    batch = decoder.run([prompt], 2)
+    width = len(prompt)
+    conds = [c for c, _ in decoder.buckets_used]
+    guides = [g for _, g in decoder.buckets_used]
+    assert conds == [min(-(-(width + t + 1) // 16) * 16, width + 150) for t in range(len(conds))]
+    assert max(guides) <= int(engine.template_len.max()) and min(guides) < max(
+        guides
+    )  # short for the rough image, long for the final
+    assert all(batch.finished) and len(conds) < 150
+
+
+def test_step_traces_without_graph_breaks(tiny, photo):
+    """The decode step is one graph for torch.compile (no host reads, no Python branching on tensor values), which
+    is what CUDA-graph capture needs; the traced step gives the eager tokens."""
+    model, _, backend = tiny
+    prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<rough_image>"]]
+    config = _config(max_new_tokens=12, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9)
+    engine = RolloutEngine(model, backend, config)
+    results = []
+    for compiled in (False, True):
+        decoder = StaticDecoder(engine, torch.device("cpu"))
+        decoder._setup([prompt], 2, torch.device("cpu"))
+        step = decoder._step
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(decoder._step, backend="eager", fullgraph=True)
+        gen = torch.Generator().manual_seed(0)
+        with _split_attention(model):
+            for _ in range(6):
+                decoder.state["text_noise"].exponential_(generator=gen)
+                decoder.state["code_noise"].exponential_(generator=gen)
+                step(32, 16)
+        results.append(decoder.state["tokens"][:, :6].clone())
+    torch._dynamo.reset()
+    assert torch.equal(results[0], results[1])
+
+
+def _split_attention(model):
+    from vlcot_grpo.fast_rollout import ATTENTION_NAME, _attention_implementation
+
+    return _attention_implementation(model, ATTENTION_NAME)
+
+
+def test_attention_implementation_restored_and_engine_choice(tiny, photo):
+    model, _, backend = tiny
+    before = model.config.text_config._attn_implementation
+    RolloutEngine(model, backend, _config(max_new_tokens=3, engine="static")).generate([[5, 6]], 1)
+    assert model.config.text_config._attn_implementation == before
+    assert RolloutConfig().resolved_engine(torch.device("cpu")) == "reference"
+    assert RolloutConfig().resolved_engine(torch.device("cuda")) == "static"
+    assert RolloutConfig(engine="static").resolved_engine(torch.device("cpu")) == "static"
+    with pytest.raises(ValueError):
+        RolloutConfig(engine="fast")
+
+
+# ----- GPU (device session): CUDA-graph replay equals the eager step; larger presets -------------------------------
+def _bench_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance):
+    model, _, backend = tiny
+    model.cuda()
+    try:
+        hook = model.lm_head.register_forward_hook(_tag_bias(backend))
+        prompts = _prompts(backend, photo)
+        out = []
+        for graphs in (False, True):
+            config = _config(max_new_tokens=400, engine="static", cuda_graphs=graphs, guidance_scale=guidance)
+            gen = torch.Generator("cuda").manual_seed(0)
+            out.append(RolloutEngine(model, backend, config).generate(prompts, 3, gen))
+        assert out[0].completion_ids == out[1].completion_ids and out[0].sampled_mask == out[1].sampled_mask
+        greedy = _both(model, backend, prompts, 2, max_new_tokens=400, do_sample=False, guidance_scale=guidance)
+        assert greedy[0].completion_ids == greedy[1].completion_ids
+        hook.remove()
+    finally:
+        model.cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["tiny", "1b"])
+def test_gpu_greedy_equals_reference_preset(preset):
+    """fp32 on the GPU: the static engine (CUDA graphs) writes the reference engine's greedy tokens."""
+    bench = _bench_module()
+    model, backend = bench.build_preset(preset, torch.device("cuda"), torch.float32)
+    prompts = bench.make_prompts(backend, 2, lr_size=64 if preset == "tiny" else 128)
+    sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
+    bench.add_chain_hooks(model, backend)
+    for guidance in (1.0, 3.0):
+        kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
+        ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
+        fast = RolloutEngine(model, backend, RolloutConfig(engine="static", **kw)).generate(prompts, 2)
+        assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished
