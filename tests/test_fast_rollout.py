@@ -271,10 +271,10 @@ def test_buckets_follow_length_and_live_image(tiny, hooks, photo):
     width = len(prompt)
     conds = [c for c, _ in decoder.buckets_used]
     guides = [g for _, g in decoder.buckets_used]
-    assert conds == [min(-(-(width + t + 1) // 16) * 16, width + 150) for t in range(len(conds))]
-    assert max(guides) <= int(engine.template_len.max()) and min(guides) < max(
-        guides
-    )  # short for the rough image, long for the final
+    assert conds == [-(-(width + t + 1) // 16) * 16 for t in range(len(conds))]
+    # short while writing the rough image, long for the final one; always whole buckets
+    assert max(guides) <= -(-int(engine.template_len.max()) // 16) * 16 and min(guides) < max(guides)
+    assert all(g % 16 == 0 for g in guides)
     assert all(batch.finished) and len(conds) < 150
 
 

@@ -47,6 +47,7 @@ one memory pool and live for one ``generate`` call, so the KV memory is released
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -190,12 +191,19 @@ class StaticDecoder:
         self.graph_pool = None
         #: (conditional bucket, guidance bucket) of every decode step run, for benchmarks and tests
         self.buckets_used: list[tuple[int, int]] = []
+        self.prefill_seconds = 0.0
+        self.capture_seconds = 0.0
+        self.graphs_captured = 0
 
     @torch.no_grad()
     def run(self, prompt_ids, num_generations: int = 1, generator: torch.Generator | None = None):
         eng, cfg, device = self.engine, self.config, self.device
         max_new = cfg.max_new_tokens
+        start = time.perf_counter()
         self._setup(prompt_ids, num_generations, device)
+        if device.type == "cuda":  # once per call, so that the timings below mean something
+            torch.cuda.synchronize(device)
+        self.prefill_seconds = time.perf_counter() - start
         s = self.state
         if max_new <= 0:
             return eng._collect(prompt_ids, num_generations, s["tokens"][:, :0], s["sampled"][:, :0], s["done"])
@@ -230,10 +238,11 @@ class StaticDecoder:
         cache, attn, positions, logits = eng._prefill_prompts(prompt_ids, device)
         n_prompts, width = attn.shape
         rows = n_prompts * num_generations
-        total = width + cfg.max_new_tokens
+        # Buffers rounded up to whole buckets: every read is then a multiple of kv_bucket (aligned for the kernels).
+        total = _bucket(width + cfg.max_new_tokens, cfg.kv_bucket, 1 << 62)
         self.rows, self.width = rows, width
         self.kv_cap = total
-        template_len = int(eng.template_len.max())
+        template_len = _bucket(int(eng.template_len.max()), cfg.kv_bucket, 1 << 62)
         self.guide_cap = template_len
         n_layers = len(cache.layers)
         keys, values = [], []
@@ -383,6 +392,7 @@ class StaticDecoder:
         graph = self.graphs.get(key)
         if graph is not None:
             return graph
+        start = time.perf_counter()
         # Warm up once outside capture (lazy kernel/handle set-up), then roll the state back: its cache writes land
         # where the real step writes next, so only the small state tensors need restoring.
         saved = {
@@ -404,6 +414,8 @@ class StaticDecoder:
             self._step(*key)
         self._restore(saved, saved_column)
         self.graphs[key] = graph
+        self.graphs_captured += 1
+        self.capture_seconds += time.perf_counter() - start
         return graph
 
     def _restore(self, saved, saved_column):

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 7 (fast rollouts): the ONE check to run on a GPU machine (one H100 or H200), in the repository root.
+#
+#   1. here, on the dev machine (needs PyPI; the wheels are git-ignored, so each session makes them again):
+#        bash benchmarks/device_check.sh prepare          # .whl/ is in .gitignore
+#      The device image has torch but transformers 5.17 (this project needs >= 5.20: the `cache=` kwarg) and no
+#      package of ours; transformers 5.24.0 and a recent regex travel as wheels for Python 3.12 (~13 MB).
+#   2. through the device tool, once, with carry [".whl"] and timeout_s 560:
+#        bash benchmarks/device_check.sh
+#      then give the machine back. Results come back under $OUT (at most 8 files):
+#        env.txt, gpu_tests.log, bench_tiny.json, bench_1b.json, bench_7b.json, bench.log
+#
+# Expected runtime on one H100 (estimates: nothing here has run on a GPU yet), about 7 minutes in all; each step
+# has its own time limit so that a hang costs only that step, and each benchmark writes its JSON as it goes:
+#   tests (CPU ones too, and the `gpu` ones: graphs == eager, greedy == reference at tiny and 1B, fp32)  ~60 s, <=120 s
+#   tiny preset, paper shape, static engine + stock generate                                               ~20 s, <=60 s
+#   1B preset, paper shape (build ~15 s, rollout ~40 s, stock 64 steps ~10 s)                              ~70 s, <=110 s
+#   7B preset, paper shape, + LoRA GRPO step (build ~30 s, rollout ~70-100 s twice, stock 32 steps ~15 s,
+#   log-probs + backward ~20 s, merged/unmerged LoRA rollouts of 256 tokens ~10 s)                        ~4 min, <=270 s
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "prepare" ]; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl transformers==5.24.0 regex==2026.11.19
+    ls -la .whl
+    exit 0
+fi
+
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD/src
+else
+    export PYTHONPATH=$PWD/src
+fi
+
+{
+    date -u
+    nvidia-smi
+    python3 -c "import torch, transformers, sys; print(sys.version); print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. tests: every test of the static engine, the CPU ones and the GPU ones
+timeout 120 python3 -m pytest tests/test_fast_rollout.py -m "gpu or not gpu" -q -p no:cacheprovider -rs 2>&1 \
+    | tee "$OUT/gpu_tests.log"
+
+# 2. benchmarks: paper shape (G=5, 512^2 LR prompt, 128/256/512 stages, guidance 3.0)
+bench() {
+    local limit=$1 name=$2
+    shift 2
+    echo "== $name: python benchmarks/rollout.py $*" | tee -a "$OUT/bench.log"
+    timeout "$limit" python3 benchmarks/rollout.py "$@" --json "$OUT/bench_$name.json" 2>&1 | tee -a "$OUT/bench.log"
+}
+bench 60 tiny --preset tiny --stock-steps 64
+bench 110 1b --preset 1b --stock-steps 64
+bench 270 7b --preset 7b --stock-steps 32 --grpo-step --lora-merge-check 256
+date -u | tee -a "$OUT/bench.log"

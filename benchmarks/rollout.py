@@ -1,0 +1,475 @@
+"""VLCoT rollout speed: the project's engines against stock ``transformers`` ``generate`` with guidance, same run.
+
+    python benchmarks/rollout.py --preset 7b                     # the goal: paper shape on one H100/H200
+    python benchmarks/rollout.py --preset tiny --device cpu      # CPU sanity run (seconds), not a GPU number
+
+Models have random weights (no download). Presets: ``tiny`` (the test model's width, downsample 8), ``1b`` (~0.98 B,
+Emu3-shaped, grouped-query attention) and ``7b`` (7.08 B, Lumina-mGPT/Chameleon-shaped: hidden 4096, 32 layers,
+32 heads, vocabulary 73728, as in ../shared/REFERENCE.md section 2; built as an Emu3 model of that size).
+
+The paper's rollout shape is the default: G = 5 samples of one 512x512 LR prompt (~4.2k tokens), rough / middle /
+final images of 128 / 256 / 512 pixels, guidance 3.0 in transformers' convention (the paper's "0.8" is another
+convention; 3.0 is recipes/emu3/grpo/config_paper.yaml), image temperature 0.9, entropy-dependent top-k. Random
+weights would rarely write a whole chain, so logit hooks force it: the prompt ends with ``<rough_image>`` and each
+closing tag is followed by the next stage's opening tag (about 5.5k completion tokens, as in the paper).
+
+Printed per engine: decode steps/s and tokens/s (over the decode phase, and over the whole call with prefill and
+graph capture), the memory roofline fraction (time a perfect engine needs to read the weights and the KV cache each
+step at ``--bandwidth``, over the measured decode time) and peak memory. Stock ``generate`` runs the same prompt
+with ``guidance_scale`` and ``negative_prompt_ids`` (a second, sequential unconditional pass) for ``--stock-steps``
+steps; its decode rate is (N - 1) steps over (time for N new tokens - time for 1). ``--grpo-step`` adds a LoRA GRPO
+step split into rollout, log-probs (no grad) and forward + backward. ``--json PATH`` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import sys
+import time
+import traceback
+
+import torch
+
+from vlcot_grpo.models import load_backend
+from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3
+from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
+from vlcot_grpo.vlcot import STAGES
+
+PRESETS = {
+    "tiny": {"max_position_embeddings": 16384, "vq_channel_multiplier": (1, 1, 2, 2), "codebook_size": 256},
+    "1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "intermediate_size": 5632,
+        "max_position_embeddings": 16384,
+        "codebook_size": 32768,
+        "vq_channel_multiplier": (1, 1, 2, 2),
+    },
+    "7b": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 16384,
+        "codebook_size": 73609,  # + 119 text/special tokens = the reference's vocabulary of 73728
+        "vq_channel_multiplier": (1, 1, 2, 2),
+    },
+}
+#: copy bandwidth (TB/s) used for the roofline when the device is named so and --bandwidth is not given:
+#: H200 as measured in ../shared/REFERENCE.md section 2; H100 SXM's 3.35 TB/s spec scaled by the same measured/spec
+#: ratio (4.24 / 4.8). Anything else: measured here with a device-to-device copy.
+BANDWIDTH_TBS = {"H200": 4.24, "H100": 2.96}
+
+
+def build_preset(name: str, device: torch.device, dtype: torch.dtype):
+    """(model, backend) of a preset with random weights, built directly on ``device`` and cast to ``dtype``."""
+    spec = TinyEmu3Spec(**PRESETS[name])
+    with torch.device(device):
+        model, tokenizer = build_tiny_emu3(spec)
+    model = model.to(dtype).eval()
+    model.requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model, load_backend(model, tokenizer)
+
+
+def make_prompts(backend, n: int, lr_size: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts: a short instruction, a random LR image's tokens, ``<rough_image>``; lengths differ by a few."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = backend.grid_for(lr_size, lr_size)
+    prompts = []
+    for i in range(n):
+        codes = torch.randint(0, backend.codebook_size, grid, generator=gen)
+        text = backend.encode_text("Restore this image" + "!" * i + ": ")
+        image = backend.codes_to_token_ids(codes).tolist()
+        prompts.append(backend.bos_token_ids + text + image + [backend.tag_ids["<rough_image>"]])
+    return prompts
+
+
+def add_chain_hooks(model, backend):
+    """Make a random model write the whole chain: after ``</rough_image>`` / ``</middle_image>`` the next stage's
+    opening tag gets +100. Graph-capturable (tensor ops only). Returns the hook handles."""
+    table = torch.full((backend.vocab_size,), -1, dtype=torch.long)
+    table[backend.tag_ids["</rough_image>"]] = backend.tag_ids["<middle_image>"]
+    table[backend.tag_ids["</middle_image>"]] = backend.tag_ids["<final_image>"]
+    table = table.to(next(model.parameters()).device)
+    last = {}
+
+    def pre(module, args, kwargs):
+        ids = args[0] if args else kwargs["input"]
+        last["ids"] = ids[:, -1]
+
+    def post(module, inputs, output):
+        nxt = table[last["ids"]]
+        bonus = torch.zeros_like(output[:, -1])
+        bonus.scatter_(-1, nxt.clamp(min=0)[:, None], (nxt >= 0).to(bonus.dtype)[:, None] * 100.0)
+        output = output.clone()
+        output[:, -1] += bonus
+        return output
+
+    return [
+        model.get_input_embeddings().register_forward_pre_hook(pre, with_kwargs=True),
+        model.get_output_embeddings().register_forward_hook(post),
+    ]
+
+
+# ----- measuring ---------------------------------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # process peak RSS (kB on Linux)
+
+
+def measure_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth, TB/s (bytes read + written)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    sync(device)
+    return 2 * n * reps / (time.perf_counter() - start) / 1e12
+
+
+def model_bytes(model) -> tuple[int, int]:
+    """(language-model weight bytes read per decode step, KV bytes per token per row)."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "vqmodel" not in n)
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return weights, 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
+
+
+def ideal_seconds(steps, rows, prompt_len, guide_ctx, weights, kv_token, bandwidth_tbs) -> float:
+    """Time to read the weights once per step plus each row's conditional context and, with guidance, its current
+    image context, at ``bandwidth_tbs``. ``guide_ctx``: per step, the summed guidance context over rows."""
+    cond = rows * (steps * prompt_len + steps * (steps + 1) / 2)
+    total = steps * weights + (cond + sum(guide_ctx)) * kv_token
+    return total / (bandwidth_tbs * 1e12)
+
+
+def guidance_context(backend, completions, steps) -> list[int]:
+    """Per decode step, the sum over rows of the tokens an unconditional row attends to (its image so far)."""
+    template = backend.image_template(1, 1).tolist()
+    start_id, end_id = template[0], template[-1]
+    per_step = [0] * steps
+    for ids in completions:
+        inside = 0
+        for t, tok in enumerate(ids[:steps]):
+            inside = 1 if tok == start_id else inside + 1 if inside else 0
+            per_step[t] += inside
+            if tok == end_id:
+                inside = 0
+    return per_step
+
+
+# ----- runs --------------------------------------------------------------------------------------------------------
+def run_engine(model, backend, prompts, args, device, engine_name, max_new=None) -> dict:
+    config = RolloutConfig(
+        stage_sizes={s: (size, size) for s, size in zip(STAGES, args.stage_sizes)},
+        max_new_tokens=max_new or args.max_new_tokens,
+        image_temperature=0.9,
+        image_top_k=-1,
+        text_temperature=0.9,
+        guidance_scale=args.guidance,
+        engine=engine_name,
+        sync_every=args.sync_every,
+        kv_bucket=args.kv_bucket,
+        cuda_graphs=not args.no_graphs,
+    )
+    engine = RolloutEngine(model, backend, config)
+    gen = torch.Generator(device).manual_seed(0)
+    reset_peak(device)
+    sync(device)
+    decoder = None
+    start = time.perf_counter()
+    if engine_name == "static":
+        from vlcot_grpo.fast_rollout import StaticDecoder
+
+        decoder = StaticDecoder(engine, device)
+        batch = decoder.run(prompts, args.group, gen)
+    else:
+        batch = engine.generate(prompts, args.group, gen)
+    sync(device)
+    total = time.perf_counter() - start
+    steps = max(len(c) for c in batch.completion_ids)
+    out = {
+        "engine": engine_name,
+        "rows": len(batch.completion_ids),
+        "prompt_tokens": max(len(p) for p in prompts),
+        "steps": steps,
+        "completion_tokens_mean": sum(len(c) for c in batch.completion_ids) / len(batch.completion_ids),
+        "stage_tokens_mean": {s: sum(v) / len(v) for s, v in batch.stage_tokens.items()},
+        "finished": sum(batch.finished),
+        "seconds_total": total,
+        "peak_gb": peak_gb(device),
+    }
+    if decoder is not None:
+        out.update(
+            prefill_seconds=decoder.prefill_seconds,
+            capture_seconds=decoder.capture_seconds,
+            graphs=decoder.graphs_captured,
+            decode_steps_run=len(decoder.buckets_used),
+        )
+        decode = total - decoder.prefill_seconds - decoder.capture_seconds
+        out["decode_seconds"] = decode
+    return out, batch
+
+
+def run_stock(model, backend, prompts, args, device) -> dict:
+    """Stock generate with guidance on the same rows: time for 1 and for N new tokens, same sampling settings."""
+    rows = [p for p in prompts for _ in range(args.group)]
+    width = max(len(p) for p in rows)
+    pad = backend.tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(rows):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    start_id = int(backend.image_template(1, 1)[0])
+    kwargs = {"do_sample": True, "temperature": 0.9, "top_k": 2000, "pad_token_id": pad, "eos_token_id": None}
+    if args.guidance != 1.0:
+        kwargs.update(guidance_scale=args.guidance, negative_prompt_ids=torch.full((len(rows), 1), start_id))
+        kwargs["negative_prompt_ids"] = kwargs["negative_prompt_ids"].to(device)
+    times = {}
+    reset_peak(device)
+    for n in (1, args.stock_steps):
+        sync(device)
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        sync(device)
+        times[n] = time.perf_counter() - start
+    decode = times[args.stock_steps] - times[1]
+    return {
+        "engine": "stock generate" + (" + guidance" if args.guidance != 1.0 else ""),
+        "rows": len(rows),
+        "prompt_tokens": width,
+        "steps": args.stock_steps,
+        "seconds_first_token": times[1],
+        "seconds_total": times[args.stock_steps],
+        "decode_seconds": decode,
+        "peak_gb": peak_gb(device),
+    }
+
+
+def grpo_step(model, backend, prompts, args, device) -> dict:
+    """A LoRA GRPO step at the same shape: rollout (static engine through the PEFT model), per-token log-probs
+    without grad (old/ref policy), then forward + backward of the policy loss, row by row with checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=backend.lora_target_modules, lora_dropout=0.0)
+    peft_model = get_peft_model(model, lora)
+    peft_model.eval()
+    out = {}
+    try:
+        reset_peak(device)
+        stats, batch = run_engine(peft_model, backend, prompts, args, device, "static")
+        out["rollout_seconds"] = stats["seconds_total"]
+        rows = [(p, c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+
+        def logps(p, c):
+            ids = torch.tensor([p + c], device=device)
+            logits = peft_model(input_ids=ids, logits_to_keep=len(c) + 1).logits[0, :-1].float()
+            return torch.log_softmax(logits, -1).gather(-1, torch.tensor(c, device=device)[:, None]).squeeze(-1)
+
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            old = [logps(p, c) for p, c in rows]
+        sync(device)
+        out["logprob_seconds"] = time.perf_counter() - start
+        peft_model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        advantages = torch.randn(len(rows))
+        sync(device)
+        start = time.perf_counter()
+        for (p, c), adv, ref in zip(rows, advantages, old):
+            new = logps(p, c)
+            loss = -(torch.exp(new - ref) * adv).mean() / len(rows)
+            loss.backward()
+        sync(device)
+        out["train_seconds"] = time.perf_counter() - start
+        out["step_seconds"] = out["rollout_seconds"] + out["logprob_seconds"] + out["train_seconds"]
+        out["step_over_rollout"] = out["step_seconds"] / out["rollout_seconds"]
+        out["peak_gb"] = peak_gb(device)
+    finally:
+        model.gradient_checkpointing_disable()
+        peft_model.eval()
+    if args.lora_merge_check:
+        args_short = argparse.Namespace(**{**vars(args), "max_new_tokens": args.lora_merge_check})
+        unmerged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")
+        peft_model.merge_adapter()
+        merged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")
+        peft_model.unmerge_adapter()
+        out["lora_rollout_steps_per_s"] = {
+            "unmerged": unmerged["decode_steps_run"] / unmerged["decode_seconds"],
+            "merged": merged["decode_steps_run"] / merged["decode_seconds"],
+        }
+    return out
+
+
+# ----- main --------------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="7b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA")
+    parser.add_argument("--group", type=int, default=5, help="samples per prompt, G (paper: 5)")
+    parser.add_argument("--prompts", type=int, default=1, help="distinct prompts (paper: 1 per GPU)")
+    parser.add_argument("--lr-size", type=int, default=512, help="LR prompt image side in pixels (paper: 512)")
+    parser.add_argument(
+        "--stage-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[128, 256, 512],
+        help="rough,middle,final",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=7000, help="completion limit (paper: 7000)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="transformers' convention, 1.0 = off")
+    parser.add_argument("--engines", default="static", help="comma list of project engines: static,reference")
+    parser.add_argument("--stock-steps", type=int, default=64, help="new tokens for stock generate (0 = skip)")
+    parser.add_argument("--sync-every", type=int, default=32)
+    parser.add_argument("--kv-bucket", type=int, default=256)
+    parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
+    parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
+    parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
+    parser.add_argument(
+        "--lora-merge-check", type=int, default=0, help="with --grpo-step: rollout N tokens merged/not"
+    )
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is the fast setting
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    measured = measure_bandwidth(device)
+    bandwidth = args.bandwidth or next((v for k, v in BANDWIDTH_TBS.items() if k in name), measured)
+    results = {
+        "command": "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": name,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "preset": args.preset,
+        "dtype": str(dtype),
+        "bandwidth_tbs_used": bandwidth,
+        "bandwidth_tbs_measured_copy": measured,
+        "runs": [],
+    }
+    import transformers
+
+    results["versions"]["transformers"] = transformers.__version__
+
+    def save():  # after every section: a device run cut short by its time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+    start = time.perf_counter()
+    model, backend = build_preset(args.preset, device, dtype)
+    weights, kv_token = model_bytes(model)
+    results.update(build_seconds=time.perf_counter() - start, weight_gb=weights / 1e9, kv_mb_per_token=kv_token / 1e6)
+    prompts = make_prompts(backend, args.prompts, args.lr_size)
+    handles = add_chain_hooks(model, backend)
+    print(
+        f"# {args.preset} on {name} ({dtype}); weights {weights / 1e9:.2f} GB, KV {kv_token / 1e6:.3f} MB/token; "
+        f"roofline bandwidth {bandwidth:.2f} TB/s (copy measured {measured:.2f})",
+        flush=True,
+    )
+
+    for engine_name in [e for e in args.engines.split(",") if e]:
+        try:
+            stats, batch = run_engine(model, backend, prompts, args, device, engine_name)
+            steps = stats["steps"]
+            guide = guidance_context(backend, batch.completion_ids, steps) if args.guidance != 1.0 else [0] * steps
+            decode = stats.get("decode_seconds", stats["seconds_total"])
+            ideal = ideal_seconds(steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth)
+            stats.update(
+                decode_steps_per_s=stats.get("decode_steps_run", steps) / decode,
+                tokens_per_s=stats["rows"] * steps / decode,
+                steps_per_s_whole_call=steps / stats["seconds_total"],
+                roofline_fraction=ideal / decode,
+                roofline_steps_per_s=steps / ideal,
+            )
+            results["runs"].append(stats)
+            report(stats)
+            save()
+        except Exception as err:  # one failing engine must not cost the others' numbers on a device run
+            traceback.print_exc()
+            results["runs"].append({"engine": engine_name, "error": repr(err)})
+    if args.stock_steps > 1:
+        try:
+            stats = run_stock(model, backend, prompts, args, device)
+            steps = args.stock_steps
+            guide = [(t + 2) * stats["rows"] for t in range(steps)] if args.guidance != 1.0 else [0] * steps
+            ideal = ideal_seconds(steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth)
+            stats.update(
+                decode_steps_per_s=(steps - 1) / stats["decode_seconds"],
+                tokens_per_s=stats["rows"] * (steps - 1) / stats["decode_seconds"],
+                steps_per_s_whole_call=steps / stats["seconds_total"],
+                roofline_fraction=ideal * (steps - 1) / steps / stats["decode_seconds"],
+            )
+            results["runs"].append(stats)
+            report(stats)
+        except Exception as err:
+            traceback.print_exc()
+            results["runs"].append({"engine": "stock generate", "error": repr(err)})
+        save()
+    ours = [r for r in results["runs"] if r.get("engine") == "static" and "decode_steps_per_s" in r]
+    stock = [r for r in results["runs"] if r.get("engine", "").startswith("stock") and "decode_steps_per_s" in r]
+    if ours and stock:
+        results["speedup_vs_stock"] = ours[0]["decode_steps_per_s"] / stock[0]["decode_steps_per_s"]
+        print(f"static / stock decode steps/s: {results['speedup_vs_stock']:.1f}x", flush=True)
+    for h in handles:
+        h.remove()
+    if args.grpo_step:
+        try:
+            handles = add_chain_hooks(model, backend)
+            results["grpo_step"] = grpo_step(model, backend, prompts, args, device)
+            print("grpo step:", json.dumps(results["grpo_step"], indent=None), flush=True)
+        except Exception as err:
+            traceback.print_exc()
+            results["grpo_step"] = {"error": repr(err)}
+    save()
+    return results
+
+
+def report(stats: dict) -> None:
+    line = (
+        f"{stats['engine']:<28} rows {stats['rows']:>3}  prompt {stats['prompt_tokens']:>5}  steps {stats['steps']:>5}  "
+        f"decode {stats['decode_steps_per_s']:8.1f} steps/s {stats['tokens_per_s']:9.1f} tok/s  "
+        f"roofline {100 * stats['roofline_fraction']:5.1f} %  whole call {stats['seconds_total']:7.2f} s "
+        f"({stats['steps_per_s_whole_call']:.1f} steps/s)  peak {stats['peak_gb']:.2f} GB"
+    )
+    if "graphs" in stats:
+        line += f"  [prefill {stats['prefill_seconds']:.2f} s, {stats['graphs']} graphs in {stats['capture_seconds']:.2f} s]"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
