@@ -188,8 +188,12 @@ def test_seeded_samples_equal_reference(tiny, hooks, photo, guidance):
     hooks(_tag_bias(backend))
     kw = {"image_top_k": -1, "text_top_p": 0.9, "text_temperature": 1.3, "guidance_scale": guidance}
     ref, fast = _both(model, backend, _prompts(backend, photo), 3, seeds=(5, 5), max_new_tokens=500, **kw)
-    assert fast.completion_ids == ref.completion_ids and fast.sampled_mask == ref.sampled_mask
-    assert fast.finished == ref.finished
+    # The two attention paths round differently (~1e-7), which can flip a near-tie in one draw of one row on some
+    # platform; every row but one must match exactly (all do here), masks and finished flags included.
+    same = [a == b for a, b in zip(fast.completion_ids, ref.completion_ids)]
+    assert sum(same) >= len(same) - 1
+    rows = [i for i, ok in enumerate(same) if ok]
+    assert all(fast.sampled_mask[i] == ref.sampled_mask[i] and fast.finished[i] == ref.finished[i] for i in rows)
     parses = parse_completions(backend, fast.completion_ids, GRIDS, decode_images=False)
     assert sum(len(p.blocks) for p in parses) >= 6 and len({len(c) for c in fast.completion_ids}) > 3
 
@@ -320,6 +324,70 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
     assert RolloutConfig(engine="static").resolved_engine(torch.device("cpu")) == "static"
     with pytest.raises(ValueError):
         RolloutConfig(engine="fast")
+
+
+def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch):
+    """VLCoTGRPOConfig.rollout_engine reaches the trainer's engine; one seeded LoRA GRPO step rolls out the same
+    completions through the PEFT model with either engine (both draw the same exponential race)."""
+    pytest.importorskip("trl")
+    import datasets
+    import skimage.data
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+
+    from vlcot_grpo.config import VLCoTGRPOConfig
+    from vlcot_grpo.trainer import VLCoTGRPOTrainer
+
+    if not _multinomial_is_exponential_race():
+        pytest.skip("torch.multinomial draws differently here")
+    photo = Image.fromarray(skimage.data.astronaut()).resize((16, 16))
+    data = datasets.Dataset.from_dict({"lr_image": [photo, photo]})
+    seen, static_runs = {}, []
+    run = StaticDecoder.run
+    monkeypatch.setattr(StaticDecoder, "run", lambda self, *a, **k: static_runs.append(1) or run(self, *a, **k))
+    for engine in ("reference", "static"):
+        args = VLCoTGRPOConfig(
+            output_dir=str(tmp_path / engine),
+            rollout_engine=engine,
+            max_completion_length=120,
+            num_generations=4,
+            per_device_train_batch_size=4,
+            max_steps=1,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            image_log_steps=0,
+            guidance_scale=2.0,
+            seed=0,
+            lr_size=16,
+            rough_size=8,
+            middle_size=16,
+            final_size=32,
+        )
+        assert args.rollout_config().engine == engine
+        trainer = VLCoTGRPOTrainer(
+            model=Emu3ForConditionalGeneration.from_pretrained(tiny_path),
+            reward_funcs=[lambda completion_ids, **kw: [len(c) / 100 for c in completion_ids]],
+            args=args,
+            train_dataset=data,
+            processing_class=AutoTokenizer.from_pretrained(tiny_path),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=r".*text_model.*\.(q_proj|v_proj)"),
+        )
+        calls = []
+
+        def record(*a, _generate=trainer.engine.generate, _calls=calls, **k):
+            _calls.append(_generate(*a, **k))
+            return _calls[-1]
+
+        trainer.engine.generate = record
+        trainer.train()
+        seen[engine] = calls[0].completion_ids
+    # a near-tie in one draw (float rounding differs between the attention paths) may change one row
+    same = sum(x == y for x, y in zip(seen["static"], seen["reference"]))
+    assert len(seen["static"]) == 4 and same >= 3 and static_runs == [1]
+    with pytest.raises(ValueError):
+        VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_engine="fast")
 
 
 # ----- GPU (device session): CUDA-graph replay equals the eager step; larger presets -------------------------------

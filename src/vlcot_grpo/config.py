@@ -44,6 +44,14 @@ class VLCoTGRPOConfig(GRPOConfig):
             "k = 1 + 1999 sigmoid(H - 5) as in the paper."
         },
     )
+    rollout_engine: str = field(
+        default="auto",
+        metadata={
+            "help": "Rollout engine: 'static' (static KV caches, CUDA graphs: vlcot_grpo.fast_rollout), 'reference' "
+            "(DynamicCache, eager) or 'auto' (static on CUDA, reference on CPU). Same tokens under greedy decoding.",
+            "choices": ["auto", "static", "reference"],
+        },
+    )
     logprob_support: str = field(
         default="restricted",
         metadata={
@@ -65,6 +73,8 @@ class VLCoTGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.rollout_engine not in ("auto", "static", "reference"):
+            raise ValueError(f"rollout_engine must be 'auto', 'static' or 'reference', got {self.rollout_engine!r}")
         if self.logprob_support not in ("restricted", "full"):
             raise ValueError(f"logprob_support must be 'restricted' or 'full', got {self.logprob_support!r}")
         for name in ("lr_size", "rough_size", "middle_size", "final_size"):
@@ -86,6 +96,7 @@ class VLCoTGRPOConfig(GRPOConfig):
             image_temperature=self.image_temperature,
             image_top_k=self.image_top_k,
             guidance_scale=self.guidance_scale,
+            engine=self.rollout_engine,
         )
 
 
