@@ -198,6 +198,7 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         sync_every=args.sync_every,
         kv_bucket=args.kv_bucket,
         cuda_graphs=not args.no_graphs,
+        decode_attention=args.attention,
     )
     engine = RolloutEngine(model, backend, config)
     gen = torch.Generator(device).manual_seed(0)
@@ -352,7 +353,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--engines", default="static", help="comma list of project engines: static,reference")
     parser.add_argument("--stock-steps", type=int, default=64, help="new tokens for stock generate (0 = skip)")
     parser.add_argument("--sync-every", type=int, default=32)
-    parser.add_argument("--kv-bucket", type=int, default=256)
+    parser.add_argument("--kv-bucket", type=int, default=RolloutConfig.kv_bucket)
+    parser.add_argument("--attention", choices=["sdpa", "matmul"], default="sdpa", help="static engine's kernel")
+    parser.add_argument(
+        "--compare-attention", type=int, default=0, help="also: static engine, N new tokens, each attention kernel"
+    )
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
     parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
@@ -444,6 +449,21 @@ def main(argv=None) -> dict:
     if ours and stock:
         results["speedup_vs_stock"] = ours[0]["decode_steps_per_s"] / stock[0]["decode_steps_per_s"]
         print(f"static / stock decode steps/s: {results['speedup_vs_stock']:.1f}x", flush=True)
+    if args.compare_attention:
+        results["attention_kernels"] = {}
+        for kernel in ("sdpa", "matmul"):
+            try:
+                short = argparse.Namespace(**{**vars(args), "attention": kernel})
+                stats, _ = run_engine(model, backend, prompts, short, device, "static", args.compare_attention)
+                rate = stats["decode_steps_run"] / stats["decode_seconds"]
+                results["attention_kernels"][kernel] = {"decode_steps_per_s": rate, **stats}
+                print(
+                    f"attention {kernel}: {rate:.1f} decode steps/s over {args.compare_attention} tokens", flush=True
+                )
+            except Exception as err:
+                traceback.print_exc()
+                results["attention_kernels"][kernel] = {"error": repr(err)}
+            save()
     for h in handles:
         h.remove()
     if args.grpo_step:

@@ -102,15 +102,17 @@ def _prompts(backend, photo):
     ]
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("max_new", [700, 37])
-def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new):
+def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel):
     model, _, backend = tiny
     hooks(_tag_bias(backend))
     pre, hook = _chain_hooks(backend)
     hooks(hook, pre_embed=pre)
     prompts = _prompts(backend, photo)
-    ref, fast = _both(model, backend, prompts, 2, max_new_tokens=max_new, do_sample=False, guidance_scale=guidance)
+    kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": guidance, "decode_attention": kernel}
+    ref, fast = _both(model, backend, prompts, 2, **kw)
     assert fast.completion_ids == ref.completion_ids
     assert fast.sampled_mask == ref.sampled_mask
     assert fast.finished == ref.finished

@@ -80,6 +80,7 @@ class _SplitKV:
     guide_mask: torch.Tensor | None = None  # (R, guide_read_len) bool, set each step
     guide_read_len: int = 0
     row_index: torch.Tensor | None = None  # arange(R)
+    kernel: str = "sdpa"
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """transformers' cache hook: write this step's keys/values in place. Attention reads the buffers itself."""
@@ -92,13 +93,22 @@ class _SplitKV:
         return key_states, value_states
 
 
-def _attend(query, keys, values, mask, scaling):
-    """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under ``mask`` (B, L)."""
+def _attend(query, keys, values, mask, scaling, kernel="sdpa"):
+    """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under ``mask`` (B, L).
+
+    ``kernel``: "sdpa" (torch's fused attention; with a mask that is the memory-efficient kernel on CUDA) or
+    "matmul" (two batched matrix products around a softmax: cuBLAS streams K and V once each). Which one reads the
+    cache faster at decode shapes is a GPU measurement (``benchmarks/rollout.py --compare-attention``)."""
     b, heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     # Query heads that share a key/value head become that head's "query positions": no repeat of the cache.
     q = query.reshape(b, kv_heads, heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], scale=scaling)
+    if kernel == "matmul":
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
+        probs = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
+        out = torch.matmul(probs.to(values.dtype), values)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], scale=scaling)
     return out.reshape(b, heads, 1, dim)
 
 
@@ -107,11 +117,16 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
     (the second half of the batch) the guidance cache. Returns (batch, 1, heads, head_dim) like transformers' SDPA."""
     kv: _SplitKV = kwargs["vlcot_kv"]
     layer, r, n = module.layer_idx, kv.rows, kv.read_len
-    out = _attend(query[:r], kv.keys[layer][:, :, :n], kv.values[layer][:, :, :n], kv.mask[:, :n], scaling)
+    out = _attend(query[:r], kv.keys[layer][:, :, :n], kv.values[layer][:, :, :n], kv.mask[:, :n], scaling, kv.kernel)
     if kv.guide_keys is not None:
         g = kv.guide_read_len
         guided = _attend(
-            query[r:], kv.guide_keys[layer][:, :, :g], kv.guide_values[layer][:, :, :g], kv.guide_mask, scaling
+            query[r:],
+            kv.guide_keys[layer][:, :, :g],
+            kv.guide_values[layer][:, :, :g],
+            kv.guide_mask,
+            scaling,
+            kv.kernel,
         )
         out = torch.cat([out, guided])
     return out.transpose(1, 2).contiguous(), None
@@ -267,6 +282,7 @@ class StaticDecoder:
             column=torch.full((1,), width, dtype=torch.long, device=device),
             rows=rows,
             row_index=torch.arange(rows, device=device),
+            kernel=cfg.decode_attention,
         )
         if self.guided:
             self.kv.guide_keys = [torch.zeros_like(k[:, :, :template_len]) for k in keys]

@@ -68,7 +68,7 @@ class RolloutConfig:
         metadata={"help": "Static engine: decode steps between host checks for 'every row is done'."},
     )
     kv_bucket: int = field(
-        default=256,
+        default=512,
         metadata={
             "help": "Static engine: attention reads the KV caches in multiples of this many positions (one CUDA "
             "graph per bucket pair): smaller wastes less bandwidth on unused positions, larger captures fewer graphs."
@@ -77,10 +77,20 @@ class RolloutConfig:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "Static engine on CUDA: replay the decode step as captured CUDA graphs."}
     )
+    decode_attention: str = field(
+        default="sdpa",
+        metadata={
+            "help": "Static engine: attention kernel of a decode step, 'sdpa' (torch's fused kernel) or 'matmul' "
+            "(two batched matrix products): same result, speed depends on the GPU and shape.",
+            "choices": ["sdpa", "matmul"],
+        },
+    )
 
     def __post_init__(self):
         if self.engine not in ("auto", "reference", "static"):
             raise ValueError(f"engine must be 'auto', 'reference' or 'static', got {self.engine!r}")
+        if self.decode_attention not in ("sdpa", "matmul"):
+            raise ValueError(f"decode_attention must be 'sdpa' or 'matmul', got {self.decode_attention!r}")
         if self.sync_every < 1 or self.kv_bucket < 1:
             raise ValueError("sync_every and kv_bucket must be at least 1")
 
