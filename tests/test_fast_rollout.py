@@ -41,14 +41,27 @@ def hooks(tiny):
         h.remove()
 
 
+def _on_device(tensor):
+    """``tensor`` moved to a device once, then reused: a hook may not copy host memory while a CUDA graph is being
+    captured (the eager warm-up before each capture fills this cache)."""
+    copies = {}
+
+    def get(device):
+        if device not in copies:
+            copies[device] = tensor.to(device)
+        return copies[device]
+
+    return get
+
+
 def _tag_bias(backend, bonus=6.0):
     """+bonus on the image-opening tags' logits, so random text opens images often."""
-    ids = [backend.tag_ids[f"<{b}>"] for b in IMAGE_BLOCKS]
+    bias = torch.zeros(backend.vocab_size)
+    bias[[backend.tag_ids[f"<{b}>"] for b in IMAGE_BLOCKS]] = bonus
+    bias = _on_device(bias)
 
     def hook(module, inputs, output):
-        output = output.clone()
-        output[..., ids] += bonus
-        return output
+        return output + bias(output.device).to(output.dtype)
 
     return hook
 
@@ -60,19 +73,21 @@ def _chain_hooks(backend, code_bias=None):
     table = torch.full((backend.vocab_size,), -1, dtype=torch.long)
     table[backend.tag_ids["</rough_image>"]] = backend.tag_ids["<middle_image>"]
     table[backend.tag_ids["</middle_image>"]] = backend.tag_ids["<final_image>"]
+    table = _on_device(table)
+    code_bias = None if code_bias is None else _on_device(code_bias)
 
     def pre(module, args, kwargs):
         ids = args[0] if args else kwargs["input"]
         last["ids"] = ids[:, -1]
 
     def hook(module, inputs, output):
-        nxt = table.to(output.device)[last["ids"]]
+        nxt = table(output.device)[last["ids"]]
         bonus = torch.zeros_like(output[:, -1])
         bonus.scatter_(-1, nxt.clamp(min=0)[:, None], (nxt >= 0).to(bonus.dtype)[:, None] * 100.0)
         output = output.clone()
         output[:, -1] += bonus
         if code_bias is not None:
-            output = output + code_bias.to(output)
+            output = output + code_bias(output.device).to(output.dtype)
         return output
 
     return pre, hook
