@@ -141,6 +141,18 @@ def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel):
         assert len({len(c) for c in fast.completion_ids}) == 3
 
 
+def test_text_eos_ends_a_row(tiny, hooks, photo):
+    model, _, backend = tiny
+    bias = torch.zeros(backend.vocab_size)
+    bias[backend.eos_token_id] = 30.0
+    hooks(lambda module, inputs, output: output + bias)
+    prompts = _prompts(backend, photo)[:2]  # one in text mode, one inside an image (EOS only after it)
+    ref, fast = _both(model, backend, prompts, 2, max_new_tokens=60, do_sample=False, guidance_scale=2.0)
+    assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished == [True] * 4
+    assert fast.completion_ids[0] == [backend.eos_token_id] and fast.sampled_mask[0] == [1]
+    assert fast.completion_ids[2][-1] == backend.eos_token_id and len(fast.completion_ids[2]) > 10
+
+
 def test_greedy_guidance_changes_codes_in_both_engines(tiny, photo):
     model, _, backend = tiny
     prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<final_image>"]]
@@ -297,6 +309,33 @@ def test_buckets_follow_length_and_live_image(tiny, hooks, photo):
     assert max(guides) <= -(-int(engine.template_len.max()) // 16) * 16 and min(guides) < max(guides)
     assert all(g % 16 == 0 for g in guides)
     assert all(batch.finished) and len(conds) < 150
+
+
+class _WarmEveryStep(StaticDecoder):
+    """Before every step, the rolled-back warm-up step that precedes each CUDA-graph capture."""
+
+    _warming = False
+
+    def _step(self, read_len, guide_read_len):
+        if not self._warming:
+            self._warming = True
+            self._rolled_back_step((read_len, guide_read_len))
+            self._warming = False
+        super()._step(read_len, guide_read_len)
+
+
+def test_warm_up_before_capture_leaves_no_trace(tiny, hooks, photo):
+    """The warm-up run before each graph capture is rolled back: doing one before every step changes nothing."""
+    model, _, backend = tiny
+    hooks(_tag_bias(backend))
+    prompt = encode_prompt(backend, photo, (16, 16)) + backend.encode_text("hi")
+    config = _config(max_new_tokens=300, guidance_scale=3.0, image_top_k=-1)
+    engine = RolloutEngine(model, backend, config)
+    plain = StaticDecoder(engine, torch.device("cpu")).run([prompt], 3, torch.Generator().manual_seed(4))
+    warmed = _WarmEveryStep(engine, torch.device("cpu")).run([prompt], 3, torch.Generator().manual_seed(4))
+    assert warmed.completion_ids == plain.completion_ids and warmed.sampled_mask == plain.sampled_mask
+    parses = parse_completions(backend, plain.completion_ids, GRIDS, decode_images=False)
+    assert sum(len(p.blocks) for p in parses) >= 3  # images (and so guidance-slot writes) were exercised
 
 
 def test_step_traces_without_graph_breaks(tiny, photo):

@@ -409,30 +409,34 @@ class StaticDecoder:
         if graph is not None:
             return graph
         start = time.perf_counter()
-        # Warm up once outside capture (lazy kernel/handle set-up), then roll the state back: its cache writes land
-        # where the real step writes next, so only the small state tensors need restoring.
-        saved = {
-            name: t.clone()
-            for name, t in self.state.items()
-            if name not in ("tokens", "sampled", "text_noise", "code_noise")
-        }
-        saved_column = self.kv.column.clone()
+        # Warm up outside capture (lazy kernel/handle set-up) on a side stream, as torch's CUDA-graph notes ask.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._step(*key)
+            self._rolled_back_step(key)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self._restore(saved, saved_column)
         if self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
+        saved = self._snapshot()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             self._step(*key)
-        self._restore(saved, saved_column)
+        self._restore(*saved)  # capture records without running; this only guards against a backend that runs
         self.graphs[key] = graph
         self.graphs_captured += 1
         self.capture_seconds += time.perf_counter() - start
         return graph
+
+    def _rolled_back_step(self, key: tuple[int, int]) -> None:
+        """Run a decode step and undo it. Its cache writes are not undone: they land at the column and guidance
+        slots that the real step writes next, before anything reads them, so only the small state needs restoring."""
+        saved = self._snapshot()
+        self._step(*key)
+        self._restore(*saved)
+
+    def _snapshot(self):
+        keep = ("tokens", "sampled", "text_noise", "code_noise")  # written by the real step before being read
+        return {name: t.clone() for name, t in self.state.items() if name not in keep}, self.kv.column.clone()
 
     def _restore(self, saved, saved_column):
         for name, t in saved.items():
