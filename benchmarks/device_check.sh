@@ -5,20 +5,21 @@
 #        bash benchmarks/device_check.sh prepare          # .whl/ is in .gitignore
 #      The device image has torch but transformers 5.17 (this project needs >= 5.20: the `cache=` kwarg) and no
 #      package of ours; transformers 5.24.0 and a recent regex travel as wheels for Python 3.12 (~13 MB).
-#   2. through the device tool, once, with carry [".whl"] and timeout_s 540:
+#   2. through the device tool, once, with carry [".whl"] and timeout_s 560:
 #        bash benchmarks/device_check.sh
 #      then give the machine back. Results come back under $OUT (at most 8 files):
 #        env.txt, gpu_tests.log, bench_tiny.json, bench_1b.json, bench_7b.json, bench_7b_grpo.json, bench.log
 #
-# Expected runtime on one H100 (estimates: nothing here has run on a GPU yet) about 6 minutes, at most 8: every step
+# Expected runtime on one H100 (estimates: nothing here has run on a GPU yet) about 7 minutes, at most 8.6: every step
 # has its own time limit, so a hang costs only that step, and each benchmark writes its JSON as it goes, short runs
 # first (attention-kernel comparison, stock generate), then the full paper-shape rollout:
 #   tests: the CPU ones and the `gpu` ones (graphs == eager, greedy == reference at tiny and 1B, fp32)    ~45 s, <=90 s
 #   tiny preset, paper shape: static engine + stock generate                                               ~15 s, <=45 s
 #   1B preset, paper shape: build ~15 s, stock 64 steps ~10 s, rollout ~40 s                              ~70 s, <=90 s
 #   7B preset, paper shape: build ~30 s, kernels compared over 512 tokens ~20 s, stock 32 steps ~15 s,
-#     rollout (5 x ~5.5k tokens with guidance after a ~4.2k-token prompt) ~70 s at 80 steps/s           ~135 s, <=150 s
-#   7B LoRA GRPO step: build ~30 s, rollout ~75 s, log-probs + backward ~20 s                             ~125 s, <=130 s
+#     rollout (5 x ~5.5k tokens with guidance after a ~4.2k-token prompt) ~70 s at 80 steps/s           ~135 s, <=140 s
+#   7B LoRA GRPO step: build ~30 s, rollout ~75 s, log-probs + backward ~20 s, then the static engine
+#     over 256 tokens with the adapters unmerged and merged ~15 s                                         ~140 s, <=150 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,6 +62,6 @@ bench() {
 }
 bench 45 tiny --preset tiny --stock-steps 64
 bench 90 1b --preset 1b --stock-steps 64
-bench 150 7b --preset 7b --stock-steps 32 --compare-attention 512
-bench 130 7b_grpo --preset 7b --stock-steps 0 --engines "" --grpo-step
+bench 140 7b --preset 7b --stock-steps 32 --compare-attention 512
+bench 150 7b_grpo --preset 7b --stock-steps 0 --engines "" --grpo-step --lora-merge-check 256
 date -u | tee -a "$OUT/bench.log"

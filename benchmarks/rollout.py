@@ -320,17 +320,22 @@ def grpo_step(model, backend, prompts, args, device) -> dict:
     finally:
         model.gradient_checkpointing_disable()
         peft_model.eval()
-    if args.lora_merge_check:
-        args_short = argparse.Namespace(**{**vars(args), "max_new_tokens": args.lora_merge_check})
-        unmerged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")
-        peft_model.merge_adapter()
+    return out, peft_model
+
+
+def lora_merge_check(peft_model, backend, prompts, args, device) -> dict:
+    """Static-engine decode rate over ``--lora-merge-check`` tokens with the LoRA adapters unmerged and merged."""
+    args_short = argparse.Namespace(**{**vars(args), "max_new_tokens": args.lora_merge_check})
+    unmerged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")
+    peft_model.merge_adapter()
+    try:
         merged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")
+    finally:
         peft_model.unmerge_adapter()
-        out["lora_rollout_steps_per_s"] = {
-            "unmerged": unmerged["decode_steps_run"] / unmerged["decode_seconds"],
-            "merged": merged["decode_steps_run"] / merged["decode_seconds"],
-        }
-    return out
+    return {
+        "unmerged": unmerged["decode_steps_run"] / unmerged["decode_seconds"],
+        "merged": merged["decode_steps_run"] / merged["decode_seconds"],
+    }
 
 
 # ----- main --------------------------------------------------------------------------------------------------------
@@ -472,11 +477,15 @@ def main(argv=None) -> dict:
     if args.grpo_step:
         try:
             handles = add_chain_hooks(model, backend)
-            results["grpo_step"] = grpo_step(model, backend, prompts, args, device)
+            results["grpo_step"], peft_model = grpo_step(model, backend, prompts, args, device)
             print("grpo step:", json.dumps(results["grpo_step"], indent=None), flush=True)
+            save()
+            if args.lora_merge_check:
+                results["lora_rollout_steps_per_s"] = lora_merge_check(peft_model, backend, prompts, args, device)
+                print("LoRA rollout steps/s:", results["lora_rollout_steps_per_s"], flush=True)
         except Exception as err:
             traceback.print_exc()
-            results["grpo_step"] = {"error": repr(err)}
+            results.setdefault("grpo_step", {})["error"] = repr(err)
     save()
     return results
 
