@@ -7,41 +7,49 @@ Design
 Rows. ``R = prompts x num_generations`` conditional rows and, with guidance, ``R`` unconditional rows. Both kinds run
 in ONE forward pass per decode step (batch ``2R``).
 
-Conditional cache. One preallocated buffer per layer, ``(R, kv_heads, W + max_new_tokens, head_dim)``, ``W`` the
-left-padded prompt width. Each distinct prompt is prefilled once (transformers' ordinary forward) and its keys/values
-are copied into its ``num_generations`` rows. Decode step ``t`` writes column ``W + t`` of every row (left padding puts
-every row's next token at the same column) and attends to the first ``ceil((W + t + 1) / kv_bucket) * kv_bucket``
-columns only. The bucket follows from the step count, so the host picks it (and its CUDA graph) without a sync.
+Conditional cache. One preallocated buffer per layer, ``(R, kv_heads, L, head_dim)``, ``L`` = ``W + max_new_tokens``
+rounded up to a multiple of ``kv_bucket``, ``W`` the left-padded prompt width. Each distinct prompt is prefilled once
+(transformers' ordinary forward) and its keys/values are copied into its ``num_generations`` rows. Decode step ``t``
+writes column ``W + t`` of every row (left padding puts every row's next token at the same column) and attends to the
+first ``ceil((W + t + 1) / kv_bucket) * kv_bucket`` columns only. The bucket follows from the step count, so the host
+picks it (and its CUDA graph) without a sync.
 
 Guidance cache. The unconditional branch sees only the current image, from its image-start token on, so it gets its
-own small buffer ``(R, kv_heads, L_img, head_dim)``, ``L_img`` the longest stage template: row ``r`` writes at the
-index of the fed token inside its current image and a restart is simply that index going back to 0 (the mask hides
-stale entries; nothing is cleared). Its reads are bucketed as well: at each host check (every ``sync_every`` steps)
-the longest live image plus ``sync_every`` bounds the slots the next steps can touch.
+own small buffer ``(R, kv_heads, L_img, head_dim)``, ``L_img`` the longest stage template (rounded up likewise): row
+``r`` writes at the index of the fed token inside its current image and a restart is simply that index going back to
+0 (the mask hides stale entries; nothing is cleared). Its reads are bucketed as well: at each host check (every
+``sync_every`` steps) the longest live image plus ``sync_every`` bounds the slots the next steps can touch. At the
+paper's 7B shape this buffer is ~11 GB instead of the ~29 GB a full-length one would take.
 
 Why not ``transformers.StaticCache``: it writes one position shared by all rows and hands one key tensor to the
-attention, so unconditional rows would need a full-length cache (twice the KV memory; the 7B paper shape would not
-fit next to the weights) and would read it whole every step. Here a registered attention function (``vlcot_split``)
-attends the first ``R`` query rows to the conditional buffer and the last ``R`` to the guidance buffer: two SDPA calls
-per layer, grouped-query heads folded into the query length so keys/values are never repeated. The trade-off: two
-small attention kernels per layer instead of one, and reads rounded up to a bucket (at most ``kv_bucket - 1`` unused
-positions per row) in exchange for a handful of graphs; nothing reads the full-length buffer for guidance rows.
+attention, so unconditional rows would need a full-length cache (twice the KV memory) and would read it whole every
+step. Here a registered attention function (``vlcot_split``) attends the first ``R`` query rows to the conditional
+buffer and the last ``R`` to the guidance buffer; the custom ``cache`` object only writes (``update``). Grouped-query
+heads are folded into the query length so keys/values are never repeated. The trade-off: two small attention calls
+per layer instead of one, and reads rounded up to a bucket (up to ``kv_bucket - 1`` unused positions per row, plus
+``sync_every`` for guidance rows) in exchange for few graphs; nothing reads the full-length buffer for guidance rows.
+The kernel is ``decode_attention``: torch's SDPA (with a mask: the memory-efficient kernel on CUDA) or two batched
+matrix products; which streams the cache faster at decode shapes is left to a GPU measurement
+(``benchmarks/rollout.py --compare-attention``).
 
 Sampling and state. Text and code candidates are computed for every row every step (fixed shapes): temperature,
 fixed or entropy-dependent top-k (``topk`` with the largest k the rule can give, instead of a full sort), top-p for
 text, guidance on log-softmaxed scores, then a draw by the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, which
 samples from ``p`` exactly and is what ``torch.multinomial`` itself computes for one sample (after a validity check
-that reads the device: the per-token sync this avoids). The noise is drawn from the caller's generator into two static
-buffers (text, then codes, as the reference path draws) before each step, outside any graph, so any generator works
-and, where ``torch.multinomial`` is that race, a seeded run repeats the reference path's samples exactly. Forced layout tokens, image-code masking and the
-stage state machine are in-place tensor ops; the host reads the device only every ``sync_every`` steps ("every row
-done?" and the longest live image, in one transfer). Steps run after the last row finished only add padding, which
-``_collect`` trims exactly as for the reference path.
+that reads the device: the per-token sync this avoids). The noise is drawn from the caller's generator into two
+static buffers (text, then codes, as the reference path draws) before each step, outside any graph, so any
+generator works and, where ``torch.multinomial`` is that race, a seeded run repeats the reference path's samples
+(up to float rounding of the logits, which differs between the attention paths and can flip a near-tie). Forced
+layout tokens, image-code masking and the stage state machine are in-place tensor ops; the host reads the device
+only every ``sync_every`` steps ("every row done?" and the longest live image, in one transfer). Steps run after the
+last row finished only add padding, which ``_collect`` trims exactly as for the reference path.
 
-CUDA graphs. The whole decode step (state machine, sampling, forward, cache writes) is captured once per
-(conditional bucket, guidance bucket) pair when first needed, after one eager warm-up run on a side stream whose
-effects on the state are rolled back (the cache writes it makes land where the real step writes next). Graphs share
-one memory pool and live for one ``generate`` call, so the KV memory is released before training resumes.
+CUDA graphs (``device.type == "cuda"`` and ``cuda_graphs``). The whole decode step (state machine, sampling, forward,
+cache writes) is captured once per (conditional bucket, guidance bucket) pair when first needed, after an eager
+warm-up run on a side stream that is rolled back (its cache writes land where the real step writes next). Graphs
+share one memory pool and live for one ``generate`` call, so the KV memory is released before training resumes; the
+price is capturing again at every call (``StaticDecoder.capture_seconds`` says how long that takes). On the CPU the
+same step runs eagerly; its capture-readiness is checked there by tracing it with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
