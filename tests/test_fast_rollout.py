@@ -153,6 +153,15 @@ def test_text_eos_ends_a_row(tiny, hooks, photo):
     assert fast.completion_ids[2][-1] == backend.eos_token_id and len(fast.completion_ids[2]) > 10
 
 
+def test_short_prompt_and_limit_with_a_long_image(tiny, photo):
+    """Prompt + limit shorter than the longest image (the guidance cache is sized by the image)."""
+    model, _, backend = tiny
+    prompt = backend.bos_token_ids + [backend.tag_ids["<final_image>"]]
+    for limit in (40, 90):
+        ref, fast = _both(model, backend, [prompt], 2, max_new_tokens=limit, do_sample=False, guidance_scale=3.0)
+        assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished == [limit == 90] * 2
+
+
 def test_greedy_guidance_changes_codes_in_both_engines(tiny, photo):
     model, _, backend = tiny
     prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<final_image>"]]

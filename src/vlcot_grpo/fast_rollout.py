@@ -19,7 +19,7 @@ own small buffer ``(R, kv_heads, L_img, head_dim)``, ``L_img`` the longest stage
 ``r`` writes at the index of the fed token inside its current image and a restart is simply that index going back to
 0 (the mask hides stale entries; nothing is cleared). Its reads are bucketed as well: at each host check (every
 ``sync_every`` steps) the longest live image plus ``sync_every`` bounds the slots the next steps can touch. At the
-paper's 7B shape this buffer is ~11 GB instead of the ~29 GB a full-length one would take.
+paper's 7B shape (bf16) this buffer is ~12 GB instead of the ~30 GB a full-length one would take.
 
 Why not ``transformers.StaticCache``: it writes one position shared by all rows and hands one key tensor to the
 attention, so unconditional rows would need a full-length cache (twice the KV memory) and would read it whole every
@@ -293,8 +293,8 @@ class StaticDecoder:
             kernel=cfg.decode_attention,
         )
         if self.guided:
-            self.kv.guide_keys = [torch.zeros_like(k[:, :, :template_len]) for k in keys]
-            self.kv.guide_values = [torch.zeros_like(v[:, :, :template_len]) for v in values]
+            self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len, k.shape[3])) for k in keys]
+            self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len, v.shape[3])) for v in values]
         self.n_layers = n_layers
         # Everything a step reads or writes, as fixed buffers: graphs replay on their addresses.
         self.state = {
