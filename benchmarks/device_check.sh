@@ -15,7 +15,8 @@
 # first (attention-kernel comparison, stock generate), then the full paper-shape rollout:
 #   tests: the CPU ones and the `gpu` ones (graphs == eager, greedy == reference at tiny and 1B, fp32)    ~45 s, <=90 s
 #   tiny preset, paper shape: static engine + stock generate                                               ~15 s, <=45 s
-#   1B preset, paper shape: build ~15 s, stock 64 steps ~10 s, rollout ~40 s                              ~70 s, <=90 s
+#   1B preset, paper shape: build ~15 s, kernels compared over 512 tokens ~10 s, stock 64 steps ~10 s,
+#     rollout ~40 s                                                                                      ~75 s, <=90 s
 #   7B preset, paper shape: build ~30 s, kernels compared over 512 tokens ~20 s, stock 32 steps ~15 s,
 #     rollout (5 x ~5.5k tokens with guidance after a ~4.2k-token prompt) ~70 s at 80 steps/s           ~135 s, <=140 s
 #   7B LoRA GRPO step: build ~30 s, rollout ~75 s, log-probs + backward ~20 s, then the static engine
@@ -61,7 +62,9 @@ bench() {
     timeout "$limit" python3 benchmarks/rollout.py "$@" --json "$OUT/bench_$name.json" 2>&1 | tee -a "$OUT/bench.log"
 }
 bench 45 tiny --preset tiny --stock-steps 64
-bench 90 1b --preset 1b --stock-steps 64
+bench 90 1b --preset 1b --stock-steps 64 --compare-attention 512
 bench 140 7b --preset 7b --stock-steps 32 --compare-attention 512
-bench 150 7b_grpo --preset 7b --stock-steps 0 --engines "" --grpo-step --lora-merge-check 256
+# the GRPO step uses the attention kernel that won the 7B comparison
+att=$(python3 -c "import json; print(json.load(open('$OUT/bench_7b.json'))['attention_used'])" 2>/dev/null || echo sdpa)
+bench 150 7b_grpo --preset 7b --stock-steps 0 --engines "" --grpo-step --lora-merge-check 256 --attention "$att"
 date -u | tee -a "$OUT/bench.log"

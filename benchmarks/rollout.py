@@ -359,7 +359,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--stock-steps", type=int, default=64, help="new tokens for stock generate (0 = skip)")
     parser.add_argument("--sync-every", type=int, default=32)
     parser.add_argument("--kv-bucket", type=int, default=RolloutConfig.kv_bucket)
-    parser.add_argument("--attention", choices=["sdpa", "matmul"], default="sdpa", help="static engine's kernel")
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "matmul"],
+        default="auto",
+        help="static engine's decode attention; auto: the faster in --compare-attention, else the config default",
+    )
     parser.add_argument(
         "--compare-attention", type=int, default=0, help="also: static engine, N new tokens, each attention kernel"
     )
@@ -427,6 +432,13 @@ def main(argv=None) -> dict:
                 traceback.print_exc()
                 results["attention_kernels"][kernel] = {"error": repr(err)}
             save()
+    if args.attention == "auto":
+        rates = {
+            k: v["decode_steps_per_s"] for k, v in results.get("attention_kernels", {}).items() if "error" not in v
+        }
+        args.attention = max(rates, key=rates.get) if rates else RolloutConfig.decode_attention
+    results["attention_used"] = args.attention
+    print(f"static engine decode attention: {args.attention}", flush=True)
     if args.stock_steps > 1:
         try:
             stats = run_stock(model, backend, prompts, args, device)

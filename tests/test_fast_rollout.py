@@ -171,6 +171,27 @@ def test_greedy_guidance_changes_codes_in_both_engines(tiny, photo):
     assert plain[1].completion_ids != guided[1].completion_ids
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_kernels_equal_plain_attention(kv_heads):
+    """Both decode kernels (grouped heads folded into the query, masked positions, chunked reduction) against
+    attention written out with repeated key/value heads."""
+    from vlcot_grpo.fast_rollout import _attend
+
+    gen = torch.Generator().manual_seed(0)
+    b, heads, length, dim = 3, 4, 64, 8
+    q = torch.randn(b, heads, 1, dim, generator=gen)
+    k = torch.randn(b, kv_heads, length, dim, generator=gen)
+    v = torch.randn(b, kv_heads, length, dim, generator=gen)
+    mask = torch.rand(b, length, generator=gen) > 0.4
+    mask[:, 0] = True
+    rep = heads // kv_heads
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ kr.transpose(-1, -2)) * 0.3
+    want = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), -1) @ vr
+    for kernel, chunk in (("sdpa", 0), ("matmul", 0), ("matmul", 16)):
+        torch.testing.assert_close(_attend(q, k, v, mask, 0.3, kernel, chunk), want, msg=f"{kernel} {chunk}")
+
+
 def _chi2_same(a: list[int], b: list[int]) -> float:
     """p-value of a two-sample chi-square test that ``a`` and ``b`` come from one categorical distribution."""
     from scipy.stats import chi2
@@ -466,8 +487,9 @@ def _bench_module():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance):
+def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel):
     model, _, backend = tiny
     model.cuda()
     try:
@@ -475,11 +497,18 @@ def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance):
         prompts = _prompts(backend, photo)
         out = []
         for graphs in (False, True):
-            config = _config(max_new_tokens=400, engine="static", cuda_graphs=graphs, guidance_scale=guidance)
+            config = _config(
+                max_new_tokens=400,
+                engine="static",
+                cuda_graphs=graphs,
+                guidance_scale=guidance,
+                decode_attention=kernel,
+            )
             gen = torch.Generator("cuda").manual_seed(0)
             out.append(RolloutEngine(model, backend, config).generate(prompts, 3, gen))
         assert out[0].completion_ids == out[1].completion_ids and out[0].sampled_mask == out[1].sampled_mask
-        greedy = _both(model, backend, prompts, 2, max_new_tokens=400, do_sample=False, guidance_scale=guidance)
+        kw = {"max_new_tokens": 400, "do_sample": False, "guidance_scale": guidance, "decode_attention": kernel}
+        greedy = _both(model, backend, prompts, 2, **kw)
         assert greedy[0].completion_ids == greedy[1].completion_ids
         hook.remove()
     finally:
@@ -499,5 +528,7 @@ def test_gpu_greedy_equals_reference_preset(preset):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        fast = RolloutEngine(model, backend, RolloutConfig(engine="static", **kw)).generate(prompts, 2)
-        assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished
+        for kernel in ("sdpa", "matmul"):
+            config = RolloutConfig(engine="static", decode_attention=kernel, **kw)
+            fast = RolloutEngine(model, backend, config).generate(prompts, 2)
+            assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)

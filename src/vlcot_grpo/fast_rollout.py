@@ -89,6 +89,7 @@ class _SplitKV:
     guide_read_len: int = 0
     row_index: torch.Tensor | None = None  # arange(R)
     kernel: str = "sdpa"
+    chunk: int = 0  # "matmul" kernel: positions per piece of the split reduction
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """transformers' cache hook: write this step's keys/values in place. Attention reads the buffers itself."""
@@ -101,20 +102,28 @@ class _SplitKV:
         return key_states, value_states
 
 
-def _attend(query, keys, values, mask, scaling, kernel="sdpa"):
+def _attend(query, keys, values, mask, scaling, kernel="sdpa", chunk=0):
     """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under ``mask`` (B, L).
 
-    ``kernel``: "sdpa" (torch's fused attention; with a mask that is the memory-efficient kernel on CUDA) or
-    "matmul" (two batched matrix products around a softmax: cuBLAS streams K and V once each). Which one reads the
-    cache faster at decode shapes is a GPU measurement (``benchmarks/rollout.py --compare-attention``)."""
+    ``kernel``: "sdpa" (torch's fused attention; with a mask that is the memory-efficient kernel on CUDA, one
+    thread block per (row, head): few blocks for a decode step) or "matmul" (batched matrix products around a
+    softmax; the probabilities-times-values product is split into ``chunk``-long pieces summed afterwards, so that
+    the long reduction over positions runs in parallel, as flash-decoding does). Which one streams the cache faster
+    is a GPU measurement (``benchmarks/rollout.py --compare-attention``)."""
     b, heads, _, dim = query.shape
-    kv_heads = keys.shape[1]
+    kv_heads, length = keys.shape[1], keys.shape[2]
     # Query heads that share a key/value head become that head's "query positions": no repeat of the cache.
     q = query.reshape(b, kv_heads, heads // kv_heads, dim)
     if kernel == "matmul":
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
-        probs = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
-        out = torch.matmul(probs.to(values.dtype), values)
+        probs = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1).to(values.dtype)
+        if chunk and length % chunk == 0 and length > chunk:
+            pieces = length // chunk
+            probs = probs.view(b, kv_heads, -1, pieces, chunk).transpose(2, 3)  # (B, Hkv, pieces, n_rep, chunk)
+            parts = torch.matmul(probs, values.view(b, kv_heads, pieces, chunk, values.shape[-1]))
+            out = parts.float().sum(2).to(values.dtype)
+        else:
+            out = torch.matmul(probs, values)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], scale=scaling)
     return out.reshape(b, heads, 1, dim)
@@ -125,7 +134,9 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
     (the second half of the batch) the guidance cache. Returns (batch, 1, heads, head_dim) like transformers' SDPA."""
     kv: _SplitKV = kwargs["vlcot_kv"]
     layer, r, n = module.layer_idx, kv.rows, kv.read_len
-    out = _attend(query[:r], kv.keys[layer][:, :, :n], kv.values[layer][:, :, :n], kv.mask[:, :n], scaling, kv.kernel)
+    out = _attend(
+        query[:r], kv.keys[layer][:, :, :n], kv.values[layer][:, :, :n], kv.mask[:, :n], scaling, kv.kernel, kv.chunk
+    )
     if kv.guide_keys is not None:
         g = kv.guide_read_len
         guided = _attend(
@@ -135,6 +146,7 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
             kv.guide_mask,
             scaling,
             kv.kernel,
+            kv.chunk,
         )
         out = torch.cat([out, guided])
     return out.transpose(1, 2).contiguous(), None
@@ -291,6 +303,7 @@ class StaticDecoder:
             rows=rows,
             row_index=torch.arange(rows, device=device),
             kernel=cfg.decode_attention,
+            chunk=cfg.kv_bucket,
         )
         if self.guided:
             self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len, k.shape[3])) for k in keys]
