@@ -394,6 +394,89 @@ def test_step_traces_without_graph_breaks(tiny, photo):
     assert torch.equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_step_reads_nothing_from_the_host(tiny, photo, kernel):
+    """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds
+    a tensor from host data, and no copy changes device. On CUDA each of those would be a sync or a host-to-device
+    copy, which a captured graph cannot hold."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    forbidden = ("_local_scalar_dense", "lift_fresh", "nonzero", "masked_select", "unique", "item")
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bad = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if any(name in str(func) for name in forbidden) or kwargs.get("device") not in (None, torch.device("cpu")):
+                self.bad.append(str(func))
+            if "_to_copy" in str(func) and "device" in kwargs:
+                self.bad.append(f"{func} to {kwargs['device']}")
+            return func(*args, **kwargs)
+
+    model, _, backend = tiny
+    prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<rough_image>"]]
+    config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, decode_attention=kernel)
+    decoder = StaticDecoder(RolloutEngine(model, backend, config), torch.device("cpu"))
+    decoder._setup([prompt], 2, torch.device("cpu"))
+    ops = Ops()
+    with _split_attention(model), ops:
+        for _ in range(3):
+            decoder._step(32, 16)
+    assert ops.bad == []
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_step_on_meta_tensors_makes_no_host_tensor(kernel):
+    """The decode step of a model on the meta device (shapes, no values): reading a value would raise, and no op may
+    produce a tensor on the host. A proxy for CUDA-graph capture, where host tensors mean host-to-device copies."""
+    from types import SimpleNamespace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from vlcot_grpo.models import load_backend
+    from vlcot_grpo.models.tiny import build_tiny_emu3
+
+    meta = torch.device("meta")
+    with meta:
+        model, tokenizer = build_tiny_emu3()
+    backend = load_backend(model.eval(), tokenizer)
+    text = model.config.text_config
+    head_dim, vocab = text.hidden_size // text.num_attention_heads, backend.vocab_size
+
+    def prefill(prompt_ids, device):  # transformers' prefill reads mask values; the step is what is checked here
+        n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+        shape = (n, text.num_key_value_heads, width, head_dim)
+        zeros = [torch.zeros(shape, device=device) for _ in range(2 * text.num_hidden_layers)]
+        cache = SimpleNamespace(layers=[SimpleNamespace(keys=k, values=v) for k, v in zip(zeros[::2], zeros[1::2])])
+        attn = torch.ones(n, width, dtype=torch.long, device=device)
+        return cache, attn, torch.arange(width, device=device).expand(n, width), torch.zeros(n, vocab, device=device)
+
+    class HostTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(x, torch.Tensor) and x.device.type != "meta" for x in tree_flatten(out)[0]):
+                self.found.append(str(func))
+            return out
+
+    config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, decode_attention=kernel)
+    engine = RolloutEngine(model, backend, config)
+    engine._prefill_prompts = prefill
+    decoder = StaticDecoder(engine, meta)
+    decoder._setup([backend.bos_token_ids + [backend.tag_ids["<rough_image>"]]], 2, meta)
+    host = HostTensors()
+    with _split_attention(model), host:
+        decoder._step(32, 16)
+    assert host.found == []
+
+
 def _split_attention(model):
     from vlcot_grpo.fast_rollout import ATTENTION_NAME, _attention_implementation
 
