@@ -15,7 +15,8 @@ def _argv(tmp_path, *extra):
         "--config", str(RECIPE), "--model_name_or_path", str(tmp_path / "model"),
         "--output_dir", str(tmp_path / "out"), "--max_completion_length", "96", "--num_generations", "2",
         "--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_size", "16",
-        "--per_device_train_batch_size", "2", "--report_to", "none", "--image_log_steps", "1", *extra,
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--image_log_steps", "1",
+        "--tiny_model_spec", "{}", *extra,
     ]  # fmt: skip
 
 

@@ -22,11 +22,6 @@ def _recipe(kind: str) -> Path:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    from vlcot_grpo.models.tiny import ensure_tiny_emu3
-
-    model = ensure_tiny_emu3("outputs/tiny-emu3/model")
-    print(f"[demo] tiny Emu3 checkpoint: {model}")
-
     from vlcot_grpo import sft
 
     policy = Path(sft.main(["--config", str(_recipe("sft"))]))  # a full model, also after a LoRA cold start

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlcot_grpo.script_utils import (
-    DataArguments,
+    SharedScriptArguments,
     load_policy,
     load_train_dataset,
     peft_config_for,
@@ -25,7 +25,7 @@ logger = logging.getLogger("vlcot_grpo")
 
 
 @dataclass
-class GRPOScriptArguments(DataArguments):
+class GRPOScriptArguments(SharedScriptArguments):
     """What to train on and with which rewards."""
 
     rewards: list[str] = field(

@@ -8,12 +8,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlcot_grpo.vlcot import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
+
 logger = logging.getLogger("vlcot_grpo")
 
 
 @dataclass
-class DataArguments:
-    """What to train on."""
+class SharedScriptArguments:
+    """What to train on, and the tiny offline model of the demo and tests."""
 
     dataset_name: str = field(
         default="demo",
@@ -30,7 +32,17 @@ class DataArguments:
     )
     build_tiny_model: bool = field(
         default=False,
-        metadata={"help": "If model_name_or_path does not exist, build the tiny offline Emu3 there (demo, tests)."},
+        metadata={
+            "help": "Build the tiny offline Emu3 at model_name_or_path if nothing is there, or rebuild it there if "
+            "it was built from another tiny_model_spec (demo, tests)."
+        },
+    )
+    tiny_model_spec: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Fields of vlcot_grpo.models.tiny.TinyEmu3Spec for build_tiny_model, e.g. "
+            "{hidden_size: 128, num_hidden_layers: 4}; unset fields keep their defaults."
+        },
     )
 
 
@@ -49,11 +61,8 @@ def load_policy(model_args, training_args, data_args):
     path = model_args.model_name_or_path
     if not path:
         raise ValueError("model_name_or_path is required (a checkpoint folder or hub id)")
-    if data_args.build_tiny_model and not Path(path).exists():
-        from vlcot_grpo.models.tiny import ensure_tiny_emu3
-
-        with training_args.main_process_first(desc="build the tiny model"):  # one writer, the others wait
-            ensure_tiny_emu3(path)
+    if data_args.build_tiny_model:
+        _ensure_tiny_model(path, data_args.tiny_model_spec, training_args)
     dtype = model_args.dtype
     if dtype not in (None, "auto"):
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
@@ -67,8 +76,35 @@ def load_policy(model_args, training_args, data_args):
     return model, tokenizer
 
 
-def load_train_dataset(data_args: DataArguments, training_args):
-    """The VLCoT training dataset: the demo (built for the config's stage sizes) or a prepared folder."""
+def _ensure_tiny_model(path: str, spec_fields, training_args) -> None:
+    from vlcot_grpo.models.tiny import SPEC_FILE, TinyEmu3Spec, ensure_tiny_emu3
+
+    if Path(path).exists() and not (Path(path) / SPEC_FILE).exists():
+        return  # a real checkpoint: never overwritten
+    fields = json.loads(spec_fields) if isinstance(spec_fields, str) else dict(spec_fields or {})
+    try:
+        spec = TinyEmu3Spec(**fields)
+    except TypeError as err:
+        raise ValueError(f"tiny_model_spec {fields}: {err} (the fields are those of TinyEmu3Spec)") from None
+    with training_args.main_process_first(desc="build the tiny model"):  # one writer, the others wait
+        ensure_tiny_emu3(path, spec)
+
+
+def load_train_dataset(data_args: SharedScriptArguments, training_args):
+    """The VLCoT training dataset: the demo (built for the config's stage sizes) or a prepared folder. A
+    ``prompt_template`` other than the paper's wording replaces the dataset's ``prompt`` column."""
+    dataset = _load_vlcot_dataset(data_args, training_args)
+    template = getattr(training_args, "prompt_template", DEFAULT_PROMPT)
+    if template != DEFAULT_PROMPT:
+        if IMAGE_PLACEHOLDER not in template:
+            raise ValueError(f"prompt_template must contain {IMAGE_PLACEHOLDER!r}: {template[:200]!r}")
+        if "prompt" in dataset.column_names:
+            dataset = dataset.remove_columns("prompt")
+        dataset = dataset.add_column("prompt", [template] * len(dataset))
+    return dataset
+
+
+def _load_vlcot_dataset(data_args: SharedScriptArguments, training_args):
     import datasets
 
     if data_args.dataset_name == "demo":

@@ -27,7 +27,13 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from vlcot_grpo.models import load_backend, load_model
-from vlcot_grpo.script_utils import DataArguments, load_policy, load_train_dataset, peft_config_for, resume_checkpoint
+from vlcot_grpo.script_utils import (
+    SharedScriptArguments,
+    load_policy,
+    load_train_dataset,
+    peft_config_for,
+    resume_checkpoint,
+)
 from vlcot_grpo.traces import build_trace_dataset
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES
 
@@ -311,7 +317,7 @@ def parse_args(argv=None):
 
     from vlcot_grpo.config import check_recipe_keys
 
-    types = (DataArguments, VLCoTSFTConfig, ModelConfig)
+    types = (SharedScriptArguments, VLCoTSFTConfig, ModelConfig)
     check_recipe_keys(argv, types)
     return TrlParser(types).parse_args_and_config(args=argv)
 

@@ -19,6 +19,8 @@ from vlcot_grpo.models.base import without_zero3_init
 from vlcot_grpo.models.emu3 import IMAGE_PLACEHOLDER_TOKEN, LAYOUT_TOKENS, visual_token
 from vlcot_grpo.vlcot import TAGS
 
+#: File in a tiny checkpoint's folder recording the spec it was built from.
+SPEC_FILE = "tiny_spec.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
 
@@ -103,7 +105,7 @@ def save_tiny_emu3(path: str | Path, spec: TinyEmu3Spec | None = None) -> Path:
     model, tokenizer = build_tiny_emu3(spec)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
     return path
 
 
@@ -111,7 +113,7 @@ def ensure_tiny_emu3(path: str | Path, spec: TinyEmu3Spec | None = None) -> Path
     """Reuse the tiny checkpoint at ``path`` if it was built from the same spec, else (re)build it."""
     spec = spec or TinyEmu3Spec()
     path = Path(path)
-    marker = path / "tiny_spec.json"
+    marker = path / SPEC_FILE
     if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(asdict(spec))):
         return path
     return save_tiny_emu3(path, spec)

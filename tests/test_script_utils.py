@@ -1,0 +1,67 @@
+"""Helpers the SFT and GRPO scripts share: building the tiny model from a recipe, the recipe's prompt."""
+
+import json
+from types import SimpleNamespace
+
+import datasets
+import pytest
+from transformers import AutoConfig
+
+from vlcot_grpo.models.tiny import SPEC_FILE, save_tiny_emu3
+from vlcot_grpo.script_utils import SharedScriptArguments, _ensure_tiny_model, load_train_dataset
+from vlcot_grpo.vlcot import DEFAULT_PROMPT
+
+
+class _Args(SimpleNamespace):
+    """The bits of a training config these helpers read."""
+
+    def main_process_first(self, desc=""):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_tiny_model_is_built_from_the_spec_and_rebuilt_when_it_changes(tmp_path):
+    path = tmp_path / "tiny"
+    _ensure_tiny_model(str(path), {"hidden_size": 32}, _Args())
+    assert AutoConfig.from_pretrained(path).text_config.hidden_size == 32
+    _ensure_tiny_model(str(path), '{"hidden_size": 48, "num_hidden_layers": 1}', _Args())  # from the command line
+    config = AutoConfig.from_pretrained(path).text_config
+    assert (config.hidden_size, config.num_hidden_layers) == (48, 1)
+
+
+def test_a_checkpoint_that_is_not_a_tiny_build_is_never_overwritten(tmp_path):
+    path = save_tiny_emu3(tmp_path / "trained")
+    (path / SPEC_FILE).unlink()  # what a fine-tuned model saved by a trainer looks like
+    weights = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    _ensure_tiny_model(str(path), {"hidden_size": 32}, _Args())
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == weights
+
+
+def test_unknown_spec_field_is_named(tmp_path):
+    with pytest.raises(ValueError, match="tiny_model_spec.*hiden_size"):
+        _ensure_tiny_model(str(tmp_path / "tiny"), {"hiden_size": 32}, _Args())
+
+
+def _dataset_folder(tmp_path):
+    folder = tmp_path / "data"
+    datasets.Dataset.from_dict({"prompt": [DEFAULT_PROMPT] * 2, "x": [1, 2]}).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_recipe_prompt_replaces_the_dataset_prompt(tmp_path):
+    data = SharedScriptArguments(dataset_name=_dataset_folder(tmp_path))
+    kept = load_train_dataset(data, _Args(prompt_template=DEFAULT_PROMPT))
+    assert kept["prompt"] == [DEFAULT_PROMPT] * 2
+    replaced = load_train_dataset(data, _Args(prompt_template="Fix <|image|> now."))
+    assert replaced["prompt"] == ["Fix <|image|> now."] * 2 and replaced["x"] == [1, 2]
+    with pytest.raises(ValueError, match="prompt_template must contain '<\\|image\\|>'"):
+        load_train_dataset(data, _Args(prompt_template="no placeholder"))
+
+
+def test_missing_split_is_named(tmp_path):
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"x": [1]})}).save_to_disk(str(folder))
+    with pytest.raises(KeyError, match="no split 'train'; it has \\['test'\\]"):
+        load_train_dataset(SharedScriptArguments(dataset_name=str(folder)), _Args(prompt_template=DEFAULT_PROMPT))
+    assert json.loads((folder / "dataset_dict.json").read_text())["splits"] == ["test"]
