@@ -248,9 +248,8 @@ def test_a_few_sft_steps_teach_the_format(tiny_path, tiny, tmp_path):
 def run_recipe(tmp_path, monkeypatch, tiny_path, *overrides) -> Path:
     monkeypatch.setenv("VLCOT_GRPO_CACHE", str(tmp_path / "cache"))  # the demo dataset's cache
     argv = ["--config", str(RECIPE), "--model_name_or_path", str(tiny_path), "--output_dir", str(tmp_path / "out")]
-    argv += ["--max_steps", "2", "--format_check_samples", "0", "--disable_tqdm", "true", "--build_tiny_model", "false"]
-    argv += list(overrides)
-    return main(argv)
+    argv += ["--max_steps", "2", "--format_check_samples", "0", "--disable_tqdm", "true"]
+    return main([*argv, "--build_tiny_model", "false", *overrides])
 
 
 def assert_trained_copy(path: Path, tiny_path):

@@ -45,10 +45,11 @@ class VLCoTGRPOConfig(GRPOConfig):
         },
     )
     rollout_engine: str = field(
-        default="auto",
+        default="reference",
         metadata={
             "help": "Rollout engine: 'static' (static KV caches, CUDA graphs: vlcot_grpo.fast_rollout), 'reference' "
-            "(DynamicCache, eager) or 'auto' (static on CUDA, reference on CPU). Same tokens under greedy decoding.",
+            "(DynamicCache, eager) or 'auto' (static on CUDA, reference on CPU). Same tokens under greedy decoding. "
+            "The default stays 'reference' until the static path's GPU checks (benchmarks/device_check.sh) have run.",
             "choices": ["auto", "static", "reference"],
         },
     )

@@ -56,10 +56,11 @@ class RolloutConfig:
         metadata={"help": "Classifier-free guidance on image codes, transformers' convention (1.0 = off)."},
     )
     engine: str = field(
-        default="auto",
+        default="reference",
         metadata={
             "help": "'reference' (DynamicCache, eager), 'static' (vlcot_grpo.fast_rollout: static caches, CUDA graphs "
-            "on CUDA) or 'auto' (static on CUDA, reference elsewhere).",
+            "on CUDA) or 'auto' (static on CUDA, reference elsewhere). Default 'reference' until the static path's "
+            "GPU checks (benchmarks/device_check.sh) have run.",
             "choices": ["auto", "reference", "static"],
         },
     )
