@@ -335,6 +335,12 @@ def main(argv=None) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model),
     )
+    logger.info(
+        "distributed: %s, processes: %d, deepspeed: %s",
+        trainer.accelerator.distributed_type,
+        trainer.accelerator.num_processes,
+        trainer.is_deepspeed_enabled,
+    )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     output_dir = save_for_grpo(trainer, tokenizer, model_args.model_name_or_path)
     if trainer.accelerator.is_main_process:
