@@ -282,3 +282,18 @@ def test_lora_saves_the_adapter_and_a_merged_model(tmp_path, monkeypatch, tiny_p
     ids = torch.randint(0, merged.config.text_config.vocab_size, (1, 24))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stopped_cold_start_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, tiny_path, capsys):
+    import json
+
+    save = ["--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1"]
+    run_recipe(tmp_path, monkeypatch, tiny_path, *save)  # stops after max_steps 2
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    run_recipe(tmp_path, monkeypatch, tiny_path, *save, "--max_steps", "3", "--resume_from_checkpoint", "last")
+    printed = capsys.readouterr().out
+    assert printed.count("'loss'") == 1, printed  # only step 3 was trained: steps 1-2 were not rerun
+    state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert [row["step"] for row in state["log_history"] if "loss" in row] == [1, 2, 3]
