@@ -20,13 +20,16 @@ def _argv(tmp_path, *extra):
     ]  # fmt: skip
 
 
-def test_recipe_runs_saves_and_resumes(tmp_path):
+def test_recipe_runs_saves_and_resumes(tmp_path, capsys):
     out = grpo.main(_argv(tmp_path, "--max_steps", "2", "--save_steps", "1"))
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert (out / "rewards.png").stat().st_size > 1000
     assert (out / "checkpoint-2").is_dir()
     # the run stopped at step 2; resuming continues from the checkpoint instead of starting over
+    capsys.readouterr()
     grpo.main(_argv(tmp_path, "--max_steps", "3", "--save_steps", "1", "--resume_from_checkpoint", "last"))
+    printed = capsys.readouterr().out
+    assert printed.count("'loss'") == 1, printed  # only step 3 was trained
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     steps = [row["step"] for row in state["log_history"] if "loss" in row]
