@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
 from vlcot_grpo.models import load_backend
+from vlcot_grpo.rewards import FormatReward
 from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
 from vlcot_grpo.sft import ADAPTER_SUBDIR, VLCoTSFTConfig, VLCoTSFTTrainer, main
 from vlcot_grpo.traces import build_trace, build_trace_dataset, trace_texts, understanding_texts
@@ -209,7 +210,7 @@ def test_sizes_and_lengths_are_checked(tiny_path, tiny, traces, tmp_path):
 
 
 def format_valid_rate(model, tokenizer, prompt_ids, samples_per_prompt=2) -> float:
-    """Low-temperature rollouts with the rollout engine, scored as the format reward does (parse.complete)."""
+    """Mean format reward of low-temperature rollouts written by the rollout engine."""
     backend = load_backend(model, tokenizer)
     config = RolloutConfig(
         stage_sizes={s: (side, side) for s, side in SIZES.items()},
@@ -223,7 +224,9 @@ def format_valid_rate(model, tokenizer, prompt_ids, samples_per_prompt=2) -> flo
         prompt_ids, samples_per_prompt, generator=torch.Generator().manual_seed(0)
     )
     parses = parse_completions(backend, batch.completion_ids, GRIDS, decode_images=False)
-    return sum(p.complete for p in parses) / len(parses)
+    texts = [backend.decode_text(ids) for ids in batch.completion_ids]
+    scores = FormatReward()(batch.prompt_ids, texts, batch.completion_ids, vlcot=parses)
+    return sum(scores) / len(scores)
 
 
 def test_a_few_sft_steps_teach_the_format(tiny_path, tiny, tmp_path):
