@@ -1,4 +1,4 @@
-"""GRPO through `accelerate launch` with real DeepSpeed ZeRO on the CPU (one process). Slow: `make test-slow`."""
+"""GRPO and SFT through `accelerate launch` with real DeepSpeed ZeRO on the CPU (one process). Slow: `make test-slow`."""
 
 import os
 import subprocess
@@ -6,28 +6,35 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# Small stages keep a chain within a short length limit; the small default tiny model keeps the run quick.
+SMALL = ["--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_size", "16", "--tiny_model_spec", "{}"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
+def launch(tmp_path, zero: str, method: str, *extra) -> str:
+    """Run `accelerate launch -m vlcot_grpo.<method>` on the tiny demo recipe; returns the log, fails on an error."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
         str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{zero}.yaml"),
         "--num_processes", "1", "--mixed_precision", "no",
-        "-m", "vlcot_grpo.grpo", "--config", str(ROOT / "recipes" / "tiny-emu3" / "grpo" / "config_demo.yaml"),
+        "-m", f"vlcot_grpo.{method}", "--config", str(ROOT / "recipes" / "tiny-emu3" / method / "config_demo.yaml"),
         "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "2", "--max_completion_length", "96", "--save_strategy", "no", "--use_cpu", "false",
-        "--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_size", "16",
-        "--image_log_steps", "1", "--tiny_model_spec", "{}",
+        "--max_steps", "2", "--use_cpu", "false", *SMALL, *extra,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "deepspeed: True" in log, log[-2000:]
+    return log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
+    launch(tmp_path, zero, "grpo", "--max_completion_length", "96", "--save_strategy", "no", "--image_log_steps", "1")
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
     assert any((out / "samples").iterdir())
@@ -36,22 +43,7 @@ def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_sft_under_accelerate_launch_with_deepspeed(tmp_path, zero):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [
-        str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{zero}.yaml"),
-        "--num_processes", "1", "--mixed_precision", "no",
-        "-m", "vlcot_grpo.sft", "--config", str(ROOT / "recipes" / "tiny-emu3" / "sft" / "config_demo.yaml"),
-        "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "2", "--use_cpu", "false", "--tiny_model_spec", "{}", "--format_check_samples", "1",
-        "--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_size", "16",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
-    assert "deepspeed: True" in log, log[-2000:]
+    log = launch(tmp_path, zero, "sft", "--format_check_samples", "1")
     assert "format-valid rate of 1 greedy rollouts" in log, log[-2000:]
-    from transformers import AutoConfig
-
     assert AutoConfig.from_pretrained(tmp_path / "out").model_type == "emu3"  # a full model GRPO can load
     assert (tmp_path / "out" / "model.safetensors").exists()

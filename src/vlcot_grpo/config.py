@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from vlcot_grpo.rollout import RolloutConfig
-from vlcot_grpo.vlcot import DEFAULT_PROMPT
+from vlcot_grpo.vlcot import DEFAULT_PROMPT, stage_sizes_of
 
 
 @dataclass
@@ -82,13 +82,13 @@ class VLCoTGRPOConfig(GRPOConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+    @property
+    def stage_sizes(self) -> dict[str, tuple[int, int]]:
+        return stage_sizes_of(self)
+
     def rollout_config(self) -> RolloutConfig:
         return RolloutConfig(
-            stage_sizes={
-                "rough": (self.rough_size, self.rough_size),
-                "middle": (self.middle_size, self.middle_size),
-                "final": (self.final_size, self.final_size),
-            },
+            stage_sizes=self.stage_sizes,
             max_new_tokens=self.max_completion_length,
             do_sample=True,
             text_temperature=self.temperature,

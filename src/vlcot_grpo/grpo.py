@@ -17,11 +17,10 @@ from vlcot_grpo.script_utils import (
     SharedScriptArguments,
     load_policy,
     load_train_dataset,
+    log_distribution,
     peft_config_for,
     resume_checkpoint,
 )
-
-logger = logging.getLogger("vlcot_grpo")
 
 
 @dataclass
@@ -73,10 +72,9 @@ def build_rewards(script_args: GRPOScriptArguments, training_args):
 def check_completion_budget(model, tokenizer, training_args) -> None:
     """Fail before training when ``max_completion_length`` cannot hold a complete chain at the stage sizes."""
     from vlcot_grpo.models import load_backend
-    from vlcot_grpo.script_utils import stage_sizes
     from vlcot_grpo.vlcot import min_completion_tokens
 
-    sizes = stage_sizes(training_args)
+    sizes = training_args.stage_sizes
     need = min_completion_tokens(load_backend(model, tokenizer), sizes)
     if training_args.max_completion_length < need:
         raise ValueError(
@@ -105,12 +103,7 @@ def main(argv=None) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model),
     )
-    logger.info(
-        "distributed: %s, processes: %d, deepspeed: %s",
-        trainer.accelerator.distributed_type,
-        trainer.accelerator.num_processes,
-        trainer.is_deepspeed_enabled,
-    )
+    log_distribution(trainer)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))

@@ -46,11 +46,6 @@ class SharedScriptArguments:
     )
 
 
-def stage_sizes(training_args) -> dict[str, tuple[int, int]]:
-    """``{"rough": (h, w), "middle": ..., "final": ...}`` from a config's ``rough_size``/``middle_size``/``final_size``."""
-    return {stage: (getattr(training_args, f"{stage}_size"),) * 2 for stage in ("rough", "middle", "final")}
-
-
 def load_policy(model_args, training_args, data_args):
     """The model and tokenizer at ``model_args.model_name_or_path`` (built first when it is the tiny model)."""
     import torch
@@ -111,7 +106,7 @@ def _load_vlcot_dataset(data_args: SharedScriptArguments, training_args):
         from vlcot_grpo.data.demo import build_demo_dataset
 
         return build_demo_dataset(
-            hr_size=data_args.demo_hr_size, stage_sizes=stage_sizes(training_args), seed=data_args.demo_seed
+            hr_size=data_args.demo_hr_size, stage_sizes=training_args.stage_sizes, seed=data_args.demo_seed
         )
     path = Path(data_args.dataset_name)
     if not path.exists():
@@ -139,6 +134,16 @@ def peft_config_for(model_args, model):
     if not model_args.lora_target_modules:
         model_args.lora_target_modules = BACKENDS[model.config.model_type].lora_target_modules
     return get_peft_config(model_args)
+
+
+def log_distribution(trainer) -> None:
+    """One log line saying how the trainer is distributed (the launch tests look for "deepspeed: True")."""
+    logger.info(
+        "distributed: %s, processes: %d, deepspeed: %s",
+        trainer.accelerator.distributed_type,
+        trainer.accelerator.num_processes,
+        trainer.is_deepspeed_enabled,
+    )
 
 
 def resume_checkpoint(training_args) -> str | None:

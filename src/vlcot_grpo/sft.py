@@ -31,13 +31,12 @@ from vlcot_grpo.script_utils import (
     SharedScriptArguments,
     load_policy,
     load_train_dataset,
+    log_distribution,
     peft_config_for,
     resume_checkpoint,
 )
 from vlcot_grpo.traces import build_trace_dataset
-from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES
-
-logger = logging.getLogger("vlcot_grpo")
+from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES, stage_sizes_of
 
 #: Subfolder of output_dir that keeps the LoRA adapter alone.
 ADAPTER_SUBDIR = "adapter"
@@ -106,8 +105,7 @@ class VLCoTSFTConfig(SFTConfig):
 
     @property
     def stage_sizes(self) -> dict[str, tuple[int, int]]:
-        sides = {"rough": self.rough_size, "middle": self.middle_size, "final": self.final_size}
-        return {stage: (side, side) for stage, side in sides.items()}
+        return stage_sizes_of(self)
 
 
 # ----- trainer ---------------------------------------------------------------------------------------------------
@@ -335,12 +333,7 @@ def main(argv=None) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model),
     )
-    logger.info(
-        "distributed: %s, processes: %d, deepspeed: %s",
-        trainer.accelerator.distributed_type,
-        trainer.accelerator.num_processes,
-        trainer.is_deepspeed_enabled,
-    )
+    log_distribution(trainer)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     output_dir = save_for_grpo(trainer, tokenizer, model_args.model_name_or_path)
     if trainer.accelerator.is_main_process:

@@ -250,6 +250,12 @@ def encode_prompt(
     return backend.bos_token_ids + backend.encode_text(before) + image_ids + backend.encode_text(after)
 
 
+def stage_sizes_of(config) -> dict[str, tuple[int, int]]:
+    """``{"rough": (side, side), "middle": ..., "final": ...}`` from a config's ``rough_size``, ``middle_size`` and
+    ``final_size`` (pixels; square images)."""
+    return {stage: (getattr(config, f"{stage}_size"),) * 2 for stage in STAGES}
+
+
 def min_completion_tokens(backend: ImageTokenBackend, stage_sizes: dict[str, tuple[int, int]]) -> int:
     """Fewest tokens a complete chain can take at these stage sizes (pixels): the three images in the backend's
     layout, the 14 tags and EOS, with every text block one token long. A length limit below this cuts every chain."""
