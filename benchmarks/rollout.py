@@ -324,17 +324,22 @@ def grpo_step(model, backend, prompts, args, device) -> dict:
 
 
 def lora_merge_check(peft_model, backend, prompts, args, device) -> dict:
-    """Static-engine decode rate over ``--lora-merge-check`` tokens with the LoRA adapters unmerged and merged."""
+    """Static-engine decode rate over ``--lora-merge-check`` tokens with the LoRA adapters unmerged and merged the way
+    the trainer merges them (``rollout_merge_adapters``), and the seconds one merge + exact restore costs."""
+    from vlcot_grpo.trainer import merged_adapters
+
     args_short = argparse.Namespace(**{**vars(args), "max_new_tokens": args.lora_merge_check})
     unmerged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")
-    peft_model.merge_adapter()
-    try:
+    with merged_adapters(peft_model):
         merged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")
-    finally:
-        peft_model.unmerge_adapter()
+    sync(device)
+    start = time.perf_counter()
+    with merged_adapters(peft_model):
+        sync(device)
     return {
         "unmerged": unmerged["decode_steps_run"] / unmerged["decode_seconds"],
         "merged": merged["decode_steps_run"] / merged["decode_seconds"],
+        "merge_and_restore_seconds": time.perf_counter() - start,
     }
 
 

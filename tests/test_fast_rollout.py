@@ -570,6 +570,56 @@ def _bench_module():
     return module
 
 
+def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch):
+    """The KV buffers and step state live for one generate call only: nothing holds them once it returns, so the
+    training phase gets their memory back (on CUDA, also the graphs' pool: see test_gpu_memory_released)."""
+    import gc
+    import weakref
+
+    model, _, backend = tiny
+    refs = []
+    setup = StaticDecoder._setup
+
+    def recording_setup(self, *a, **k):
+        setup(self, *a, **k)
+        refs.extend(
+            weakref.ref(t) for t in [*self.kv.keys, *self.kv.values, *self.kv.guide_keys, self.state["logits"]]
+        )
+
+    monkeypatch.setattr(StaticDecoder, "_setup", recording_setup)
+    config = _config(max_new_tokens=40, engine="static", guidance_scale=3.0)
+    engine = RolloutEngine(model, backend, config)  # kept alive, as the trainer keeps its engine
+    batch = engine.generate(_prompts(backend, photo), 2)
+    gc.collect()
+    assert batch.completion_ids and refs and all(r() is None for r in refs)
+
+
+def test_benchmark_runs_every_section_on_cpu(tmp_path):
+    """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison,
+    stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error entry. A device
+    session is 15 minutes; a script bug must show up here, not there."""
+    import json
+
+    bench = _bench_module()
+    out = tmp_path / "bench.json"
+    argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
+    argv += f" --engines static,reference --compare-attention 32 --grpo-step --lora-merge-check 32 --json {out}"
+    results = bench.main(argv.split())
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert "error" not in json.dumps(results)
+    runs = {r["engine"]: r for r in results["runs"]}
+    assert set(runs) == {"stock generate + guidance", "static", "reference"}
+    # the chain hooks force a whole chain: both engines write the same number of steps
+    assert runs["static"]["steps"] == runs["reference"]["steps"] > 0
+    assert set(results["attention_kernels"]) == {"sdpa", "matmul"} and results["attention_used"] in ("sdpa", "matmul")
+    step = results["grpo_step"]
+    assert step["step_seconds"] == pytest.approx(
+        step["rollout_seconds"] + step["logprob_seconds"] + step["train_seconds"]
+    )
+    merge = results["lora_rollout_steps_per_s"]
+    assert merge["unmerged"] > 0 and merge["merged"] > 0 and merge["merge_and_restore_seconds"] >= 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
@@ -617,3 +667,22 @@ def test_gpu_greedy_equals_reference_preset(preset):
             config = RolloutConfig(engine="static", decode_attention=kernel, **kw)
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_released(tiny, photo):
+    """After a static-engine generate (caches, CUDA graphs and their pool) the allocated memory is back where it was."""
+    model, _, backend = tiny
+    model.cuda()
+    try:
+        prompts = _prompts(backend, photo)
+        config = _config(max_new_tokens=300, engine="static", guidance_scale=3.0)
+        RolloutEngine(model, backend, config).generate(prompts, 3)  # first call: lazy CUDA/cuBLAS set-up
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        RolloutEngine(model, backend, config).generate(prompts, 3)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before + (1 << 20)
+    finally:
+        model.cpu()

@@ -34,7 +34,21 @@ def launch(tmp_path, zero: str, method: str, *extra) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
-    launch(tmp_path, zero, "grpo", "--max_completion_length", "96", "--save_strategy", "no", "--image_log_steps", "1")
+    # ZeRO-3 also runs the static engine on the gathered weights, with the LoRA adapters merged for the rollout
+    extra = ["--rollout_engine", "static", "--rollout_merge_adapters", "true"] if zero == "zero3" else []
+    log = launch(
+        tmp_path,
+        zero,
+        "grpo",
+        "--max_completion_length",
+        "96",
+        "--save_strategy",
+        "no",
+        "--image_log_steps",
+        "1",
+        *extra,
+    )
+    assert "rollout engine: " + ("static" if extra else "reference") in log, log[-2000:]
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
     assert any((out / "samples").iterdir())

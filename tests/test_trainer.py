@@ -269,3 +269,105 @@ def test_learning_the_rl_loop_really_learns(tiny_path, dataset, tmp_path):
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     print("learning curve", [round(r, 3) for r in rewards])
     assert last > first + 0.15, rewards
+
+
+# ----- LoRA adapters merged for the rollout ---------------------------------------------------------------------------
+def _adapted(path, dtype):
+    """The tiny model with LoRA adapters whose B is random (PEFT's default B = 0 would make merging a no-op)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*text_model.*\.(q_proj|v_proj|down_proj)")
+    lora.init_lora_weights = False
+    return get_peft_model(model, lora)
+
+
+def test_merged_adapters_restore_exact_base_weights(tiny_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from vlcot_grpo.trainer import merged_adapters
+
+    model = _adapted(tiny_path, torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    bases = [layer.get_base_layer().weight for layer in layers]
+    before = [w.detach().clone() for w in bases]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        with merged_adapters(model):
+            assert all(layer.merged for layer in layers)
+            assert not all(torch.equal(w, b) for w, b in zip(bases, before))  # the deltas really went in
+            merged = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=0.05, rtol=0.05)  # bf16: merging rounds differently
+    assert not any(layer.merged for layer in layers)
+    assert all(torch.equal(w, b) for w, b in zip(bases, before))
+    # what the exact copy-back is for: PEFT's own merge/unmerge does not return bf16 weights bit for bit
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert not all(torch.equal(w, b) for w, b in zip(bases, before))
+
+
+def test_merged_adapters_refuse_partitioned_weights_and_restore_on_error(tiny_path):
+    from vlcot_grpo.trainer import merged_adapters
+
+    model = _adapted(tiny_path, torch.float32)
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"), merged_adapters(model):
+        raise RuntimeError("boom")  # a rollout that fails still gives the exact weights back
+    assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
+    layer = next(m for m in model.modules() if hasattr(m, "get_base_layer") and hasattr(m, "merged"))
+    layer.get_base_layer().weight.data = torch.empty(0)  # what a ZeRO-3 partition looks like outside the gather
+    with pytest.raises(ValueError, match="ds3_gather_for_generation"), merged_adapters(model):
+        pass
+
+
+def test_trainer_rolls_out_merged_and_trains_the_adapters(tiny_path, dataset, tmp_path):
+    """rollout_merge_adapters: the rollout runs on merged weights, training still updates the adapters, the base
+    weights end bit-identical, and a merged greedy rollout of the trained model equals the unmerged one (fp32)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from vlcot_grpo.models import load_backend
+    from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
+    from vlcot_grpo.trainer import merged_adapters
+
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": r".*text_model.*\.(q_proj|v_proj)"}
+    seen = {}
+    for merge in (False, True):
+        model, tokenizer = _load(tiny_path)
+        args = _args(tmp_path / str(merge), rollout_merge_adapters=merge, max_steps=2, image_log_steps=0)
+        trainer = VLCoTGRPOTrainer(
+            model=model,
+            reward_funcs=[Recorder()],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(**lora),
+        )
+        layers = [m for m in trainer.model.modules() if isinstance(m, BaseTunerLayer)]
+        base = {id(m): m.get_base_layer().weight.detach().clone() for m in layers}
+        states, outputs = [], []
+
+        def record(*a, _generate=trainer.engine.generate, _layers=layers, _states=states, _outputs=outputs, **k):
+            _states.append([m.merged for m in _layers])
+            _outputs.append(_generate(*a, **k))
+            return _outputs[-1]
+
+        trainer.engine.generate = record
+        trainer.train()
+        assert states and all(all(s) == merge and any(s) == merge for s in states)
+        assert all(torch.equal(m.get_base_layer().weight, base[id(m)]) for m in layers)
+        assert not any(m.merged for m in layers)
+        # the adapters learned (B starts at 0 and moved), and the merged rollout after training matches unmerged
+        assert any(m.lora_B["default"].weight.abs().sum() > 0 for m in layers)
+        seen[merge] = outputs[0].completion_ids
+        if merge:
+            backend = load_backend(trainer.model, tokenizer)
+            config = RolloutConfig(stage_sizes=args.stage_sizes, max_new_tokens=60, do_sample=False)
+            engine = RolloutEngine(trainer.model, backend, config)
+            prompt = [[5, 6, 7, 8]]
+            plain = engine.generate(prompt, 2).completion_ids
+            with merged_adapters(trainer.model):
+                assert engine.generate(prompt, 2).completion_ids == plain
+    # B = 0 at the first rollout: merging changes nothing, so the seeded first rollouts agree exactly
+    assert seen[True] == seen[False]

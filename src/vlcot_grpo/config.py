@@ -53,6 +53,14 @@ class VLCoTGRPOConfig(GRPOConfig):
             "choices": ["auto", "static", "reference"],
         },
     )
+    rollout_merge_adapters: bool = field(
+        default=False,
+        metadata={
+            "help": "With LoRA: merge the adapters into the base weights for each rollout (fewer kernels per decode "
+            "step) and restore the exact base weights afterwards (through a host copy). Not for quantized base "
+            "weights. Off until benchmarks/rollout.py --lora-merge-check has measured it on a GPU."
+        },
+    )
     logprob_support: str = field(
         default="restricted",
         metadata={

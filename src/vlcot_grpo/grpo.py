@@ -104,6 +104,11 @@ def main(argv=None) -> Path:
         peft_config=peft_config_for(model_args, model),
     )
     log_distribution(trainer)
+    logging.getLogger("vlcot_grpo").info(
+        "rollout engine: %s, LoRA adapters merged for rollouts: %s",
+        trainer.engine.config.resolved_engine(trainer.accelerator.device),
+        training_args.rollout_merge_adapters,
+    )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
