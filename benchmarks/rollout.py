@@ -326,7 +326,7 @@ def grpo_step(model, backend, prompts, args, device) -> dict:
 def lora_merge_check(peft_model, backend, prompts, args, device) -> dict:
     """Static-engine decode rate over ``--lora-merge-check`` tokens with the LoRA adapters unmerged and merged the way
     the trainer merges them (``rollout_merge_adapters``), and the seconds one merge + exact restore costs."""
-    from vlcot_grpo.trainer import merged_adapters
+    from vlcot_grpo.adapters import merged_adapters
 
     args_short = argparse.Namespace(**{**vars(args), "max_new_tokens": args.lora_merge_check})
     unmerged, _ = run_engine(peft_model, backend, prompts, args_short, device, "static")

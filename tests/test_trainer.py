@@ -285,7 +285,7 @@ def _adapted(path, dtype):
 def test_merged_adapters_restore_exact_base_weights(tiny_path):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from vlcot_grpo.trainer import merged_adapters
+    from vlcot_grpo.adapters import merged_adapters
 
     model = _adapted(tiny_path, torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -308,7 +308,7 @@ def test_merged_adapters_restore_exact_base_weights(tiny_path):
 
 
 def test_merged_adapters_refuse_partitioned_weights_and_restore_on_error(tiny_path):
-    from vlcot_grpo.trainer import merged_adapters
+    from vlcot_grpo.adapters import merged_adapters
 
     model = _adapted(tiny_path, torch.float32)
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -327,9 +327,9 @@ def test_trainer_rolls_out_merged_and_trains_the_adapters(tiny_path, dataset, tm
     from peft import LoraConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from vlcot_grpo.adapters import merged_adapters
     from vlcot_grpo.models import load_backend
     from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
-    from vlcot_grpo.trainer import merged_adapters
 
     lora = {"r": 4, "lora_alpha": 8, "target_modules": r".*text_model.*\.(q_proj|v_proj)"}
     seen = {}

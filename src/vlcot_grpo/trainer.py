@@ -8,14 +8,14 @@ It extends rather than forks. What it changes, and why:
 * per-token log-probs are normalised over the support the sampler chose from (``logprob_support``);
 * logging adds the format-valid rate, tokens per stage, rollout vs training time and sample pictures;
 * with ``rollout_merge_adapters`` the LoRA adapters are merged into the base weights for the rollout only
-  (``merged_adapters``), and the exact base weights come back afterwards.
+  (``vlcot_grpo.adapters.merged_adapters``), and the exact base weights come back afterwards.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's 
 from trl import GRPOTrainer  # noqa: E402
 from trl.models import unwrap_model_for_generation  # noqa: E402
 
+from vlcot_grpo.adapters import merged_adapters  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
 from vlcot_grpo.models import load_backend  # noqa: E402
 from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
@@ -209,55 +210,6 @@ def _same_prompt(a: dict, b: dict) -> bool:
     if a["lr_image"] is b["lr_image"]:
         return True
     return a["lr_image"].size == b["lr_image"].size and a["lr_image"].tobytes() == b["lr_image"].tobytes()
-
-
-@contextmanager
-def merged_adapters(model):
-    """Merge ``model``'s active PEFT adapters into their base weights for the block, then put the base weights back
-    bit for bit.
-
-    Why: unmerged, every adapted linear adds two small matrix products and an add per decode step, a few microseconds
-    each that dominate a small-batch decode step (measure: ``benchmarks/rollout.py --grpo-step --lora-merge-check``).
-    Why not PEFT's ``merge_adapter``/``unmerge_adapter`` alone: unmerging subtracts the delta again, which in bf16 does
-    not give back the weights it started from, and the drift would add up over thousands of steps. So the base
-    weights are copied to host memory first (pinned when CUDA is there: about 13 GB and a second or two each way at
-    7B with every linear adapted) and copied back afterwards. Under ZeRO-3 call it inside the parameter gather."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
-    params = [p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)]
-    for layer in layers:
-        for name, param in layer.get_base_layer().named_parameters(recurse=False):
-            if not param.is_floating_point():
-                raise ValueError(
-                    f"rollout_merge_adapters: {type(layer.get_base_layer()).__name__}.{name} is quantized "
-                    f"({param.dtype}); merging into quantized weights is lossy: turn rollout_merge_adapters off"
-                )
-            if param.numel() == 0:
-                raise ValueError(
-                    "rollout_merge_adapters: the base weights are partitioned (ZeRO-3 without "
-                    "ds3_gather_for_generation): merge inside the gather, or turn rollout_merge_adapters off"
-                )
-    cuda = next((p.device for p in params if p.is_cuda), None)
-    saved = [torch.empty(p.shape, dtype=p.dtype, pin_memory=cuda is not None) for p in params]
-    for param, host in zip(params, saved):
-        host.copy_(param.detach(), non_blocking=True)
-    if cuda is not None:
-        torch.cuda.synchronize(cuda)  # the copies must be done before merging overwrites the weights
-    merged = []
-    try:
-        for layer in layers:
-            layer.merge()
-            merged.append(layer)
-        yield model
-    finally:
-        for layer in merged:
-            layer.unmerge()  # resets PEFT's merged state; the exact weights are copied back below
-        with torch.no_grad():
-            for param, host in zip(params, saved):
-                param.copy_(host, non_blocking=True)
-        if cuda is not None:
-            torch.cuda.synchronize(cuda)
 
 
 class _eval_mode:
