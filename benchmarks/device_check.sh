@@ -5,6 +5,9 @@
 #        bash benchmarks/device_check.sh prepare          # .whl/ is in .gitignore
 #      The device image has torch but transformers 5.17 (this project needs >= 5.20: the `cache=` kwarg) and no
 #      package of ours; transformers 5.24.0 and a recent regex travel as wheels for Python 3.12 (~13 MB).
+#      and, optionally, a rehearsal of this very script on the CPU (tiny shapes, every step, ~1 minute; the wheels are
+#      for Python 3.12 and are not installed then; results in device_out/):
+#        bash benchmarks/device_check.sh rehearse
 #   2. through the device tool, once, with carry [".whl"] and timeout_s 560:
 #        bash benchmarks/device_check.sh
 #      then give the machine back. Results come back under $OUT (at most 8 files):
@@ -32,10 +35,16 @@ if [ "${1:-}" = "prepare" ]; then
     exit 0
 fi
 
+# rehearse: the same steps on the CPU, every benchmark shrunk to the tiny preset and a small shape (later flags win)
+SHRINK=()
+if [ "${1:-}" = "rehearse" ]; then
+    SHRINK=(--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8)
+fi
+
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ ${#SHRINK[@]} -eq 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     export PYTHONPATH=/tmp/site:$PWD/src
@@ -46,7 +55,7 @@ fi
 {
     date -u
     nvidia-smi
-    python3 -c "import torch, transformers, sys; print(sys.version); print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+    python3 -c "import torch, transformers, sys; print(sys.version); print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -59,7 +68,8 @@ bench() {
     local limit=$1 name=$2
     shift 2
     echo "== $name: python benchmarks/rollout.py $*" | tee -a "$OUT/bench.log"
-    timeout "$limit" python3 benchmarks/rollout.py "$@" --json "$OUT/bench_$name.json" 2>&1 | tee -a "$OUT/bench.log"
+    timeout "$limit" python3 benchmarks/rollout.py "$@" "${SHRINK[@]}" --json "$OUT/bench_$name.json" 2>&1 \
+        | tee -a "$OUT/bench.log"
 }
 bench 45 tiny --preset tiny --stock-steps 64
 bench 90 1b --preset 1b --stock-steps 64 --compare-attention 512
