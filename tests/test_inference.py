@@ -31,6 +31,46 @@ def test_upscale_writes_final_images_chains_and_reports(tiny_path, photo, tmp_pa
     assert code == (0 if all("final" in r for r in records.values()) else 1)
 
 
+def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch):
+    """--engine reaches the rollout: with guidance, both engines write the same greedy chain and final image. Logit
+    hooks make the random tiny model open the rough image at once and chain the stages (benchmarks/rollout.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    from vlcot_grpo import inference
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    load = inference.load_for_inference
+
+    def load_with_hooks(*args, **kwargs):
+        model, tokenizer, backend = load(*args, **kwargs)
+        bench.add_chain_hooks(model, backend)
+        bias = torch.zeros(backend.vocab_size)
+        bias[backend.tag_ids["<rough_image>"]] = 50.0
+        model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias)
+        return model, tokenizer, backend
+
+    monkeypatch.setattr(inference, "load_for_inference", load_with_hooks)
+    from vlcot_grpo.fast_rollout import StaticDecoder
+
+    static_runs, run = [], StaticDecoder.run
+    monkeypatch.setattr(StaticDecoder, "run", lambda self, *a, **k: static_runs.append(1) or run(self, *a, **k))
+    photo.resize((32, 32)).save(tmp_path / "astronaut.png")
+    outputs = {}
+    for engine in ("reference", "static"):
+        out = tmp_path / engine
+        cli(["upscale", "--model", str(tiny_path), "--input", str(tmp_path / "astronaut.png"), "--out", str(out),
+             "--lr-size", "16", "--sizes", "8", "16", "32", "--max-new-tokens", "300", "--greedy", "--guidance-scale",
+             "2.0", "--engine", engine])  # fmt: skip
+        record = json.loads((out / "astronaut.json").read_text())
+        assert "final" in record, record
+        outputs[engine] = (record["texts"], record["problems"], (out / "astronaut.png").read_bytes())
+    assert outputs["static"] == outputs["reference"] and static_runs == [1]
+
+
 def test_upscale_missing_input_is_named(tiny_path, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         cli(["upscale", "--model", str(tiny_path), "--input", str(tmp_path / "nowhere"), "--out", str(tmp_path)])

@@ -95,6 +95,12 @@ def upscale_main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=0.9, help="Text and image temperature.")
     parser.add_argument("--image-top-k", type=int, default=-1, help="0 off, > 0 fixed, -1 entropy-dependent.")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance (1.0 = off).")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "reference", "static"],
+        default=RolloutConfig.engine,
+        help="Rollout engine (see RolloutConfig.engine); the same tokens either way under --greedy.",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +119,7 @@ def upscale_main(argv=None) -> int:
         image_temperature=args.temperature,
         image_top_k=args.image_top_k,
         guidance_scale=args.guidance_scale,
+        engine=args.engine,
     )
     from vlcot_grpo.pictures import sample_picture
 
