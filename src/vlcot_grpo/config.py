@@ -45,7 +45,7 @@ class VLCoTGRPOConfig(GRPOConfig):
         },
     )
     rollout_engine: str = field(
-        default="reference",
+        default=RolloutConfig.engine,  # one default for training and inference
         metadata={
             "help": "Rollout engine: 'static' (static KV caches, CUDA graphs: vlcot_grpo.fast_rollout), 'reference' "
             "(DynamicCache, eager) or 'auto' (static on CUDA, reference on CPU). Same tokens under greedy decoding. "
