@@ -57,7 +57,8 @@ class VLCoTGRPOConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "With LoRA: merge the adapters into the base weights for each rollout (fewer kernels per decode "
-            "step) and restore the exact base weights afterwards (through a host copy). Not for quantized base "
+            "step) and restore the exact base weights afterwards from a host copy (host memory: one copy of the "
+            "adapted base weights per process, ~13 GB at 7B with every linear adapted). Not for quantized base "
             "weights. Off until benchmarks/rollout.py --lora-merge-check has measured it on a GPU."
         },
     )
