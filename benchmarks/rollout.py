@@ -277,9 +277,13 @@ def run_stock(model, backend, prompts, args, device) -> dict:
 
 
 def grpo_step(model, backend, prompts, args, device) -> dict:
-    """A LoRA GRPO step at the same shape: rollout (static engine through the PEFT model), per-token log-probs
-    without grad (old/ref policy), then forward + backward of the policy loss, row by row with checkpointing."""
+    """A LoRA GRPO step at the same shape, computed the way ``VLCoTGRPOTrainer`` computes it: rollout (static engine
+    through the PEFT model), then all rows in one batch (prompts left-padded, completions right-padded) through
+    ``vlcot_grpo.logprobs.completion_logps``: once without grad (the old policy's log-probs, which TRL computes when
+    a batch is reused) and once with grad and gradient checkpointing for the clipped-ratio loss and its backward."""
     from peft import LoraConfig, get_peft_model
+
+    from vlcot_grpo.logprobs import completion_logps
 
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=backend.lora_target_modules, lora_dropout=0.0)
     peft_model = get_peft_model(model, lora)
@@ -289,38 +293,68 @@ def grpo_step(model, backend, prompts, args, device) -> dict:
         reset_peak(device)
         stats, batch = run_engine(peft_model, backend, prompts, args, device, "static")
         out["rollout_seconds"] = stats["seconds_total"]
-        rows = [(p, c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        out["rollout_peak_gb"] = peak_gb(device)
+        ids, mask, sampled, length = _training_batch(batch, backend, device)
 
-        def logps(p, c):
-            ids = torch.tensor([p + c], device=device)
-            logits = peft_model(input_ids=ids, logits_to_keep=len(c) + 1).logits[0, :-1].float()
-            return torch.log_softmax(logits, -1).gather(-1, torch.tensor(c, device=device)[:, None]).squeeze(-1)
+        def logps():
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = peft_model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1
+            ).logits
+            kw = {"text_temperature": 0.9, "image_temperature": 0.9}
+            return completion_logps(
+                logits[:, :-1],
+                ids[:, -length:],
+                code_mask=backend.image_code_mask,
+                text_mask=backend.text_token_mask,
+                **kw,
+            )[0]
 
+        reset_peak(device)
         sync(device)
         start = time.perf_counter()
         with torch.no_grad():
-            old = [logps(p, c) for p, c in rows]
+            old = logps()
         sync(device)
         out["logprob_seconds"] = time.perf_counter() - start
         peft_model.train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-        advantages = torch.randn(len(rows))
+        advantages = torch.randn(ids.shape[0], 1, device=device)
         sync(device)
         start = time.perf_counter()
-        for (p, c), adv, ref in zip(rows, advantages, old):
-            new = logps(p, c)
-            loss = -(torch.exp(new - ref) * adv).mean() / len(rows)
-            loss.backward()
+        ratio = torch.exp(logps() - old)
+        per_token = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+        loss = (per_token * sampled).sum() / sampled.sum().clamp(min=1)
+        loss.backward()
         sync(device)
         out["train_seconds"] = time.perf_counter() - start
         out["step_seconds"] = out["rollout_seconds"] + out["logprob_seconds"] + out["train_seconds"]
         out["step_over_rollout"] = out["step_seconds"] / out["rollout_seconds"]
-        out["peak_gb"] = peak_gb(device)
+        out["train_peak_gb"] = peak_gb(device)
+        out["peak_gb"] = max(out["rollout_peak_gb"], out["train_peak_gb"])
+        out["batch"] = list(ids.shape)
     finally:
         model.gradient_checkpointing_disable()
         peft_model.eval()
     return out, peft_model
+
+
+def _training_batch(batch, backend, device):
+    """RolloutBatch -> (input ids, attention mask, sampled-token mask, completion length) as TRL pads them."""
+    pad = backend.tokenizer.pad_token_id if backend.tokenizer.pad_token_id is not None else 0
+    width = max(len(p) for p in batch.prompt_ids)
+    length = max(len(c) for c in batch.completion_ids)
+    rows = len(batch.completion_ids)
+    ids = torch.full((rows, width + length), pad, dtype=torch.long)
+    mask = torch.zeros((rows, width + length), dtype=torch.long)
+    sampled = torch.zeros((rows, length))
+    for i, (p, c, m) in enumerate(zip(batch.prompt_ids, batch.completion_ids, batch.sampled_mask)):
+        ids[i, width - len(p) : width] = torch.tensor(p)
+        ids[i, width : width + len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, width - len(p) : width + len(c)] = 1
+        sampled[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+    return ids.to(device), mask.to(device), sampled.to(device), length
 
 
 def lora_merge_check(peft_model, backend, prompts, args, device) -> dict:

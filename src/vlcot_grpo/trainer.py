@@ -27,6 +27,7 @@ from trl.models import unwrap_model_for_generation  # noqa: E402
 
 from vlcot_grpo.adapters import merged_adapters  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
+from vlcot_grpo.logprobs import completion_logps  # noqa: E402
 from vlcot_grpo.models import load_backend  # noqa: E402
 from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
 from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E402
@@ -151,25 +152,18 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         return torch.cat(all_logps), entropies, None
 
     def completion_logps(self, logits, targets, compute_entropy=False):
-        """``logits`` (B, T, V) predicting ``targets`` (B, T) -> log-probs (B, T) and optionally entropies (B, T)."""
-        logits = logits.float()
-        is_code = self._code_mask[targets]
-        temperature = torch.where(
-            is_code, torch.tensor(self.args.image_temperature, device=logits.device), torch.tensor(self.temperature)
+        """``logits`` (B, T, V) predicting ``targets`` (B, T) -> log-probs (B, T) and optionally entropies (B, T),
+        chunked so that memory stays bounded (``vlcot_grpo.logprobs``)."""
+        return completion_logps(
+            logits,
+            targets,
+            code_mask=self._code_mask,
+            text_mask=self._text_mask,
+            text_temperature=self.temperature,
+            image_temperature=self.args.image_temperature,
+            restricted=self.args.logprob_support == "restricted",
+            compute_entropy=compute_entropy,
         )
-        logits = logits / temperature[..., None]
-        if self.args.logprob_support == "restricted":
-            support = torch.where(is_code[..., None], self._code_mask, self._text_mask)
-            # a target outside the support (a forced layout token; masked out of the loss) keeps a finite value
-            support = support | torch.nn.functional.one_hot(targets, logits.shape[-1]).bool()
-            logits = logits.masked_fill(~support, float("-inf"))
-        log_probs = torch.log_softmax(logits, dim=-1)
-        logps = log_probs.gather(-1, targets[..., None]).squeeze(-1)
-        entropy = None
-        if compute_entropy:
-            probs = log_probs.exp()
-            entropy = -(probs * log_probs.nan_to_num(neginf=0.0)).sum(-1)
-        return logps, entropy
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch):
