@@ -16,7 +16,8 @@
 # Expected runtime on one H100 (estimates: nothing here has run on a GPU yet) about 7 minutes, at most 8.6: every step
 # has its own time limit, so a hang costs only that step, and each benchmark writes its JSON as it goes, short runs
 # first (attention-kernel comparison, stock generate), then the full paper-shape rollout:
-#   tests: the CPU ones and the `gpu` ones (graphs == eager, greedy == reference at tiny and 1B, fp32)    ~45 s, <=90 s
+#   tests: the CPU ones and the `gpu` ones (graphs == eager, greedy == reference at tiny and 1B, fp32; memory
+#     released; chunked log-probs' peak memory)                                                          ~50 s, <=90 s
 #   tiny preset, paper shape: static engine + stock generate                                               ~15 s, <=45 s
 #   1B preset, paper shape: build ~15 s, kernels compared over 512 tokens ~10 s, stock 64 steps ~10 s,
 #     rollout ~40 s                                                                                      ~75 s, <=90 s
@@ -60,7 +61,7 @@ fi
 cat "$OUT/env.txt"
 
 # 1. tests: every test of the static engine, the CPU ones and the GPU ones
-timeout 90 python3 -m pytest tests/test_fast_rollout.py -m "gpu or not gpu" -q -p no:cacheprovider -rs 2>&1 \
+timeout 90 python3 -m pytest tests/test_fast_rollout.py tests/test_logprobs.py -m "gpu or not gpu" -q -p no:cacheprovider -rs 2>&1 \
     | tee "$OUT/gpu_tests.log"
 
 # 2. benchmarks: paper shape (G=5, 512^2 LR prompt, 128/256/512 stages, guidance 3.0)
