@@ -296,18 +296,19 @@ def grpo_step(model, backend, prompts, args, device) -> dict:
         out["rollout_peak_gb"] = peak_gb(device)
         ids, mask, sampled, length = _training_batch(batch, backend, device)
 
-        def logps():
+        def logps(compute_entropy=False):  # TRL's loss asks for entropies too
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = peft_model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1
             ).logits
-            kw = {"text_temperature": 0.9, "image_temperature": 0.9}
             return completion_logps(
                 logits[:, :-1],
                 ids[:, -length:],
                 code_mask=backend.image_code_mask,
                 text_mask=backend.text_token_mask,
-                **kw,
+                text_temperature=0.9,
+                image_temperature=0.9,
+                compute_entropy=compute_entropy,
             )[0]
 
         reset_peak(device)
@@ -323,7 +324,7 @@ def grpo_step(model, backend, prompts, args, device) -> dict:
         advantages = torch.randn(ids.shape[0], 1, device=device)
         sync(device)
         start = time.perf_counter()
-        ratio = torch.exp(logps() - old)
+        ratio = torch.exp(logps(compute_entropy=True) - old)
         per_token = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
         loss = (per_token * sampled).sum() / sampled.sum().clamp(min=1)
         loss.backward()
