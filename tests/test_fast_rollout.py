@@ -617,7 +617,8 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path):
         step["rollout_seconds"] + step["logprob_seconds"] + step["train_seconds"]
     )
     merge = results["lora_rollout_steps_per_s"]
-    assert merge["unmerged"] > 0 and merge["merged"] > 0 and merge["merge_and_restore_seconds"] >= 0
+    assert merge["unmerged"] > 0 and merge["merged"] > 0
+    assert merge["first_merge_and_restore_seconds"] >= 0 and merge["merge_and_restore_seconds"] >= 0
 
 
 @pytest.mark.gpu

@@ -371,3 +371,18 @@ def test_trainer_rolls_out_merged_and_trains_the_adapters(tiny_path, dataset, tm
                 assert engine.generate(prompt, 2).completion_ids == plain
     # B = 0 at the first rollout: merging changes nothing, so the seeded first rollouts agree exactly
     assert seen[True] == seen[False]
+
+
+def test_merged_adapters_reuse_their_host_buffers(tiny_path):
+    from vlcot_grpo.adapters import merged_adapters
+
+    model = _adapted(tiny_path, torch.float32)
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {}
+    with merged_adapters(model, buffers):
+        pass
+    first = {k: v.data_ptr() for k, v in buffers.items()}
+    with merged_adapters(model, buffers):
+        assert not all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
+    assert first and {k: v.data_ptr() for k, v in buffers.items()} == first
+    assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())

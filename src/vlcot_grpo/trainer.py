@@ -62,7 +62,7 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         self._text_mask = self.backend.text_token_mask.to(self.accelerator.device)
         self._batch_inputs: list[dict] | None = None
         self._rollout_seconds = 0.0
-        self._step_started = None
+        self._merge_buffers: dict = {}  # host copies of the base weights for rollout_merge_adapters, reused
         for reward in self.reward_funcs:  # load metric weights etc. now, so a missing file fails at start
             if hasattr(reward, "prepare"):
                 reward.prepare(self.accelerator.device)
@@ -94,7 +94,7 @@ class VLCoTGRPOTrainer(GRPOTrainer):
             ) as unwrapped,
             torch.no_grad(),
             _eval_mode(unwrapped),
-            merged_adapters(unwrapped) if self.args.rollout_merge_adapters else nullcontext(),
+            merged_adapters(unwrapped, self._merge_buffers) if self.args.rollout_merge_adapters else nullcontext(),
         ):
             prompt_ids = [
                 encode_prompt(self.backend, inputs[i]["lr_image"], (self.args.lr_size,) * 2, inputs[i]["prompt"])
