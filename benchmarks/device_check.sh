@@ -10,21 +10,20 @@
 #        bash benchmarks/device_check.sh rehearse
 #   2. through the device tool, once, with carry [".whl"] and timeout_s 560:
 #        bash benchmarks/device_check.sh
-#      then give the machine back. Results come back under $OUT (at most 8 files):
-#        env.txt, gpu_tests.log, bench_tiny.json, bench_1b.json, bench_7b.json, bench_7b_grpo.json, bench.log
+#      then give the machine back. Results come back under $OUT:
+#        env.txt, gpu_tests.log, bench_7b.json, bench_1b.json, bench_tiny.json, bench.log
 #
-# Expected runtime on one H100 (estimates: nothing here has run on a GPU yet) about 7 minutes, at most 8.6: every step
-# has its own time limit, so a hang costs only that step, and each benchmark writes its JSON as it goes, short runs
-# first (attention-kernel comparison, stock generate), then the full paper-shape rollout:
+# Expected runtime on one H100 (estimates: nothing here has run on a GPU yet) about 7.5 minutes, at most 9: every step
+# has its own time limit, so a hang costs only that step; the most important numbers come first, and each benchmark
+# writes its JSON after every section, short sections first:
 #   tests: the CPU ones and the `gpu` ones (graphs == eager, greedy == reference at tiny and 1B, fp32; memory
-#     released; chunked log-probs' peak memory)                                                          ~50 s, <=90 s
-#   tiny preset, paper shape: static engine + stock generate                                               ~15 s, <=45 s
-#   1B preset, paper shape: build ~15 s, kernels compared over 512 tokens ~10 s, stock 64 steps ~10 s,
-#     rollout ~40 s                                                                                      ~75 s, <=90 s
-#   7B preset, paper shape: build ~30 s, kernels compared over 512 tokens ~20 s, stock 32 steps ~15 s,
-#     rollout (5 x ~5.5k tokens with guidance after a ~4.2k-token prompt) ~70 s at 80 steps/s           ~135 s, <=140 s
-#   7B LoRA GRPO step: build ~30 s, rollout ~75 s, log-probs + backward ~20 s, then the static engine
-#     over 256 tokens with the adapters unmerged and merged ~15 s                                         ~140 s, <=150 s
+#     released; chunked log-probs' peak memory)                                                          ~50 s, <=85 s
+#   7B preset, paper shape, one process (one model build): build ~30 s; kernels compared over 512 tokens ~20 s;
+#     stock generate + guidance, 32 steps ~15 s; the static engine's whole rollout (5 x ~5.5k tokens with guidance
+#     after a ~4.2k-token prompt) ~70 s at 80 steps/s; LoRA: static engine over 256 tokens unmerged / merged and the
+#     merge cost ~20 s; the LoRA GRPO step (rollout ~75 s, log-probs + loss + backward ~20 s)            ~250 s, <=330 s
+#   1B preset, paper shape: build ~15 s, kernels ~10 s, stock 64 steps ~10 s, rollout ~40 s                ~75 s, <=85 s
+#   tiny preset, paper shape: static engine + stock generate                                               ~15 s, <=30 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,7 +60,7 @@ fi
 cat "$OUT/env.txt"
 
 # 1. tests: every test of the static engine, the CPU ones and the GPU ones
-timeout 90 python3 -m pytest tests/test_fast_rollout.py tests/test_logprobs.py -m "gpu or not gpu" -q -p no:cacheprovider -rs 2>&1 \
+timeout 85 python3 -m pytest tests/test_fast_rollout.py tests/test_logprobs.py -m "gpu or not gpu" -q -p no:cacheprovider -rs 2>&1 \
     | tee "$OUT/gpu_tests.log"
 
 # 2. benchmarks: paper shape (G=5, 512^2 LR prompt, 128/256/512 stages, guidance 3.0)
@@ -72,10 +71,7 @@ bench() {
     timeout "$limit" python3 benchmarks/rollout.py "$@" "${SHRINK[@]}" --json "$OUT/bench_$name.json" 2>&1 \
         | tee -a "$OUT/bench.log"
 }
-bench 45 tiny --preset tiny --stock-steps 64
-bench 90 1b --preset 1b --stock-steps 64 --compare-attention 512
-bench 140 7b --preset 7b --stock-steps 32 --compare-attention 512
-# the GRPO step uses the attention kernel that won the 7B comparison
-att=$(python3 -c "import json; print(json.load(open('$OUT/bench_7b.json'))['attention_used'])" 2>/dev/null || echo sdpa)
-bench 150 7b_grpo --preset 7b --stock-steps 0 --engines "" --grpo-step --lora-merge-check 256 --attention "$att"
+bench 330 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
+bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512
+bench 30 tiny --preset tiny --stock-steps 64
 date -u | tee -a "$OUT/bench.log"

@@ -276,18 +276,22 @@ def run_stock(model, backend, prompts, args, device) -> dict:
     }
 
 
-def grpo_step(model, backend, prompts, args, device) -> dict:
+def add_lora(model, backend):
+    """The PEFT model the GRPO step trains: LoRA r 16 on the backend's default targets, B = 0 as PEFT initialises."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=backend.lora_target_modules, lora_dropout=0.0)
+    return get_peft_model(model, lora).eval()
+
+
+def grpo_step(peft_model, backend, prompts, args, device) -> dict:
     """A LoRA GRPO step at the same shape, computed the way ``VLCoTGRPOTrainer`` computes it: rollout (static engine
     through the PEFT model), then all rows in one batch (prompts left-padded, completions right-padded) through
     ``vlcot_grpo.logprobs.completion_logps``: once without grad (the old policy's log-probs, which TRL computes when
     a batch is reused) and once with grad and gradient checkpointing for the clipped-ratio loss and its backward."""
-    from peft import LoraConfig, get_peft_model
-
     from vlcot_grpo.logprobs import completion_logps
 
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=backend.lora_target_modules, lora_dropout=0.0)
-    peft_model = get_peft_model(model, lora)
-    peft_model.eval()
+    model = peft_model.get_base_model()
     out = {}
     try:
         reset_peak(device)
@@ -338,7 +342,7 @@ def grpo_step(model, backend, prompts, args, device) -> dict:
     finally:
         model.gradient_checkpointing_disable()
         peft_model.eval()
-    return out, peft_model
+    return out
 
 
 def _training_batch(batch, backend, device):
@@ -418,7 +422,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
     parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
     parser.add_argument(
-        "--lora-merge-check", type=int, default=0, help="with --grpo-step: rollout N tokens merged/not"
+        "--lora-merge-check", type=int, default=0, help="with --grpo-step, before it: rollout N tokens merged/not"
     )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -532,18 +536,23 @@ def main(argv=None) -> dict:
         print(f"static / stock decode steps/s: {results['speedup_vs_stock']:.1f}x", flush=True)
     for h in handles:
         h.remove()
-    if args.grpo_step:
-        try:
-            handles = add_chain_hooks(model, backend)
-            results["grpo_step"], peft_model = grpo_step(model, backend, prompts, args, device)
-            print("grpo step:", json.dumps(results["grpo_step"], indent=None), flush=True)
-            save()
-            if args.lora_merge_check:
+    if args.grpo_step:  # the short merge check first: a run cut off by its time limit still has it
+        handles = add_chain_hooks(model, backend)
+        peft_model = add_lora(model, backend)
+        if args.lora_merge_check:
+            try:
                 results["lora_rollout_steps_per_s"] = lora_merge_check(peft_model, backend, prompts, args, device)
                 print("LoRA rollout steps/s:", results["lora_rollout_steps_per_s"], flush=True)
+            except Exception as err:
+                traceback.print_exc()
+                results["lora_rollout_steps_per_s"] = {"error": repr(err)}
+            save()
+        try:
+            results["grpo_step"] = grpo_step(peft_model, backend, prompts, args, device)
+            print("grpo step:", json.dumps(results["grpo_step"], indent=None), flush=True)
         except Exception as err:
             traceback.print_exc()
-            results.setdefault("grpo_step", {})["error"] = repr(err)
+            results["grpo_step"] = {"error": repr(err)}
     save()
     return results
 
