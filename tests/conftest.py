@@ -37,3 +37,16 @@ def photo():
     from PIL import Image
 
     return Image.fromarray(skimage.data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """benchmarks/rollout.py as a module (its presets, prompts and chain hooks); benchmarks/ is not a package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

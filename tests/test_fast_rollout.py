@@ -2,9 +2,6 @@
 decoding, same sampled distribution, guidance-cache restarts, well-formed images. CPU tests run the decode step
 eagerly; the tests marked ``gpu`` check CUDA-graph replay and the larger presets on a device machine."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -562,14 +559,6 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
 
 
 # ----- GPU (device session): CUDA-graph replay equals the eager step; larger presets -------------------------------
-def _bench_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch):
     """The KV buffers and step state live for one generate call only: nothing holds them once it returns, so the
     training phase gets their memory back (on CUDA, also the graphs' pool: see test_gpu_memory_released)."""
@@ -594,13 +583,12 @@ def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch):
     assert batch.completion_ids and refs and all(r() is None for r in refs)
 
 
-def test_benchmark_runs_every_section_on_cpu(tmp_path):
+def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison,
     stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error entry. A device
     session is 15 minutes; a script bug must show up here, not there."""
     import json
 
-    bench = _bench_module()
     out = tmp_path / "bench.json"
     argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
     argv += f" --engines static,reference --compare-attention 32 --grpo-step --lora-merge-check 32 --json {out}"
@@ -654,9 +642,8 @@ def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset", ["tiny", "1b"])
-def test_gpu_greedy_equals_reference_preset(preset):
+def test_gpu_greedy_equals_reference_preset(preset, bench):
     """fp32 on the GPU: the static engine (CUDA graphs) writes the reference engine's greedy tokens."""
-    bench = _bench_module()
     model, backend = bench.build_preset(preset, torch.device("cuda"), torch.float32)
     prompts = bench.make_prompts(backend, 2, lr_size=64 if preset == "tiny" else 128)
     sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}

@@ -31,18 +31,11 @@ def test_upscale_writes_final_images_chains_and_reports(tiny_path, photo, tmp_pa
     assert code == (0 if all("final" in r for r in records.values()) else 1)
 
 
-def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch):
+def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch, bench):
     """--engine reaches the rollout: with guidance, both engines write the same greedy chain and final image. Logit
     hooks make the random tiny model open the rough image at once and chain the stages (benchmarks/rollout.py)."""
-    import importlib.util
-    from pathlib import Path
-
     from vlcot_grpo import inference
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     load = inference.load_for_inference
 
     def load_with_hooks(*args, **kwargs):
