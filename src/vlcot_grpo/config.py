@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from vlcot_grpo.rollout import RolloutConfig
+from vlcot_grpo.rollout import ENGINES, RolloutConfig
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, stage_sizes_of
 
 
@@ -50,7 +50,7 @@ class VLCoTGRPOConfig(GRPOConfig):
             "help": "Rollout engine: 'static' (static KV caches, CUDA graphs: vlcot_grpo.fast_rollout), 'reference' "
             "(DynamicCache, eager) or 'auto' (static on CUDA, reference on CPU). Same tokens under greedy decoding. "
             "The default stays 'reference' until the static path's GPU checks (benchmarks/device_check.sh) have run.",
-            "choices": ["auto", "static", "reference"],
+            "choices": list(ENGINES),
         },
     )
     rollout_merge_adapters: bool = field(
@@ -83,7 +83,7 @@ class VLCoTGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rollout_engine not in ("auto", "static", "reference"):
+        if self.rollout_engine not in ENGINES:
             raise ValueError(f"rollout_engine must be 'auto', 'static' or 'reference', got {self.rollout_engine!r}")
         if self.logprob_support not in ("restricted", "full"):
             raise ValueError(f"logprob_support must be 'restricted' or 'full', got {self.logprob_support!r}")

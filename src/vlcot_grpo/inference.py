@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vlcot_grpo.models import load_backend, load_model
-from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
+from vlcot_grpo.rollout import ENGINES, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES, VLCoTParse, encode_prompt, parse_completions
 
 logger = logging.getLogger("vlcot_grpo.inference")
@@ -97,7 +97,7 @@ def upscale_main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance (1.0 = off).")
     parser.add_argument(
         "--engine",
-        choices=["auto", "reference", "static"],
+        choices=ENGINES,
         default=RolloutConfig.engine,
         help="Rollout engine (see RolloutConfig.engine); the same tokens either way under --greedy.",
     )

@@ -29,6 +29,9 @@ from transformers import DynamicCache
 from vlcot_grpo.models import CODE, ImageTokenBackend
 from vlcot_grpo.vlcot import STAGES
 
+#: The rollout engines (``RolloutConfig.engine``); "auto" is the static one on CUDA and the reference one elsewhere.
+ENGINES = ("auto", "reference", "static")
+
 
 @dataclass
 class RolloutConfig:
@@ -61,7 +64,7 @@ class RolloutConfig:
             "help": "'reference' (DynamicCache, eager), 'static' (vlcot_grpo.fast_rollout: static caches, CUDA graphs "
             "on CUDA) or 'auto' (static on CUDA, reference elsewhere). Default 'reference' until the static path's "
             "GPU checks (benchmarks/device_check.sh) have run.",
-            "choices": ["auto", "reference", "static"],
+            "choices": list(ENGINES),
         },
     )
     sync_every: int = field(
@@ -88,7 +91,7 @@ class RolloutConfig:
     )
 
     def __post_init__(self):
-        if self.engine not in ("auto", "reference", "static"):
+        if self.engine not in ENGINES:
             raise ValueError(f"engine must be 'auto', 'reference' or 'static', got {self.engine!r}")
         if self.decode_attention not in ("sdpa", "matmul"):
             raise ValueError(f"decode_attention must be 'sdpa' or 'matmul', got {self.decode_attention!r}")
