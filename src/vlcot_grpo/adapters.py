@@ -27,19 +27,21 @@ def merged_adapters(model, host_buffers: dict | None = None):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
-    params = [p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)]
+    params = []
     for layer in layers:
-        for name, param in layer.get_base_layer().named_parameters(recurse=False):
+        base = layer.get_base_layer()
+        for name, param in base.named_parameters(recurse=False):
             if not param.is_floating_point():
                 raise ValueError(
-                    f"rollout_merge_adapters: {type(layer.get_base_layer()).__name__}.{name} is quantized "
-                    f"({param.dtype}); merging into quantized weights is lossy: turn rollout_merge_adapters off"
+                    f"rollout_merge_adapters: {type(base).__name__}.{name} is quantized ({param.dtype}); merging "
+                    "into quantized weights is lossy: turn rollout_merge_adapters off"
                 )
             if param.numel() == 0:
                 raise ValueError(
                     "rollout_merge_adapters: the base weights are partitioned (ZeRO-3 without "
                     "ds3_gather_for_generation): merge inside the gather, or turn rollout_merge_adapters off"
                 )
+            params.append(param)
     cuda = next((p.device for p in params if p.is_cuda), None)
     cache = {} if host_buffers is None else host_buffers
     saved = []

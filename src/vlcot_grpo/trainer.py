@@ -144,26 +144,21 @@ class VLCoTGRPOTrainer(GRPOTrainer):
                 logits = model(
                     input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep + 1
                 ).logits
-            logps, entropy = self.completion_logps(logits[:, :-1], ids[:, -logits_to_keep:], compute_entropy)
+            logps, entropy = completion_logps(  # chunked, so that memory stays bounded
+                logits[:, :-1],
+                ids[:, -logits_to_keep:],
+                code_mask=self._code_mask,
+                text_mask=self._text_mask,
+                text_temperature=self.temperature,
+                image_temperature=self.args.image_temperature,
+                restricted=self.args.logprob_support == "restricted",
+                compute_entropy=compute_entropy,
+            )
             all_logps.append(logps)
             if compute_entropy:
                 all_entropies.append(entropy)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
-
-    def completion_logps(self, logits, targets, compute_entropy=False):
-        """``logits`` (B, T, V) predicting ``targets`` (B, T) -> log-probs (B, T) and optionally entropies (B, T),
-        chunked so that memory stays bounded (``vlcot_grpo.logprobs``)."""
-        return completion_logps(
-            logits,
-            targets,
-            code_mask=self._code_mask,
-            text_mask=self._text_mask,
-            text_temperature=self.temperature,
-            image_temperature=self.args.image_temperature,
-            restricted=self.args.logprob_support == "restricted",
-            compute_entropy=compute_entropy,
-        )
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch):
