@@ -299,9 +299,9 @@ def grpo_step(peft_model, backend, prompts, args, device) -> dict:
         out["rollout_seconds"] = stats["seconds_total"]
         out["rollout_peak_gb"] = peak_gb(device)
         ids, mask, sampled, length = _training_batch(batch, backend, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
         def logps(compute_entropy=False):  # TRL's loss asks for entropies too
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = peft_model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1
             ).logits

@@ -328,7 +328,6 @@ def test_trainer_rolls_out_merged_and_trains_the_adapters(tiny_path, dataset, tm
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from vlcot_grpo.adapters import merged_adapters
-    from vlcot_grpo.models import load_backend
     from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
 
     lora = {"r": 4, "lora_alpha": 8, "target_modules": r".*text_model.*\.(q_proj|v_proj)"}
@@ -362,9 +361,8 @@ def test_trainer_rolls_out_merged_and_trains_the_adapters(tiny_path, dataset, tm
         assert any(m.lora_B["default"].weight.abs().sum() > 0 for m in layers)
         seen[merge] = outputs[0].completion_ids
         if merge:
-            backend = load_backend(trainer.model, tokenizer)
             config = RolloutConfig(stage_sizes=args.stage_sizes, max_new_tokens=60, do_sample=False)
-            engine = RolloutEngine(trainer.model, backend, config)
+            engine = RolloutEngine(trainer.model, trainer.backend, config)
             prompt = [[5, 6, 7, 8]]
             plain = engine.generate(prompt, 2).completion_ids
             with merged_adapters(trainer.model):
