@@ -37,9 +37,17 @@ fi
 
 # rehearse: the same steps on the CPU, every benchmark shrunk to the tiny preset and a small shape (later flags win)
 SHRINK=()
-if [ "${1:-}" = "rehearse" ]; then
-    SHRINK=(--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8)
-fi
+PLAN=full
+case "${1:-}" in
+    rehearse) SHRINK=(--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8) ;;
+    rehearse-compile)
+        SHRINK=(--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8)
+        PLAN=compile
+        ;;
+    compile) PLAN=compile ;;
+    "") ;;
+    *) echo "usage: $0 [prepare|rehearse|compile|rehearse-compile]" >&2 && exit 2 ;;
+esac
 
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -59,11 +67,12 @@ fi
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# 1. tests: every test of the static engine, the CPU ones and the GPU ones
-timeout 85 python3 -m pytest tests/test_fast_rollout.py tests/test_logprobs.py -m "gpu or not gpu" -q -p no:cacheprovider -rs 2>&1 \
-    | tee "$OUT/gpu_tests.log"
-
-# 2. benchmarks: paper shape (G=5, 512^2 LR prompt, 128/256/512 stages, guidance 3.0)
+gpu_tests() {
+    local limit=$1
+    shift
+    timeout "$limit" python3 -m pytest "$@" -q -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/gpu_tests.log"
+}
+# benchmarks: paper shape (G=5, 512^2 LR prompt, 128/256/512 stages, guidance 3.0)
 bench() {
     local limit=$1 name=$2
     shift 2
@@ -71,7 +80,19 @@ bench() {
     timeout "$limit" python3 benchmarks/rollout.py "$@" "${SHRINK[@]}" --json "$OUT/bench_$name.json" 2>&1 \
         | tee -a "$OUT/bench.log"
 }
-bench 330 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
-bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512
-bench 30 tiny --preset tiny --stock-steps 64
+
+if [ "$PLAN" = compile ]; then
+    # The follow-up of a full check (~5 minutes): the 7B rollout with the decode step compiled (compile_step), the
+    # uncompiled step over the same 512 tokens in the same process, then the GPU tests of the compiled step.
+    bench 210 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile
+    gpu_tests 60 tests/test_fast_rollout.py -m gpu -k "compiled or preset"
+else
+    # 1. tests: every test of the static engine, the CPU ones and the GPU ones
+    gpu_tests 100 tests/test_fast_rollout.py tests/test_logprobs.py -m "gpu or not gpu"
+    # 2. benchmarks
+    bench 330 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa,matmul,sdpa+compile \
+        --compile --grpo-step --lora-merge-check 256
+    bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile
+    bench 30 tiny --preset tiny --stock-steps 64
+fi
 date -u | tee -a "$OUT/bench.log"

@@ -199,6 +199,7 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         kv_bucket=args.kv_bucket,
         cuda_graphs=not args.no_graphs,
         decode_attention=args.attention,
+        compile_step=args.compile,
     )
     engine = RolloutEngine(model, backend, config)
     gen = torch.Generator(device).manual_seed(0)
@@ -231,10 +232,11 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         out.update(
             prefill_seconds=decoder.prefill_seconds,
             capture_seconds=decoder.capture_seconds,
+            compile_seconds=decoder.compile_seconds,
             graphs=decoder.graphs_captured,
             decode_steps_run=len(decoder.buckets_used),
         )
-        decode = total - decoder.prefill_seconds - decoder.capture_seconds
+        decode = total - decoder.prefill_seconds - decoder.compile_seconds - decoder.capture_seconds
         out["decode_seconds"] = decode
     return out, batch
 
@@ -418,6 +420,12 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--compare-attention", type=int, default=0, help="also: static engine, N new tokens, each attention kernel"
     )
+    parser.add_argument(
+        "--compare-kernels",
+        default="sdpa,matmul",
+        help="what --compare-attention runs: kernels, each optionally with '+compile' (e.g. sdpa,sdpa+compile)",
+    )
+    parser.add_argument("--compile", action="store_true", help="static engine: compile_step (torch.compile)")
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
     parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
@@ -469,26 +477,32 @@ def main(argv=None) -> dict:
     # short runs first: a device run cut off by its time limit still has numbers
     if args.compare_attention:
         results["attention_kernels"] = {}
-        for kernel in ("sdpa", "matmul"):
+        for variant in args.compare_kernels.split(","):
+            kernel, compiled = variant.split("+")[0], variant.endswith("+compile")
             try:
-                short = argparse.Namespace(**{**vars(args), "attention": kernel})
+                short = argparse.Namespace(**{**vars(args), "attention": kernel, "compile": compiled})
                 stats, _ = run_engine(model, backend, prompts, short, device, "static", args.compare_attention)
                 rate = stats["decode_steps_run"] / stats["decode_seconds"]
-                results["attention_kernels"][kernel] = {"decode_steps_per_s": rate, **stats}
+                results["attention_kernels"][variant] = {"decode_steps_per_s": rate, **stats}
                 print(
-                    f"attention {kernel}: {rate:.1f} decode steps/s over {args.compare_attention} tokens", flush=True
+                    f"attention {variant}: {rate:.1f} decode steps/s over {args.compare_attention} tokens "
+                    f"(compile {stats['compile_seconds']:.1f} s, capture {stats['capture_seconds']:.1f} s)",
+                    flush=True,
                 )
             except Exception as err:
                 traceback.print_exc()
-                results["attention_kernels"][kernel] = {"error": repr(err)}
+                results["attention_kernels"][variant] = {"error": repr(err)}
             save()
     if args.attention == "auto":
         rates = {
-            k: v["decode_steps_per_s"] for k, v in results.get("attention_kernels", {}).items() if "error" not in v
+            k: v["decode_steps_per_s"]
+            for k, v in results.get("attention_kernels", {}).items()
+            if "error" not in v and "+" not in k
         }
         args.attention = max(rates, key=rates.get) if rates else RolloutConfig.decode_attention
     results["attention_used"] = args.attention
-    print(f"static engine decode attention: {args.attention}", flush=True)
+    results["compiled"] = args.compile
+    print(f"static engine decode attention: {args.attention}{', compiled' if args.compile else ''}", flush=True)
     if args.stock_steps > 1:
         try:
             stats = run_stock(model, backend, prompts, args, device)
@@ -567,7 +581,8 @@ def report(stats: dict) -> None:
     if "roofline_fraction_whole_call" in stats:
         line += f"  roofline whole call {100 * stats['roofline_fraction_whole_call']:.1f} %"
     if "graphs" in stats:
-        line += f"  [prefill {stats['prefill_seconds']:.2f} s, {stats['graphs']} graphs in {stats['capture_seconds']:.2f} s]"
+        line += f"  [prefill {stats['prefill_seconds']:.2f} s, {stats['graphs']} graphs in {stats['capture_seconds']:.2f} s"
+        line += f", compile {stats['compile_seconds']:.1f} s]" if stats.get("compile_seconds") else "]"
     print(line, flush=True)
 
 

@@ -185,8 +185,9 @@ def test_attention_kernels_equal_plain_attention(kv_heads):
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scores = (q @ kr.transpose(-1, -2)) * 0.3
     want = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), -1) @ vr
+    bias = torch.zeros(b, 1, 1, length).masked_fill(~mask[:, None, None, :], float("-inf"))
     for kernel, chunk in (("sdpa", 0), ("matmul", 0), ("matmul", 16)):
-        torch.testing.assert_close(_attend(q, k, v, mask, 0.3, kernel, chunk), want, msg=f"{kernel} {chunk}")
+        torch.testing.assert_close(_attend(q, k, v, bias, 0.3, kernel, chunk), want, msg=f"{kernel} {chunk}")
 
 
 def _chi2_same(a: list[int], b: list[int]) -> float:
@@ -391,6 +392,39 @@ def test_step_traces_without_graph_breaks(tiny, photo):
     assert torch.equal(results[0], results[1])
 
 
+def test_compiled_step_writes_the_reference_tokens(tiny, hooks, photo):
+    """``compile_step`` (inductor; C++ kernels on the CPU, Triton on CUDA): the greedy tokens of the reference path,
+    with guidance and whole chains; a second ``generate`` (new decoder, other rows and buckets) reuses the code."""
+    from torch._dynamo.utils import counters
+
+    from vlcot_grpo import fast_rollout
+
+    model, _, backend = tiny
+    hooks(_tag_bias(backend))
+    pre, hook = _chain_hooks(backend)
+    hooks(hook, pre_embed=pre)
+    prompts = _prompts(backend, photo)
+    torch._dynamo.reset()
+    fast_rollout._COMPILED_STEP = None
+    try:
+        for rows, g, max_new in ((prompts, 2, 300), (prompts[:2], 2, 120)):
+            kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": 3.0}
+            ref = RolloutEngine(model, backend, _config(engine="reference", **kw)).generate(rows, g)
+            engine = RolloutEngine(model, backend, _config(engine="static", compile_step=True, **kw))
+            decoder = StaticDecoder(engine, torch.device("cpu"))
+            fast = decoder.run(rows, g)
+            assert fast.completion_ids == ref.completion_ids and fast.sampled_mask == ref.sampled_mask
+            assert len({k for k in decoder.buckets_used}) > 2  # several cache buckets, one compiled step
+            if max_new == 300:
+                assert sum(len(p.blocks) for p in parse_completions(backend, fast.completion_ids, GRIDS)) >= 6
+                compiled = counters["stats"]["unique_graphs"]
+                assert compiled >= 1 and decoder.compile_seconds > 0
+        assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled again
+    finally:
+        torch._dynamo.reset()
+        fast_rollout._COMPILED_STEP = None
+
+
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 def test_step_reads_nothing_from_the_host(tiny, photo, kernel):
     """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds
@@ -470,7 +504,7 @@ def test_step_on_meta_tensors_makes_no_host_tensor(kernel):
     decoder._setup([backend.bos_token_ids + [backend.tag_ids["<rough_image>"]]], 2, meta)
     host = HostTensors()
     with _split_attention(model), host:
-        decoder._step(32, 16)
+        decoder._step(decoder.kv_cap, decoder.guide_cap)
     assert host.found == []
 
 
@@ -655,6 +689,23 @@ def test_gpu_greedy_equals_reference_preset(preset, bench):
             config = RolloutConfig(engine="static", decode_attention=kernel, **kw)
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compiled_graphs_equal_reference(bench):
+    """fp32 on the GPU: the compiled step (Triton kernels) captured as CUDA graphs writes the reference engine's
+    greedy tokens, with and without guidance."""
+    model, backend = bench.build_preset("tiny", torch.device("cuda"), torch.float32)
+    prompts = bench.make_prompts(backend, 2, lr_size=64)
+    sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
+    bench.add_chain_hooks(model, backend)
+    for guidance in (1.0, 3.0):
+        kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
+        ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
+        config = RolloutConfig(engine="static", compile_step=True, **kw)
+        fast = RolloutEngine(model, backend, config).generate(prompts, 2)
+        assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, guidance
 
 
 @pytest.mark.gpu

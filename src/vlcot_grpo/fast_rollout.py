@@ -54,6 +54,7 @@ same step runs eagerly; its capture-readiness is checked there by tracing it wit
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import contextmanager
@@ -82,10 +83,14 @@ class _SplitKV:
     column: torch.Tensor  # (1,) long: the column this step writes
     rows: int
     read_len: int = 0  # conditional columns read this step (a bucket)
+    # Additive masks (0 / -inf, the model's dtype) of this step, made once per step for every layer: a boolean mask
+    # would be converted inside each attention call, two extra kernels per call.
+    bias: torch.Tensor | None = None  # (R, 1, 1, read_len)
     guide_keys: list[torch.Tensor] | None = None  # (R, kv_heads, L_img, head_dim) per layer
     guide_values: list[torch.Tensor] | None = None
     guide_slot: torch.Tensor | None = None  # (R,) long: the slot each guidance row writes this step
-    guide_mask: torch.Tensor | None = None  # (R, guide_read_len) bool, set each step
+    guide_index: torch.Tensor | None = None  # guide_slot as a scatter index (R, kv_heads, 1, head_dim), set each step
+    guide_bias: torch.Tensor | None = None  # (R, 1, 1, guide_read_len), set each step
     guide_read_len: int = 0
     row_index: torch.Tensor | None = None  # arange(R)
     kernel: str = "sdpa"
@@ -96,14 +101,15 @@ class _SplitKV:
         r = self.rows
         self.keys[layer_idx].index_copy_(2, self.column, key_states[:r])
         self.values[layer_idx].index_copy_(2, self.column, value_states[:r])
-        if self.guide_keys is not None:
-            self.guide_keys[layer_idx][self.row_index, :, self.guide_slot] = key_states[r:, :, 0]
-            self.guide_values[layer_idx][self.row_index, :, self.guide_slot] = value_states[r:, :, 0]
+        if self.guide_keys is not None:  # scatter, not advanced-index assignment: one kernel instead of several
+            self.guide_keys[layer_idx].scatter_(2, self.guide_index, key_states[r:])
+            self.guide_values[layer_idx].scatter_(2, self.guide_index, value_states[r:])
         return key_states, value_states
 
 
-def _attend(query, keys, values, mask, scaling, kernel="sdpa", chunk=0):
-    """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under ``mask`` (B, L).
+def _attend(query, keys, values, bias, scaling, kernel="sdpa", chunk=0):
+    """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under the additive mask
+    ``bias`` (B, 1, 1, L).
 
     ``kernel``: "sdpa" (torch's fused attention; with a mask that is the memory-efficient kernel on CUDA, one
     thread block per (row, head): few blocks for a decode step) or "matmul" (batched matrix products around a
@@ -116,7 +122,7 @@ def _attend(query, keys, values, mask, scaling, kernel="sdpa", chunk=0):
     q = query.reshape(b, kv_heads, heads // kv_heads, dim)
     if kernel == "matmul":
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
-        probs = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1).to(values.dtype)
+        probs = torch.softmax(scores + bias, dim=-1).to(values.dtype)
         if chunk and length % chunk == 0 and length > chunk:
             pieces = length // chunk
             probs = probs.view(b, kv_heads, -1, pieces, chunk).transpose(2, 3)  # (B, Hkv, pieces, n_rep, chunk)
@@ -125,7 +131,7 @@ def _attend(query, keys, values, mask, scaling, kernel="sdpa", chunk=0):
         else:
             out = torch.matmul(probs, values)
     else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], scale=scaling)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scaling)
     return out.reshape(b, heads, 1, dim)
 
 
@@ -135,15 +141,21 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
     kv: _SplitKV = kwargs["vlcot_kv"]
     layer, r, n = module.layer_idx, kv.rows, kv.read_len
     out = _attend(
-        query[:r], kv.keys[layer][:, :, :n], kv.values[layer][:, :, :n], kv.mask[:, :n], scaling, kv.kernel, kv.chunk
+        query[:r],
+        kv.keys[layer].narrow(2, 0, n),
+        kv.values[layer].narrow(2, 0, n),
+        kv.bias,
+        scaling,
+        kv.kernel,
+        kv.chunk,
     )
     if kv.guide_keys is not None:
         g = kv.guide_read_len
         guided = _attend(
             query[r:],
-            kv.guide_keys[layer][:, :, :g],
-            kv.guide_values[layer][:, :, :g],
-            kv.guide_mask,
+            kv.guide_keys[layer].narrow(2, 0, g),
+            kv.guide_values[layer].narrow(2, 0, g),
+            kv.guide_bias,
             scaling,
             kv.kernel,
             kv.chunk,
@@ -211,6 +223,19 @@ def _bucket(length: int, bucket: int, cap: int) -> int:
     return min(cap, math.ceil(length / bucket) * bucket)
 
 
+_COMPILED_STEP = None
+
+
+def _compiled_step():
+    """``StaticDecoder._step`` through torch.compile (inductor), made once per process and shared by every decoder:
+    dynamo keeps its compiled code per function, so a later ``generate`` call reuses it. Shapes are dynamic from the
+    start (the cache buckets, the row count), so a new bucket does not compile again."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(StaticDecoder._step, dynamic=True, fullgraph=True)
+    return _COMPILED_STEP
+
+
 # ----- the decoder ---------------------------------------------------------------------------------------------------
 class StaticDecoder:
     """One ``generate`` call of the static engine; holds the buffers and graphs of that call."""
@@ -222,11 +247,13 @@ class StaticDecoder:
         self.device = torch.device(device)
         self.guided = self.config.guidance_scale != 1.0
         self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
+        self.step = functools.partial(_compiled_step(), self) if self.config.compile_step else self._step
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         #: (conditional bucket, guidance bucket) of every decode step run, for benchmarks and tests
         self.buckets_used: list[tuple[int, int]] = []
         self.prefill_seconds = 0.0
+        self.compile_seconds = 0.0  # compile_step: the first (rolled-back) step, which compiles or loads the code
         self.capture_seconds = 0.0
         self.graphs_captured = 0
 
@@ -246,6 +273,11 @@ class StaticDecoder:
         guide_len = 0
         steps = 0
         with _attention_implementation(self.model, ATTENTION_NAME):
+            if cfg.compile_step:  # compile outside the timed steps and before any capture
+                start = time.perf_counter()
+                guide = _bucket(sync_every + 1, cfg.kv_bucket, self.guide_cap) if self.guided else 0
+                self._rolled_back_step((_bucket(self.width + 1, cfg.kv_bucket, self.kv_cap), guide))
+                self.compile_seconds = time.perf_counter() - start
             while steps < max_new:
                 if steps % sync_every == 0:
                     all_done, live = torch.stack([s["done"].all().long(), s["guide_slot"].max()]).tolist()
@@ -260,7 +292,7 @@ class StaticDecoder:
                 if self.use_graphs:
                     self._graph(key).replay()
                 else:
-                    self._step(*key)
+                    self.step(*key)
                 self.buckets_used.append(key)
                 steps += 1
         batch = eng._collect(prompt_ids, num_generations, s["tokens"][:, :steps], s["sampled"][:, :steps], s["done"])
@@ -281,8 +313,10 @@ class StaticDecoder:
         self.guide_cap = template_len
         n_layers = len(cache.layers)
         keys, values = [], []
+        # One spare column past the last readable one: no read ever spans a whole buffer, so a compiled step sees
+        # every read as a strict prefix and does not specialise on "the read is the whole buffer".
         for layer in cache.layers:
-            shape = (rows, layer.keys.shape[1], total, layer.keys.shape[3])
+            shape = (rows, layer.keys.shape[1], total + 1, layer.keys.shape[3])
             k = torch.zeros(shape, dtype=layer.keys.dtype, device=device)
             v = torch.zeros(shape[:3] + (layer.values.shape[3],), dtype=layer.values.dtype, device=device)
             # each prompt's keys/values go to its num_generations rows without a repeated temporary
@@ -292,7 +326,7 @@ class StaticDecoder:
             values.append(v)
             layer.keys = layer.values = None  # free the prefill cache layer by layer
         del cache
-        mask = torch.zeros((rows, total), dtype=torch.bool, device=device)
+        mask = torch.zeros((rows, total + 1), dtype=torch.bool, device=device)
         mask[:, :width] = attn.bool().repeat_interleave(num_generations, 0)
         vocab = logits.shape[-1]
         self.kv = _SplitKV(
@@ -306,8 +340,8 @@ class StaticDecoder:
             chunk=cfg.kv_bucket,
         )
         if self.guided:
-            self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len, k.shape[3])) for k in keys]
-            self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len, v.shape[3])) for v in values]
+            self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len + 1, k.shape[3])) for k in keys]
+            self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len + 1, v.shape[3])) for v in values]
         self.n_layers = n_layers
         # Everything a step reads or writes, as fixed buffers: graphs replay on their addresses.
         self.state = {
@@ -331,7 +365,11 @@ class StaticDecoder:
         self.open_ids = eng.open_ids.to(device)
         self.text_mask = eng.text_mask.to(device)
         self.code_mask = eng.code_mask.to(device)
-        self.slot_range = torch.arange(template_len, device=device)
+        self.slot_range = torch.arange(template_len + 1, device=device)
+        self.guide_index_shape = (rows, keys[0].shape[1], 1, keys[0].shape[3])
+        if cfg.compile_step:  # fixed by the model and stage sizes: kept out of the compiled step's dynamic shapes
+            for t in (self.templates, self.template_len, self.open_ids, self.text_mask, self.code_mask):
+                torch._dynamo.mark_static(t)
 
     def _release(self):
         self.graphs.clear()
@@ -401,13 +439,15 @@ class StaticDecoder:
         s["positions"].add_(1)
         self.kv.mask.index_fill_(1, column, True)
         self.kv.read_len = read_len
+        self.kv.bias = self._additive(self.kv.mask.narrow(1, 0, read_len))
         feed, positions = token, s["positions"]
         if self.guided:
             live = (new_stage >= 0) & (new_tpos > 0)
             slot = torch.where(live, column - restart, torch.zeros_like(restart))
             s["guide_slot"].copy_(slot)
             self.kv.guide_read_len = guide_read_len
-            self.kv.guide_mask = self.slot_range[None, :guide_read_len] <= slot[:, None]
+            self.kv.guide_index = slot[:, None, None, None].expand(self.guide_index_shape)
+            self.kv.guide_bias = self._additive(self.slot_range.narrow(0, 0, guide_read_len)[None] <= slot[:, None])
             feed = torch.cat([token, token])
             positions = torch.cat([positions, slot])
         out = self.model(
@@ -423,6 +463,11 @@ class StaticDecoder:
             s["uncond_logits"].copy_(step_logits[self.rows :])
         s["step"].add_(1)
         column.add_(1)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """(R, n) bool -> (R, 1, 1, n) additive mask in the model's dtype."""
+        zero = torch.zeros((), dtype=self.kv.keys[0].dtype, device=allowed.device)
+        return torch.where(allowed, zero, float("-inf"))[:, None, None, :]
 
     # ----- CUDA graphs ---------------------------------------------------------------------------------------------
     def _graph(self, key: tuple[int, int]):
@@ -441,7 +486,7 @@ class StaticDecoder:
         saved = self._snapshot()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._step(*key)
+            self.step(*key)
         self._restore(*saved)  # capture records without running; this only guards against a backend that runs
         self.graphs[key] = graph
         self.graphs_captured += 1
@@ -452,7 +497,7 @@ class StaticDecoder:
         """Run a decode step and undo it. Its cache writes are not undone: they land at the column and guidance
         slots that the real step writes next, before anything reads them, so only the small state needs restoring."""
         saved = self._snapshot()
-        self._step(*key)
+        self.step(*key)
         self._restore(*saved)
 
     def _snapshot(self):
