@@ -84,8 +84,8 @@ bench() {
 if [ "$PLAN" = compile ]; then
     # The follow-up of a full check (~5 minutes): the 7B rollout with the decode step compiled (compile_step), the
     # uncompiled step over the same 512 tokens in the same process, then the GPU tests of the compiled step.
-    bench 210 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile
-    gpu_tests 60 tests/test_fast_rollout.py -m gpu -k "compiled or preset"
+    bench 190 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile
+    gpu_tests 45 tests/test_fast_rollout.py -m gpu -k "compiled or preset"
 else
     # 1. tests: every test of the static engine, the CPU ones and the GPU ones
     gpu_tests 100 tests/test_fast_rollout.py tests/test_logprobs.py -m "gpu or not gpu"
