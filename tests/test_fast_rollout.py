@@ -519,10 +519,10 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
     before = model.config.text_config._attn_implementation
     RolloutEngine(model, backend, _config(max_new_tokens=3, engine="static")).generate([[5, 6]], 1)
     assert model.config.text_config._attn_implementation == before
-    assert RolloutConfig().resolved_engine(torch.device("cuda")) == "reference"  # the default until GPU-checked
-    auto = RolloutConfig(engine="auto")
-    assert auto.resolved_engine(torch.device("cpu")) == "reference"
-    assert auto.resolved_engine(torch.device("cuda")) == "static"
+    default = RolloutConfig()  # "auto": the static engine wherever CUDA graphs exist
+    assert default.resolved_engine(torch.device("cpu")) == "reference"
+    assert default.resolved_engine(torch.device("cuda")) == "static"
+    assert RolloutConfig(engine="reference").resolved_engine(torch.device("cuda")) == "reference"
     assert RolloutConfig(engine="static").resolved_engine(torch.device("cpu")) == "static"
     with pytest.raises(ValueError):
         RolloutConfig(engine="fast")

@@ -182,3 +182,16 @@ def test_stage_token_counts(tiny, tag_happy, photo):
             elif block is None:
                 assert batch.stage_tokens[stage][row] == 0
     assert checked >= 4
+
+
+def test_stage_token_counts_when_the_prompt_opens_the_image(tiny, photo):
+    """A prompt that ends with ``<rough_image>`` (the benchmark's, or a chain resumed mid-way): the rough image is
+    counted from the completion's first token to its closing tag (it used to count 0)."""
+    model, _, backend = tiny
+    prompt = _prompt(backend, photo) + [backend.tag_ids["<rough_image>"]]
+    config = RolloutConfig(stage_sizes=SIZES, max_new_tokens=len(backend.image_template(*GRIDS["rough"])) + 5)
+    batch = RolloutEngine(model, backend, config).generate([prompt], 2, torch.Generator().manual_seed(0))
+    close = backend.tag_ids["</rough_image>"]
+    for row, ids in enumerate(batch.completion_ids):
+        assert ids.index(close) == len(backend.image_template(*GRIDS["rough"]))
+        assert batch.stage_tokens["rough"][row] == ids.index(close)

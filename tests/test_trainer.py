@@ -321,6 +321,26 @@ def test_merged_adapters_refuse_partitioned_weights_and_restore_on_error(tiny_pa
         pass
 
 
+def test_quantized_base_is_found_and_not_merged(tiny_path, dataset, tmp_path):
+    """QLoRA bases (integer storage, as bitsandbytes keeps 4/8-bit weights) are named, and merging them is refused;
+    the trainer, whose rollout_merge_adapters is on by default, then rolls out on the unmerged adapters."""
+    from vlcot_grpo.adapters import merged_adapters, quantized_base
+
+    model = _adapted(tiny_path, torch.float32)
+    args = _args(tmp_path)
+    assert args.rollout_merge_adapters  # the default
+    trainer = VLCoTGRPOTrainer(model, [Recorder()], args, dataset, AutoTokenizer.from_pretrained(tiny_path))
+    assert quantized_base(trainer.model) is None and trainer._merge_for_rollouts
+    layer = next(m for m in model.modules() if hasattr(m, "get_base_layer") and hasattr(m, "merged"))
+    weight = layer.get_base_layer().weight
+    layer.get_base_layer().weight = torch.nn.Parameter(weight.detach().to(torch.int8), requires_grad=False)
+    assert quantized_base(model) == "Linear.weight (torch.int8)"
+    with pytest.raises(ValueError, match="quantized"), merged_adapters(model):
+        pass
+    trainer = VLCoTGRPOTrainer(model, [Recorder()], args, dataset, AutoTokenizer.from_pretrained(tiny_path))
+    assert not trainer._merge_for_rollouts
+
+
 def test_trainer_rolls_out_merged_and_trains_the_adapters(tiny_path, dataset, tmp_path):
     """rollout_merge_adapters: the rollout runs on merged weights, training still updates the adapters, the base
     weights end bit-identical, and a merged greedy rollout of the trained model equals the unmerged one (fp32)."""

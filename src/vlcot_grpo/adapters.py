@@ -10,6 +10,23 @@ from contextlib import contextmanager
 import torch
 
 
+def _adapted_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
+
+
+def quantized_base(model) -> str | None:
+    """The first adapted base weight that is quantized, as "Class.name (dtype)", or None. Merging a LoRA delta into
+    quantized weights is lossy, so rollouts of such a model (QLoRA) run on the unmerged adapters."""
+    for layer in _adapted_layers(model):
+        base = layer.get_base_layer()
+        for name, param in base.named_parameters(recurse=False):
+            if not param.is_floating_point():
+                return f"{type(base).__name__}.{name} ({param.dtype})"
+    return None
+
+
 @contextmanager
 def merged_adapters(model, host_buffers: dict | None = None):
     """Merge ``model``'s active PEFT adapters into their base weights for the block, then put the base weights back
@@ -24,9 +41,7 @@ def merged_adapters(model, host_buffers: dict | None = None):
 
     ``host_buffers``: a dict kept by the caller between calls; the host copies then live in it and are allocated
     (and, on CUDA, page-locked, which takes seconds at 13 GB) once instead of at every rollout."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
+    layers = _adapted_layers(model)
     params = []
     for layer in layers:
         base = layer.get_base_layer()

@@ -7,12 +7,14 @@ It extends rather than forks. What it changes, and why:
 * rewards get the parsed chain (``vlcot``), its texts and decoded stage images as extra keyword arguments;
 * per-token log-probs are normalised over the support the sampler chose from (``logprob_support``);
 * logging adds the format-valid rate, tokens per stage, rollout vs training time and sample pictures;
-* with ``rollout_merge_adapters`` the LoRA adapters are merged into the base weights for the rollout only
-  (``vlcot_grpo.adapters.merged_adapters``), and the exact base weights come back afterwards.
+* with ``rollout_merge_adapters`` (the default) the LoRA adapters are merged into the base weights for the rollout
+  only (``vlcot_grpo.adapters.merged_adapters``), and the exact base weights come back afterwards; quantized bases
+  (QLoRA) keep their adapters unmerged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -25,12 +27,14 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's 
 from trl import GRPOTrainer  # noqa: E402
 from trl.models import unwrap_model_for_generation  # noqa: E402
 
-from vlcot_grpo.adapters import merged_adapters  # noqa: E402
+from vlcot_grpo.adapters import merged_adapters, quantized_base  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
 from vlcot_grpo.logprobs import completion_logps  # noqa: E402
 from vlcot_grpo.models import load_backend  # noqa: E402
 from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
 from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 class VLCoTGRPOTrainer(GRPOTrainer):
@@ -63,6 +67,14 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         self._batch_inputs: list[dict] | None = None
         self._rollout_seconds = 0.0
         self._merge_buffers: dict = {}  # host copies of the base weights for rollout_merge_adapters, reused
+        self._merge_for_rollouts = args.rollout_merge_adapters
+        quantized = quantized_base(self.model) if args.rollout_merge_adapters else None
+        if quantized is not None:  # QLoRA: merging would be lossy, so the rollouts use the unmerged adapters
+            logger.warning(
+                "rollout_merge_adapters: the base weight %s is quantized; rollouts run on the unmerged adapters",
+                quantized,
+            )
+            self._merge_for_rollouts = False
         for reward in self.reward_funcs:  # load metric weights etc. now, so a missing file fails at start
             if hasattr(reward, "prepare"):
                 reward.prepare(self.accelerator.device)
@@ -94,7 +106,7 @@ class VLCoTGRPOTrainer(GRPOTrainer):
             ) as unwrapped,
             torch.no_grad(),
             _eval_mode(unwrapped),
-            merged_adapters(unwrapped, self._merge_buffers) if self.args.rollout_merge_adapters else nullcontext(),
+            merged_adapters(unwrapped, self._merge_buffers) if self._merge_for_rollouts else nullcontext(),
         ):
             prompt_ids = [
                 encode_prompt(self.backend, inputs[i]["lr_image"], (self.args.lr_size,) * 2, inputs[i]["prompt"])
