@@ -29,8 +29,10 @@ heads are folded into the query length so keys/values are never repeated. The tr
 per layer instead of one, and reads rounded up to a bucket (up to ``kv_bucket - 1`` unused positions per row, plus
 ``sync_every`` for guidance rows) in exchange for few graphs; nothing reads the full-length buffer for guidance rows.
 The kernel is ``decode_attention``: torch's SDPA (with a mask: the memory-efficient kernel on CUDA) or two batched
-matrix products; which streams the cache faster at decode shapes is left to a GPU measurement
-(``benchmarks/rollout.py --compare-attention``).
+matrix products. On an H100 at the 7B preset SDPA was faster (65.9 vs 44.9 decode steps/s,
+``benchmarks/rollout.py --compare-attention``, docs/benchmarks.md) and streams the cache at about the copy bandwidth.
+The masks are additive (0 / -inf in the model's dtype), made once per step and shared by every layer: a boolean mask
+is converted inside every attention call.
 
 Sampling and state. Text and code candidates are computed for every row every step (fixed shapes): temperature,
 fixed or entropy-dependent top-k (``topk`` with the largest k the rule can give, instead of a full sort), top-p for
@@ -50,14 +52,22 @@ warm-up run on a side stream that is rolled back (its cache writes land where th
 share one memory pool and live for one ``generate`` call, so the KV memory is released before training resumes; the
 price is capturing again at every call (``StaticDecoder.capture_seconds`` says how long that takes). On the CPU the
 same step runs eagerly; its capture-readiness is checked there by tracing it with ``torch.compile(fullgraph=True)``.
+
+Compiled layers (``compile_step``, opt-in). On an H100 the 7B step reached 67 % of the memory roofline; the missing
+third is fixed per-step cost, ~40 small kernels per layer (norms, rotary, activations, residuals), each a few
+microseconds even inside a graph. ``torch.compile`` (inductor) fuses them. What is compiled is each decoder layer
+(regional compilation: one compiled code for all layers, so compile time does not grow with depth) and the sampling
+function; the cache writes and the split attention stay outside, since they index per-layer buffers. The code is
+compiled with dynamic shapes once per process (a new bucket or row count does not compile again) and used for the
+decode steps only; prefill and training run the eager modules. The first step of a ``generate`` call compiles or
+checks guards (``compile_seconds``), then the CUDA graphs capture the compiled kernels.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +176,16 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 AttentionInterface.register(ATTENTION_NAME, split_attention)
 
+# compile_step compiles each decoder layer, and all layers must share one compiled code. The cache writes and the
+# split attention index per-layer buffers by ``layer_idx``: traced, they would give every layer its own code (and
+# hit dynamo's recompile limit), so under compile_step they run outside the compiled regions.
+OPAQUE_ATTENTION_NAME = "vlcot_split_opaque"
+AttentionInterface.register(OPAQUE_ATTENTION_NAME, torch.compiler.disable(split_attention))
+
+
+class _OpaqueSplitKV(_SplitKV):
+    update = torch.compiler.disable(_SplitKV.update)
+
 
 @contextmanager
 def _attention_implementation(model, name: str):
@@ -223,17 +243,35 @@ def _bucket(length: int, bucket: int, cap: int) -> int:
     return min(cap, math.ceil(length / bucket) * bucket)
 
 
-_COMPILED_STEP = None
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    """The modules that hold an attention layer (``layer_idx``) directly: transformers' decoder layers."""
+    named = dict(model.named_modules())
+    parents = []
+    for name, module in named.items():
+        if hasattr(module, "layer_idx") and "." in name:
+            parent = named[name.rsplit(".", 1)[0]]
+            if parent not in parents:
+                parents.append(parent)
+    return parents
 
 
-def _compiled_step():
-    """``StaticDecoder._step`` through torch.compile (inductor), made once per process and shared by every decoder:
-    dynamo keeps its compiled code per function, so a later ``generate`` call reuses it. Shapes are dynamic from the
-    start (the cache buckets, the row count), so a new bucket does not compile again."""
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(StaticDecoder._step, dynamic=True, fullgraph=True)
-    return _COMPILED_STEP
+@contextmanager
+def _compiled_layers(model):
+    """Decoder layers compiled (inductor, dynamic shapes) for the decode steps only: prefill and training keep the
+    eager modules. All layers share one compiled code (their parameters are inputs, ``layer_idx`` an unspecialised
+    int), kept by dynamo for the process, so the next rollout does not compile again."""
+    layers = _decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: the module is eager again
+
+
+_compiled_sample_scores = torch.compile(sample_scores, dynamic=True)
 
 
 # ----- the decoder ---------------------------------------------------------------------------------------------------
@@ -247,7 +285,7 @@ class StaticDecoder:
         self.device = torch.device(device)
         self.guided = self.config.guidance_scale != 1.0
         self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
-        self.step = functools.partial(_compiled_step(), self) if self.config.compile_step else self._step
+        self.sample = _compiled_sample_scores if self.config.compile_step else sample_scores
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         #: (conditional bucket, guidance bucket) of every decode step run, for benchmarks and tests
@@ -272,7 +310,9 @@ class StaticDecoder:
         sync_every = cfg.sync_every
         guide_len = 0
         steps = 0
-        with _attention_implementation(self.model, ATTENTION_NAME):
+        attention = OPAQUE_ATTENTION_NAME if cfg.compile_step else ATTENTION_NAME
+        compiled = _compiled_layers(self.model) if cfg.compile_step else nullcontext()
+        with _attention_implementation(self.model, attention), compiled:
             if cfg.compile_step:  # compile outside the timed steps and before any capture
                 start = time.perf_counter()
                 guide = _bucket(sync_every + 1, cfg.kv_bucket, self.guide_cap) if self.guided else 0
@@ -292,7 +332,7 @@ class StaticDecoder:
                 if self.use_graphs:
                     self._graph(key).replay()
                 else:
-                    self.step(*key)
+                    self._step(*key)
                 self.buckets_used.append(key)
                 steps += 1
         batch = eng._collect(prompt_ids, num_generations, s["tokens"][:, :steps], s["sampled"][:, :steps], s["done"])
@@ -313,10 +353,8 @@ class StaticDecoder:
         self.guide_cap = template_len
         n_layers = len(cache.layers)
         keys, values = [], []
-        # One spare column past the last readable one: no read ever spans a whole buffer, so a compiled step sees
-        # every read as a strict prefix and does not specialise on "the read is the whole buffer".
         for layer in cache.layers:
-            shape = (rows, layer.keys.shape[1], total + 1, layer.keys.shape[3])
+            shape = (rows, layer.keys.shape[1], total, layer.keys.shape[3])
             k = torch.zeros(shape, dtype=layer.keys.dtype, device=device)
             v = torch.zeros(shape[:3] + (layer.values.shape[3],), dtype=layer.values.dtype, device=device)
             # each prompt's keys/values go to its num_generations rows without a repeated temporary
@@ -326,10 +364,10 @@ class StaticDecoder:
             values.append(v)
             layer.keys = layer.values = None  # free the prefill cache layer by layer
         del cache
-        mask = torch.zeros((rows, total + 1), dtype=torch.bool, device=device)
+        mask = torch.zeros((rows, total), dtype=torch.bool, device=device)
         mask[:, :width] = attn.bool().repeat_interleave(num_generations, 0)
         vocab = logits.shape[-1]
-        self.kv = _SplitKV(
+        self.kv = (_OpaqueSplitKV if cfg.compile_step else _SplitKV)(
             keys=keys,
             values=values,
             mask=mask,
@@ -340,8 +378,8 @@ class StaticDecoder:
             chunk=cfg.kv_bucket,
         )
         if self.guided:
-            self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len + 1, k.shape[3])) for k in keys]
-            self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len + 1, v.shape[3])) for v in values]
+            self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len, k.shape[3])) for k in keys]
+            self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len, v.shape[3])) for v in values]
         self.n_layers = n_layers
         # Everything a step reads or writes, as fixed buffers: graphs replay on their addresses.
         self.state = {
@@ -365,11 +403,8 @@ class StaticDecoder:
         self.open_ids = eng.open_ids.to(device)
         self.text_mask = eng.text_mask.to(device)
         self.code_mask = eng.code_mask.to(device)
-        self.slot_range = torch.arange(template_len + 1, device=device)
+        self.slot_range = torch.arange(template_len, device=device)
         self.guide_index_shape = (rows, keys[0].shape[1], 1, keys[0].shape[3])
-        if cfg.compile_step:  # fixed by the model and stage sizes: kept out of the compiled step's dynamic shapes
-            for t in (self.templates, self.template_len, self.open_ids, self.text_mask, self.code_mask):
-                torch._dynamo.mark_static(t)
 
     def _release(self):
         self.graphs.clear()
@@ -390,7 +425,7 @@ class StaticDecoder:
         is_forced = in_image & ~is_code
 
         logits = s["logits"]
-        text_tok = sample_scores(
+        text_tok = self.sample(
             logits,
             self.text_mask,
             do_sample=cfg.do_sample,
@@ -403,7 +438,7 @@ class StaticDecoder:
         if self.guided:
             uncond = torch.log_softmax(s["uncond_logits"], dim=-1)
             code_scores = uncond + cfg.guidance_scale * (code_scores - uncond)
-        code_tok = sample_scores(
+        code_tok = self.sample(
             code_scores,
             self.code_mask,
             do_sample=cfg.do_sample,
@@ -486,7 +521,7 @@ class StaticDecoder:
         saved = self._snapshot()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self.step(*key)
+            self._step(*key)
         self._restore(*saved)  # capture records without running; this only guards against a backend that runs
         self.graphs[key] = graph
         self.graphs_captured += 1
@@ -497,7 +532,7 @@ class StaticDecoder:
         """Run a decode step and undo it. Its cache writes are not undone: they land at the column and guidance
         slots that the real step writes next, before anything reads them, so only the small state needs restoring."""
         saved = self._snapshot()
-        self.step(*key)
+        self._step(*key)
         self._restore(*saved)
 
     def _snapshot(self):
