@@ -84,10 +84,10 @@ class RolloutConfig:
     compile_step: bool = field(
         default=False,
         metadata={
-            "help": "Static engine: fuse the decode step's small kernels (norms, rotary, activations, sampling) with "
-            "torch.compile before capturing it. Compiles once per process, at the first rollout: more than three "
-            "minutes for a 7B model on a 16-core H100 machine. Equal tokens are tested; the GPU speed-up is not "
-            "measured yet (docs/benchmarks.md)."
+            "help": "Static engine: fuse the small kernels of the decode steps (norms, rotary, activations, sampling) "
+            "with torch.compile (each decoder layer, one code for all layers) before capturing them. Compiles once "
+            "per process, at the first rollout. Equal tokens are tested; the GPU speed-up is not measured yet "
+            "(docs/benchmarks.md)."
         },
     )
     decode_attention: str = field(
