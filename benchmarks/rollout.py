@@ -287,18 +287,29 @@ def add_lora(model, backend):
 
 
 def grpo_step(peft_model, backend, prompts, args, device) -> dict:
-    """A LoRA GRPO step at the same shape, computed the way ``VLCoTGRPOTrainer`` computes it: rollout (static engine
-    through the PEFT model), then all rows in one batch (prompts left-padded, completions right-padded) through
-    ``vlcot_grpo.logprobs.completion_logps``: once without grad (the old policy's log-probs, which TRL computes when
-    a batch is reused) and once with grad and gradient checkpointing for the clipped-ratio loss and its backward."""
+    """A LoRA GRPO step at the same shape, computed the way ``VLCoTGRPOTrainer`` computes it with its defaults:
+    rollout (static engine, adapters merged for it and the exact base weights restored, the host buffers already
+    allocated as they are after the trainer's first step; ``--grpo-unmerged``: through the PEFT layers), then all
+    rows in one batch (prompts left-padded, completions right-padded) through ``vlcot_grpo.logprobs.completion_logps``:
+    once without grad (the old policy's log-probs, which TRL computes when a batch is reused) and once with grad and
+    gradient checkpointing for the clipped-ratio loss and its backward."""
+    from vlcot_grpo.adapters import merged_adapters
     from vlcot_grpo.logprobs import completion_logps
 
     model = peft_model.get_base_model()
-    out = {}
+    out = {"rollout_merged": not args.grpo_unmerged}
+    buffers: dict = {}
     try:
+        if not args.grpo_unmerged:
+            with merged_adapters(peft_model, buffers):  # allocates (and page-locks) the host copies, untimed
+                pass
         reset_peak(device)
-        stats, batch = run_engine(peft_model, backend, prompts, args, device, "static")
-        out["rollout_seconds"] = stats["seconds_total"]
+        sync(device)
+        start = time.perf_counter()
+        with contextlib.nullcontext() if args.grpo_unmerged else merged_adapters(peft_model, buffers):
+            _, batch = run_engine(peft_model, backend, prompts, args, device, "static")
+        sync(device)
+        out["rollout_seconds"] = time.perf_counter() - start
         out["rollout_peak_gb"] = peak_gb(device)
         ids, mask, sampled, length = _training_batch(batch, backend, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -429,6 +440,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
     parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
+    parser.add_argument(
+        "--grpo-unmerged",
+        action="store_true",
+        help="--grpo-step rolls out through unmerged adapters (default: merged)",
+    )
     parser.add_argument(
         "--lora-merge-check", type=int, default=0, help="with --grpo-step, before it: rollout N tokens merged/not"
     )

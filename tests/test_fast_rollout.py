@@ -622,14 +622,16 @@ def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch):
 
 
 def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
-    """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison,
-    stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error entry. A device
+    """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison with
+    the compiled layers, stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error
+    entry. A device
     session is 15 minutes; a script bug must show up here, not there."""
     import json
 
     out = tmp_path / "bench.json"
     argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
-    argv += f" --engines static,reference --compare-attention 32 --grpo-step --lora-merge-check 32 --json {out}"
+    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,sdpa+compile"
+    argv += f" --grpo-step --lora-merge-check 32 --json {out}"
     results = bench.main(argv.split())
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert "error" not in json.dumps(results)
@@ -637,8 +639,11 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert set(runs) == {"stock generate + guidance", "static", "reference"}
     # the chain hooks force a whole chain: both engines write the same number of steps
     assert runs["static"]["steps"] == runs["reference"]["steps"] > 0
-    assert set(results["attention_kernels"]) == {"sdpa", "matmul"} and results["attention_used"] in ("sdpa", "matmul")
+    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "sdpa+compile"}
+    assert results["attention_used"] in ("sdpa", "matmul")  # the fastest uncompiled kernel
+    assert results["attention_kernels"]["sdpa+compile"]["compile_seconds"] > 0
     step = results["grpo_step"]
+    assert step["rollout_merged"]  # as the trainer rolls out by default
     assert step["step_seconds"] == pytest.approx(
         step["rollout_seconds"] + step["logprob_seconds"] + step["train_seconds"]
     )
