@@ -571,7 +571,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
             middle_size=16,
             final_size=32,
         )
-        assert args.rollout_config().engine == engine
+        assert args.rollout_config().engine == engine and not args.rollout_config().compile_step
         trainer = VLCoTGRPOTrainer(
             model=Emu3ForConditionalGeneration.from_pretrained(tiny_path),
             reward_funcs=[lambda completion_ids, **kw: [len(c) / 100 for c in completion_ids]],
@@ -594,6 +594,8 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     assert len(seen["static"]) == 4 and same >= 3 and static_runs == [1]
     with pytest.raises(ValueError):
         VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_engine="fast")
+    compiled = VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_compile=True, use_cpu=True, report_to=[])
+    assert compiled.rollout_config().compile_step
 
 
 # ----- GPU (device session): CUDA-graph replay equals the eager step; larger presets -------------------------------

@@ -32,7 +32,8 @@ def test_upscale_writes_final_images_chains_and_reports(tiny_path, photo, tmp_pa
 
 
 def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch, bench):
-    """--engine reaches the rollout: with guidance, both engines write the same greedy chain and final image. Logit
+    """--engine and --compile reach the rollout: with guidance, both engines (the static one also with its decode
+    steps compiled) write the same greedy chain and final image. Logit
     hooks make the random tiny model open the rough image at once and chain the stages (benchmarks/rollout.py)."""
     from vlcot_grpo import inference
 
@@ -50,18 +51,21 @@ def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path
     from vlcot_grpo.fast_rollout import StaticDecoder
 
     static_runs, run = [], StaticDecoder.run
-    monkeypatch.setattr(StaticDecoder, "run", lambda self, *a, **k: static_runs.append(1) or run(self, *a, **k))
+    monkeypatch.setattr(
+        StaticDecoder, "run", lambda self, *a, **k: static_runs.append(self.config.compile_step) or run(self, *a, **k)
+    )
     photo.resize((32, 32)).save(tmp_path / "astronaut.png")
     outputs = {}
-    for engine in ("reference", "static"):
-        out = tmp_path / engine
+    for engine, extra in (("reference", []), ("static", []), ("static", ["--compile"])):
+        out = tmp_path / (engine + "".join(extra))
         cli(["upscale", "--model", str(tiny_path), "--input", str(tmp_path / "astronaut.png"), "--out", str(out),
              "--lr-size", "16", "--sizes", "8", "16", "32", "--max-new-tokens", "300", "--greedy", "--guidance-scale",
-             "2.0", "--engine", engine])  # fmt: skip
+             "2.0", "--engine", engine, *extra])  # fmt: skip
         record = json.loads((out / "astronaut.json").read_text())
         assert "final" in record, record
-        outputs[engine] = (record["texts"], record["problems"], (out / "astronaut.png").read_bytes())
-    assert outputs["static"] == outputs["reference"] and static_runs == [1]
+        outputs[out.name] = (record["texts"], record["problems"], (out / "astronaut.png").read_bytes())
+    assert outputs["static"] == outputs["reference"] == outputs["static--compile"]
+    assert static_runs == [False, True]
 
 
 def test_upscale_missing_input_is_named(tiny_path, tmp_path):

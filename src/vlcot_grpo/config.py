@@ -53,6 +53,14 @@ class VLCoTGRPOConfig(GRPOConfig):
             "choices": list(ENGINES),
         },
     )
+    rollout_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Static engine: compile the decoder layers and the sampler for the decode steps "
+            "(RolloutConfig.compile_step; once per process, at the first rollout). Opt-in until its GPU speed-up "
+            "is measured (docs/benchmarks.md)."
+        },
+    )
     rollout_merge_adapters: bool = field(
         default=True,
         metadata={
@@ -107,6 +115,7 @@ class VLCoTGRPOConfig(GRPOConfig):
             image_top_k=self.image_top_k,
             guidance_scale=self.guidance_scale,
             engine=self.rollout_engine,
+            compile_step=self.rollout_compile,
         )
 
 

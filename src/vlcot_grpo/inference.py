@@ -101,6 +101,9 @@ def upscale_main(argv=None) -> int:
         default=RolloutConfig.engine,
         help="Rollout engine (see RolloutConfig.engine); the same tokens either way under --greedy.",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="Static engine: compile the decode steps (RolloutConfig.compile_step)."
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +123,7 @@ def upscale_main(argv=None) -> int:
         image_top_k=args.image_top_k,
         guidance_scale=args.guidance_scale,
         engine=args.engine,
+        compile_step=args.compile,
     )
     from vlcot_grpo.pictures import sample_picture
 
