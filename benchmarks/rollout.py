@@ -493,6 +493,9 @@ def main(argv=None) -> dict:
     # short runs first: a device run cut off by its time limit still has numbers
     if args.compare_attention:
         results["attention_kernels"] = {}
+        # untimed: lazy set-up (kernel libraries, allocator) would otherwise be charged to the first variant
+        warm = argparse.Namespace(**{**vars(args), "compile": False, "attention": "sdpa"})
+        run_engine(model, backend, prompts, warm, device, "static", 16)
         for variant in args.compare_kernels.split(","):
             kernel, compiled = variant.split("+")[0], variant.endswith("+compile")
             try:
