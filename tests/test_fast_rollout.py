@@ -528,6 +528,15 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
     assert default.resolved_engine(torch.device("cuda")) == "static"
     assert RolloutConfig(engine="reference").resolved_engine(torch.device("cuda")) == "reference"
     assert RolloutConfig(engine="static").resolved_engine(torch.device("cpu")) == "static"
+    # quantized weights: "auto" keeps the reference engine (their kernels are unchecked inside CUDA graphs)
+    assert default.resolved_engine(torch.device("cuda"), quantized=True) == "reference"
+    assert RolloutConfig(engine="static").resolved_engine(torch.device("cuda"), quantized=True) == "static"
+    from vlcot_grpo.rollout import has_quantized_weights
+
+    assert not has_quantized_weights(model)
+    layer = torch.nn.Linear(2, 2)
+    layer.weight = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.uint8), requires_grad=False)
+    assert has_quantized_weights(torch.nn.Sequential(torch.nn.Linear(2, 2), layer))
     with pytest.raises(ValueError):
         RolloutConfig(engine="fast")
 

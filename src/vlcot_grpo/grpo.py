@@ -89,6 +89,7 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from vlcot_grpo.plots import plot_rewards
+    from vlcot_grpo.rollout import has_quantized_weights
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
     model, tokenizer = load_policy(model_args, training_args, script_args)
@@ -106,8 +107,8 @@ def main(argv=None) -> Path:
     log_distribution(trainer)
     logging.getLogger("vlcot_grpo").info(
         "rollout engine: %s, LoRA adapters merged for rollouts: %s",
-        trainer.engine.config.resolved_engine(trainer.accelerator.device),
-        training_args.rollout_merge_adapters,
+        trainer.engine.config.resolved_engine(trainer.accelerator.device, has_quantized_weights(trainer.model)),
+        trainer._merge_for_rollouts,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     output_dir = Path(training_args.output_dir)

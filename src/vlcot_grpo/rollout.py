@@ -61,7 +61,8 @@ class RolloutConfig:
     engine: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (static on CUDA, reference elsewhere), 'static' (vlcot_grpo.fast_rollout: static caches, "
+            "help": "'auto' (static on CUDA unless the weights are quantized, reference elsewhere), 'static' "
+            "(vlcot_grpo.fast_rollout: static caches, "
             "CUDA graphs on CUDA; 9x stock generate with guidance at 7B, 22x at 1B on an H100) or 'reference' "
             "(DynamicCache, eager). Same tokens under greedy decoding.",
             "choices": list(ENGINES),
@@ -107,11 +108,18 @@ class RolloutConfig:
         if self.sync_every < 1 or self.kv_bucket < 1:
             raise ValueError("sync_every and kv_bucket must be at least 1")
 
-    def resolved_engine(self, device: torch.device) -> str:
-        """The engine that runs on ``device``: ``engine`` with ``"auto"`` resolved."""
+    def resolved_engine(self, device: torch.device, quantized: bool = False) -> str:
+        """The engine that runs on ``device``: ``engine`` with ``"auto"`` resolved. ``quantized``: the model has
+        quantized (integer-stored) weights, whose kernels have not been checked inside captured CUDA graphs, so
+        ``"auto"`` keeps them on the reference engine (``"static"`` still forces the static one)."""
         if self.engine == "auto":
-            return "static" if torch.device(device).type == "cuda" else "reference"
+            return "static" if torch.device(device).type == "cuda" and not quantized else "reference"
         return self.engine
+
+
+def has_quantized_weights(model) -> bool:
+    """Whether any parameter is stored as integers (bitsandbytes 4/8-bit weights are)."""
+    return any(not p.is_floating_point() for p in model.parameters())
 
 
 @dataclass
@@ -162,7 +170,7 @@ class RolloutEngine:
         A prompt may end inside the chain, e.g. right after ``<rough_image>``: the engine then starts in image mode.
         """
         device = self.model.device if hasattr(self.model, "device") else next(self.model.parameters()).device
-        if self.config.resolved_engine(device) == "static":
+        if self.config.resolved_engine(device, has_quantized_weights(self.model)) == "static":
             from vlcot_grpo.fast_rollout import StaticDecoder
 
             return StaticDecoder(self, device).run(prompt_ids, num_generations, generator)
