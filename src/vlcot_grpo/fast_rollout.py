@@ -102,7 +102,6 @@ class _SplitKV:
     guide_index: torch.Tensor | None = None  # guide_slot as a scatter index (R, kv_heads, 1, head_dim), set each step
     guide_bias: torch.Tensor | None = None  # (R, 1, 1, guide_read_len), set each step
     guide_read_len: int = 0
-    row_index: torch.Tensor | None = None  # arange(R)
     kernel: str = "sdpa"
     chunk: int = 0  # "matmul" kernel: positions per piece of the split reduction
 
@@ -261,14 +260,15 @@ def _compiled_layers(model):
     eager modules. All layers share one compiled code (their parameters are inputs, ``layer_idx`` an unspecialised
     int), kept by dynamo for the process, so the next rollout does not compile again."""
     layers = _decoder_layers(model)
+    before = [layer._compiled_call_impl for layer in layers]  # what nn.Module.compile sets (None: eager)
     for layer in layers:
         layer.compile(dynamic=True)
     try:
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
             yield
     finally:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set: the module is eager again
+        for layer, impl in zip(layers, before):
+            layer._compiled_call_impl = impl
 
 
 _compiled_sample_scores = torch.compile(sample_scores, dynamic=True)
@@ -373,7 +373,6 @@ class StaticDecoder:
             mask=mask,
             column=torch.full((1,), width, dtype=torch.long, device=device),
             rows=rows,
-            row_index=torch.arange(rows, device=device),
             kernel=cfg.decode_attention,
             chunk=cfg.kv_bucket,
         )
