@@ -76,8 +76,10 @@ bench() {
 
 if [ "$PLAN" = default ]; then
     gpu_tests 150 tests/test_fast_rollout.py tests/test_logprobs.py -m gpu
-    bench 300 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile
-    bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile
+    bench 300 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile \
+        --profile-step
+    bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 --compare-kernels sdpa,sdpa+compile --compile \
+        --profile-step
 else
     bench 340 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
     bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512

@@ -186,8 +186,8 @@ def guidance_context(backend, completions, steps) -> list[int]:
 
 
 # ----- runs --------------------------------------------------------------------------------------------------------
-def run_engine(model, backend, prompts, args, device, engine_name, max_new=None) -> dict:
-    config = RolloutConfig(
+def rollout_config(args, engine_name, max_new=None) -> RolloutConfig:
+    return RolloutConfig(
         stage_sizes={s: (size, size) for s, size in zip(STAGES, args.stage_sizes)},
         max_new_tokens=max_new or args.max_new_tokens,
         image_temperature=0.9,
@@ -201,7 +201,10 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         decode_attention=args.attention,
         compile_step=args.compile,
     )
-    engine = RolloutEngine(model, backend, config)
+
+
+def run_engine(model, backend, prompts, args, device, engine_name, max_new=None) -> dict:
+    engine = RolloutEngine(model, backend, rollout_config(args, engine_name, max_new))
     gen = torch.Generator(device).manual_seed(0)
     reset_peak(device)
     sync(device)
@@ -239,6 +242,56 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         decode = total - decoder.prefill_seconds - decoder.compile_seconds - decoder.capture_seconds
         out["decode_seconds"] = decode
     return out, batch
+
+
+def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
+    """The static engine's decode step run eagerly (no graph) under torch.profiler, right after the prompt: on CUDA,
+    kernels launched per step, their summed time and the ten kernels that take most of it. Set against the graph
+    replay's time per step, that says whether a step is slow in its kernels or between them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlcot_grpo.fast_rollout import (
+        ATTENTION_NAME,
+        OPAQUE_ATTENTION_NAME,
+        StaticDecoder,
+        _attention_implementation,
+        _bucket,
+        _compiled_layers,
+    )
+
+    config = rollout_config(args, "static", 64)  # long enough for the 2 + steps steps run
+    decoder = StaticDecoder(RolloutEngine(model, backend, config), device)
+    decoder._setup(prompts, args.group, device)
+    guide = _bucket(config.sync_every + 1, config.kv_bucket, decoder.guide_cap) if decoder.guided else 0
+    key = (_bucket(decoder.width + 2 + steps, config.kv_bucket, decoder.kv_cap), guide)  # covers every step run
+    attention = OPAQUE_ATTENTION_NAME if config.compile_step else ATTENTION_NAME
+    compiled = _compiled_layers(model) if config.compile_step else contextlib.nullcontext()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _attention_implementation(model, attention), compiled:
+        for _ in range(2):  # lazy set-up (and compilation) outside the profile
+            decoder._step(*key)
+        sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                decoder._step(*key)
+            sync(device)
+    decoder._release()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:  # on CUDA: the kernels themselves
+        timed = [(e.name, e.time_range.elapsed_us()) for e in kernels]
+    else:  # on the CPU: aten ops by their own time
+        timed = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.name.startswith("aten::")]
+    by_name: dict[str, list[float]] = {}
+    for name, us in timed:
+        by_name.setdefault(name, []).append(us)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    return {
+        "compiled": config.compile_step,
+        "read_len": key[0],
+        "kernels_per_step" if kernels else "aten_ops_per_step": len(timed) / steps,
+        "kernel_ms_per_step" if kernels else "op_ms_per_step": sum(us for _, us in timed) / steps / 1e3,
+        "top": [[name[:120], len(us) / steps, sum(us) / steps / 1e3] for name, us in top],
+    }
 
 
 def run_stock(model, backend, prompts, args, device) -> dict:
@@ -438,6 +491,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--compile", action="store_true", help="static engine: compile_step (torch.compile)")
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
+    parser.add_argument(
+        "--profile-step", action="store_true", help="also: kernels of one eager decode step (torch.profiler)"
+    )
     parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
     parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
     parser.add_argument(
@@ -520,6 +576,18 @@ def main(argv=None) -> dict:
         }
         args.attention = max(rates, key=rates.get) if rates else RolloutConfig.decode_attention
     results["attention_used"] = args.attention
+    if args.profile_step:
+        results["step_profile"] = {}
+        for compiled in sorted({False, args.compile}):
+            name = "compiled" if compiled else "eager"
+            try:
+                short = argparse.Namespace(**{**vars(args), "compile": compiled})
+                results["step_profile"][name] = profile_step(model, backend, prompts, short, device)
+                print(f"decode step profile ({name}):", json.dumps(results["step_profile"][name]), flush=True)
+            except Exception as err:
+                traceback.print_exc()
+                results["step_profile"][name] = {"error": repr(err)}
+            save()
     results["compiled"] = args.compile
     print(f"static engine decode attention: {args.attention}{', compiled' if args.compile else ''}", flush=True)
     if args.stock_steps > 1:

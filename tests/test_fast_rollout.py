@@ -642,7 +642,7 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     out = tmp_path / "bench.json"
     argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
     argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,sdpa+compile"
-    argv += f" --grpo-step --lora-merge-check 32 --json {out}"
+    argv += f" --grpo-step --lora-merge-check 32 --profile-step --json {out}"
     results = bench.main(argv.split())
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert "error" not in json.dumps(results)
@@ -653,6 +653,7 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert set(results["attention_kernels"]) == {"sdpa", "matmul", "sdpa+compile"}
     assert results["attention_used"] in ("sdpa", "matmul")  # the fastest uncompiled kernel
     assert results["attention_kernels"]["sdpa+compile"]["compile_seconds"] > 0
+    assert results["step_profile"]["eager"]["aten_ops_per_step"] > 0 and results["step_profile"]["eager"]["top"]
     step = results["grpo_step"]
     assert step["rollout_merged"]  # as the trainer rolls out by default
     assert step["step_seconds"] == pytest.approx(
