@@ -542,8 +542,9 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
 
 
 def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch):
-    """VLCoTGRPOConfig.rollout_engine reaches the trainer's engine; one seeded LoRA GRPO step rolls out the same
-    completions through the PEFT model with either engine (both draw the same exponential race)."""
+    """VLCoTGRPOConfig.rollout_engine and rollout_compile reach the trainer's engine; one seeded LoRA GRPO step rolls
+    out the same completions through the PEFT model with either engine, compiled or not (all draw the same
+    exponential race)."""
     pytest.importorskip("trl")
     import datasets
     import skimage.data
@@ -552,6 +553,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
     from vlcot_grpo.config import VLCoTGRPOConfig
+    from vlcot_grpo.fast_rollout import _decoder_layers
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
     if not _multinomial_is_exponential_race():
@@ -561,10 +563,11 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     seen, static_runs = {}, []
     run = StaticDecoder.run
     monkeypatch.setattr(StaticDecoder, "run", lambda self, *a, **k: static_runs.append(1) or run(self, *a, **k))
-    for engine in ("reference", "static"):
+    for engine, compiled in (("reference", False), ("static", False), ("static", True)):
         args = VLCoTGRPOConfig(
-            output_dir=str(tmp_path / engine),
+            output_dir=str(tmp_path / f"{engine}{compiled}"),
             rollout_engine=engine,
+            rollout_compile=compiled,
             max_completion_length=120,
             num_generations=4,
             per_device_train_batch_size=4,
@@ -580,7 +583,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
             middle_size=16,
             final_size=32,
         )
-        assert args.rollout_config().engine == engine and not args.rollout_config().compile_step
+        assert args.rollout_config().engine == engine and args.rollout_config().compile_step == compiled
         trainer = VLCoTGRPOTrainer(
             model=Emu3ForConditionalGeneration.from_pretrained(tiny_path),
             reward_funcs=[lambda completion_ids, **kw: [len(c) / 100 for c in completion_ids]],
@@ -597,10 +600,13 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
 
         trainer.engine.generate = record
         trainer.train()
-        seen[engine] = calls[0].completion_ids
+        assert all(layer._compiled_call_impl is None for layer in _decoder_layers(trainer.model))  # eager training
+        seen[engine, compiled] = calls[0].completion_ids
     # a near-tie in one draw (float rounding differs between the attention paths) may change one row
-    same = sum(x == y for x, y in zip(seen["static"], seen["reference"]))
-    assert len(seen["static"]) == 4 and same >= 3 and static_runs == [1]
+    for other in (("static", False), ("static", True)):
+        same = sum(x == y for x, y in zip(seen[other], seen["reference", False]))
+        assert len(seen[other]) == 4 and same >= 3
+    assert static_runs == [1, 1]
     with pytest.raises(ValueError):
         VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_engine="fast")
     compiled = VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_compile=True, use_cpu=True, report_to=[])
