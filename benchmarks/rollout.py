@@ -294,6 +294,45 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
     }
 
 
+def gemm_bandwidth(model, rows: int, device) -> dict:
+    """Weight bandwidth (TB/s) of one decode step's matrix products at this model's shapes, ``rows`` tokens each:
+    the projections one by one and fused (q+k+v, gate+up), as a decode step would run them. A matrix product with
+    so few rows reads its weight once, so its time is the weight bytes over the rate it streams them."""
+    text = model.config.get_text_config()
+    hidden, inter = text.hidden_size, text.intermediate_size
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    kv = 2 * text.num_key_value_heads * head_dim
+    dtype = next(model.parameters()).dtype
+    shapes = {
+        "q or o": (hidden, hidden),
+        "k+v": (kv, hidden),
+        "gate or up": (inter, hidden),
+        "down": (hidden, inter),
+        "q+k+v fused": (hidden + kv, hidden),
+        "gate+up fused": (2 * inter, hidden),
+    }
+    reps = 50 if device.type == "cuda" else 3
+    out = {}
+    for name, (n, k) in shapes.items():
+        weight = torch.randn(n, k, dtype=dtype, device=device)
+        x = torch.randn(rows, k, dtype=dtype, device=device)
+        for _ in range(3):
+            torch.nn.functional.linear(x, weight)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.linear(x, weight)
+        sync(device)
+        seconds = (time.perf_counter() - start) / reps
+        out[name] = {
+            "shape": [rows, k, n],
+            "us": seconds * 1e6,
+            "tbs": weight.numel() * weight.element_size() / seconds / 1e12,
+        }
+        del weight, x
+    return out
+
+
 def run_stock(model, backend, prompts, args, device) -> dict:
     """Stock generate with guidance on the same rows: time for 1 and for N new tokens, same sampling settings."""
     rows = [p for p in prompts for _ in range(args.group)]
@@ -492,7 +531,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile", action="store_true", help="static engine: compile_step (torch.compile)")
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument(
-        "--profile-step", action="store_true", help="also: kernels of one eager decode step (torch.profiler)"
+        "--profile-step",
+        action="store_true",
+        help="also: kernels of one eager decode step (torch.profiler) and the weight bandwidth of its matrix products",
     )
     parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
     parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
@@ -588,6 +629,17 @@ def main(argv=None) -> dict:
                 traceback.print_exc()
                 results["step_profile"][name] = {"error": repr(err)}
             save()
+    if args.profile_step:
+        try:
+            rows = args.group * args.prompts * (2 if args.guidance != 1.0 else 1)
+            results["gemm_bandwidth"] = gemm_bandwidth(model, rows, device)
+            print(
+                "matrix products, weight TB/s:", {k: round(v["tbs"], 2) for k, v in results["gemm_bandwidth"].items()}
+            )
+        except Exception as err:
+            traceback.print_exc()
+            results["gemm_bandwidth"] = {"error": repr(err)}
+        save()
     results["compiled"] = args.compile
     print(f"static engine decode attention: {args.attention}{', compiled' if args.compile else ''}", flush=True)
     if args.stock_steps > 1:

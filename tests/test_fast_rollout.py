@@ -660,6 +660,7 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert results["attention_used"] in ("sdpa", "matmul")  # the fastest uncompiled kernel
     assert results["attention_kernels"]["sdpa+compile"]["compile_seconds"] > 0
     assert results["step_profile"]["eager"]["aten_ops_per_step"] > 0 and results["step_profile"]["eager"]["top"]
+    assert results["gemm_bandwidth"]["q+k+v fused"]["tbs"] > 0
     step = results["grpo_step"]
     assert step["rollout_merged"]  # as the trainer rolls out by default
     assert step["step_seconds"] == pytest.approx(
