@@ -673,6 +673,25 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_released(tiny, photo):
+    """After a static-engine generate (caches, CUDA graphs and their pool) the allocated memory is back where it was."""
+    model, _, backend = tiny
+    model.cuda()
+    try:
+        prompts = _prompts(backend, photo)
+        config = _config(max_new_tokens=300, engine="static", guidance_scale=3.0)
+        RolloutEngine(model, backend, config).generate(prompts, 3)  # first call: lazy CUDA/cuBLAS set-up
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        RolloutEngine(model, backend, config).generate(prompts, 3)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before + (1 << 20)
+    finally:
+        model.cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel):
@@ -734,22 +753,3 @@ def test_gpu_compiled_graphs_equal_reference(bench):
         config = RolloutConfig(engine="static", compile_step=True, **kw)
         fast = RolloutEngine(model, backend, config).generate(prompts, 2)
         assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, guidance
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_memory_released(tiny, photo):
-    """After a static-engine generate (caches, CUDA graphs and their pool) the allocated memory is back where it was."""
-    model, _, backend = tiny
-    model.cuda()
-    try:
-        prompts = _prompts(backend, photo)
-        config = _config(max_new_tokens=300, engine="static", guidance_scale=3.0)
-        RolloutEngine(model, backend, config).generate(prompts, 3)  # first call: lazy CUDA/cuBLAS set-up
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        RolloutEngine(model, backend, config).generate(prompts, 3)
-        torch.cuda.synchronize()
-        assert torch.cuda.memory_allocated() <= before + (1 << 20)
-    finally:
-        model.cpu()
