@@ -54,8 +54,9 @@ price is capturing again at every call (``StaticDecoder.capture_seconds`` says h
 same step runs eagerly; its capture-readiness is checked there by tracing it with ``torch.compile(fullgraph=True)``.
 
 Compiled layers (``compile_step``, opt-in). On an H100 the 7B step reached 67 % of the memory roofline; the missing
-third is fixed per-step cost, ~40 small kernels per layer (norms, rotary, activations, residuals), each a few
-microseconds even inside a graph. ``torch.compile`` (inductor) fuses them. What is compiled is each decoder layer
+third is a fixed per-step cost. One candidate is the ~40 small kernels per layer (norms, rotary, activations,
+residuals), each a few microseconds even inside a graph: ``torch.compile`` (inductor) fuses them. The other is the
+bandwidth of 10-row matrix products (``benchmarks/rollout.py --profile-step`` measures both). What is compiled is each decoder layer
 (regional compilation: one compiled code for all layers, so compile time does not grow with depth) and the sampling
 function; the cache writes and the split attention stay outside, since they index per-layer buffers. The code is
 compiled with dynamic shapes once per process (a new bucket or row count does not compile again) and used for the
