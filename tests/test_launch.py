@@ -34,8 +34,9 @@ def launch(tmp_path, zero: str, method: str, *extra) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
-    # ZeRO-3 also runs the static engine on the gathered weights, with the LoRA adapters merged for the rollout
-    extra = ["--rollout_engine", "static", "--rollout_merge_adapters", "true"] if zero == "zero3" else []
+    # ZeRO-3 also runs the static engine on the gathered weights, its decode steps compiled (DeepSpeed's hooks on
+    # every module) and the LoRA adapters merged for the rollout (the default)
+    extra = ["--rollout_engine", "static", "--rollout_compile", "true"] if zero == "zero3" else []
     log = launch(
         tmp_path,
         zero,
@@ -48,7 +49,8 @@ def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
         "1",
         *extra,
     )
-    assert "rollout engine: " + ("static" if extra else "reference") in log, log[-2000:]
+    engine = "static (decode steps compiled: True)" if extra else "reference (decode steps compiled: False)"
+    assert f"rollout engine: {engine}, LoRA adapters merged for rollouts: True" in log, log[-2000:]
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
     assert any((out / "samples").iterdir())

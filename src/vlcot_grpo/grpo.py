@@ -106,8 +106,9 @@ def main(argv=None) -> Path:
     )
     log_distribution(trainer)
     logging.getLogger("vlcot_grpo").info(
-        "rollout engine: %s, LoRA adapters merged for rollouts: %s",
+        "rollout engine: %s (decode steps compiled: %s), LoRA adapters merged for rollouts: %s",
         trainer.engine.config.resolved_engine(trainer.accelerator.device, has_quantized_weights(trainer.model)),
+        trainer.engine.config.compile_step,
         trainer._merge_for_rollouts,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
