@@ -250,24 +250,15 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
     replay's time per step, that says whether a step is slow in its kernels or between them."""
     from torch.profiler import ProfilerActivity, profile
 
-    from vlcot_grpo.fast_rollout import (
-        ATTENTION_NAME,
-        OPAQUE_ATTENTION_NAME,
-        StaticDecoder,
-        _attention_implementation,
-        _bucket,
-        _compiled_layers,
-    )
+    from vlcot_grpo.fast_rollout import StaticDecoder, _bucket
 
     config = rollout_config(args, "static", 64)  # long enough for the 2 + steps steps run
     decoder = StaticDecoder(RolloutEngine(model, backend, config), device)
     decoder._setup(prompts, args.group, device)
     guide = _bucket(config.sync_every + 1, config.kv_bucket, decoder.guide_cap) if decoder.guided else 0
     key = (_bucket(decoder.width + 2 + steps, config.kv_bucket, decoder.kv_cap), guide)  # covers every step run
-    attention = OPAQUE_ATTENTION_NAME if config.compile_step else ATTENTION_NAME
-    compiled = _compiled_layers(model) if config.compile_step else contextlib.nullcontext()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with _attention_implementation(model, attention), compiled:
+    with decoder.decoding():
         for _ in range(2):  # lazy set-up (and compilation) outside the profile
             decoder._step(*key)
         sync(device)

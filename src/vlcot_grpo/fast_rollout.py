@@ -311,9 +311,7 @@ class StaticDecoder:
         sync_every = cfg.sync_every
         guide_len = 0
         steps = 0
-        attention = OPAQUE_ATTENTION_NAME if cfg.compile_step else ATTENTION_NAME
-        compiled = _compiled_layers(self.model) if cfg.compile_step else nullcontext()
-        with _attention_implementation(self.model, attention), compiled:
+        with self.decoding():
             if cfg.compile_step:  # compile outside the timed steps and before any capture
                 start = time.perf_counter()
                 guide = _bucket(sync_every + 1, cfg.kv_bucket, self.guide_cap) if self.guided else 0
@@ -339,6 +337,14 @@ class StaticDecoder:
         batch = eng._collect(prompt_ids, num_generations, s["tokens"][:, :steps], s["sampled"][:, :steps], s["done"])
         self._release()
         return batch
+
+    @contextmanager
+    def decoding(self):
+        """The model as the decode steps need it: the split attention and, with ``compile_step``, compiled layers."""
+        name = OPAQUE_ATTENTION_NAME if self.config.compile_step else ATTENTION_NAME
+        compiled = _compiled_layers(self.model) if self.config.compile_step else nullcontext()
+        with _attention_implementation(self.model, name), compiled:
+            yield
 
     # ----- setup -----------------------------------------------------------------------------------------------
     def _setup(self, prompt_ids, num_generations, device):
