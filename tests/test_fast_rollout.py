@@ -429,6 +429,26 @@ def test_compiled_layers_write_the_reference_tokens(bench):
         torch._dynamo.reset()
 
 
+def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
+    """A compile that fails (here: no working C++ compiler for inductor's CPU kernels) is an error naming
+    compile_step; the model's layers and attention are as before."""
+    from vlcot_grpo.fast_rollout import _decoder_layers
+
+    model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
+    prompts = bench.make_prompts(backend, 1, 32)
+    config = _config(max_new_tokens=20, engine="static", compile_step=True)
+    attention = model.config.get_text_config()._attn_implementation
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}):
+            with pytest.raises(RuntimeError, match=r"compile_step .*C\+\+ compiler"):
+                RolloutEngine(model, backend, config).generate(prompts, 2)
+    finally:
+        torch._dynamo.reset()
+    assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))
+    assert model.config.get_text_config()._attn_implementation == attention
+
+
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 def test_step_reads_nothing_from_the_host(tiny, photo, kernel):
     """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds

@@ -315,7 +315,14 @@ class StaticDecoder:
             if cfg.compile_step:  # compile outside the timed steps and before any capture
                 start = time.perf_counter()
                 guide = _bucket(sync_every + 1, cfg.kv_bucket, self.guide_cap) if self.guided else 0
-                self._rolled_back_step((_bucket(self.width + 1, cfg.kv_bucket, self.kv_cap), guide))
+                try:
+                    self._rolled_back_step((_bucket(self.width + 1, cfg.kv_bucket, self.kv_cap), guide))
+                except Exception as err:
+                    raise RuntimeError(
+                        "compile_step (rollout_compile / upscale --compile): the first compiled decode step failed "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        "the rollout runs without it when the option is off"
+                    ) from err
                 self.compile_seconds = time.perf_counter() - start
             while steps < max_new:
                 if steps % sync_every == 0:
