@@ -634,9 +634,11 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
 
 
 # ----- GPU (device session): CUDA-graph replay equals the eager step; larger presets -------------------------------
-def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch):
-    """The KV buffers and step state live for one generate call only: nothing holds them once it returns, so the
-    training phase gets their memory back (on CUDA, also the graphs' pool: see test_gpu_memory_released)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compiled):
+    """The KV buffers and step state live for one generate call only: nothing holds them once it returns (the
+    compiled layers' code neither), so the training phase gets their memory back (on CUDA, also the graphs' pool:
+    see test_gpu_memory_released)."""
     import gc
     import weakref
 
@@ -651,7 +653,7 @@ def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch):
         )
 
     monkeypatch.setattr(StaticDecoder, "_setup", recording_setup)
-    config = _config(max_new_tokens=40, engine="static", guidance_scale=3.0)
+    config = _config(max_new_tokens=40, engine="static", guidance_scale=3.0, compile_step=compiled)
     engine = RolloutEngine(model, backend, config)  # kept alive, as the trainer keeps its engine
     batch = engine.generate(_prompts(backend, photo), 2)
     gc.collect()
