@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlcot_grpo.models import CODE
-from vlcot_grpo.rollout import RolloutConfig, RolloutEngine, _top_k_per_row
+from vlcot_grpo.rollout import RolloutConfig, RolloutEngine, _filter_top_k
 from vlcot_grpo.vlcot import IMAGE_BLOCKS, STAGES, encode_prompt, parse_completions
 
 SIZES = {"rough": (8, 8), "middle": (16, 16), "final": (32, 32)}
@@ -162,7 +162,7 @@ def test_prefill_shared_across_generations_matches_separate_prompts(tiny, photo)
 
 def test_entropy_top_k_keeps_k_best():
     scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
-    kept = _top_k_per_row(scores, torch.tensor([1, 3]))
+    kept = _filter_top_k(scores, torch.tensor([1, 3]), scores.shape[-1])
     assert torch.isfinite(kept).sum(-1).tolist() == [1, 3]
     assert torch.isfinite(kept[1]).tolist() == [False, True, True, True]
 

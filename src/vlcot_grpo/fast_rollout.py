@@ -76,10 +76,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from vlcot_grpo.models import CODE
+from vlcot_grpo.rollout import filter_scores
 from vlcot_grpo.vlcot import STAGES
 
 ATTENTION_NAME = "vlcot_split"
-ENTROPY_TOP_K_MAX = 2000  # k = 1 + 1999 sigmoid(H - 5) never exceeds this
 
 
 # ----- attention over the two caches ---------------------------------------------------------------------------------
@@ -206,35 +206,12 @@ def _attention_implementation(model, name: str):
 
 
 # ----- sampling ------------------------------------------------------------------------------------------------------
-def _filter_top_k(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
-    """Keep the ``k[i]`` best scores of row ``i`` (ties at the threshold kept), with ``topk`` instead of a sort."""
-    k_max = min(k_max, scores.shape[-1])
-    best = scores.topk(k_max, dim=-1).values
-    kth = best.gather(-1, (k.clamp(1, k_max) - 1)[:, None])
-    return scores.masked_fill(scores < kth, float("-inf"))
-
-
-def _filter_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_scores, order = scores.sort(-1, descending=True)
-    probs = torch.softmax(sorted_scores, -1)
-    drop = probs.cumsum(-1) - probs > top_p
-    return scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-
-
 def sample_scores(scores, support, *, do_sample, temperature, top_k, top_p, noise):
     """One token per row, as ``RolloutEngine._sample`` but without a host sync: exponential race on ``noise``."""
     scores = scores.float().masked_fill(~support, float("-inf"))
     if not do_sample:
         return scores.argmax(-1)
-    scores = scores / max(temperature, 1e-6)
-    if top_k == -1:
-        probs = torch.softmax(scores, -1)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).clamp(0, 10)
-        scores = _filter_top_k(scores, (1 + 1999 * torch.sigmoid(entropy - 5)).long(), ENTROPY_TOP_K_MAX)
-    elif top_k > 0:
-        scores = _filter_top_k(scores, torch.full_like(scores[:, 0], top_k, dtype=torch.long), top_k)
-    if top_p < 1.0:
-        scores = _filter_top_p(scores, top_p)
+    scores = filter_scores(scores, temperature, top_k, top_p)
     # an exact 0 from exponential_ would turn a zero probability into NaN, which argmax prefers
     return (torch.softmax(scores, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
 
@@ -365,7 +342,6 @@ class StaticDecoder:
         self.kv_cap = total
         template_len = _bucket(int(eng.template_len.max()), cfg.kv_bucket, 1 << 62)
         self.guide_cap = template_len
-        n_layers = len(cache.layers)
         keys, values = [], []
         for layer in cache.layers:
             shape = (rows, layer.keys.shape[1], total, layer.keys.shape[3])
@@ -393,7 +369,6 @@ class StaticDecoder:
         if self.guided:
             self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len, k.shape[3])) for k in keys]
             self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len, v.shape[3])) for v in values]
-        self.n_layers = n_layers
         # Everything a step reads or writes, as fixed buffers: graphs replay on their addresses.
         self.state = {
             "stage": eng._initial_stage(prompt_ids, num_generations).to(device),

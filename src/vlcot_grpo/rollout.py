@@ -170,11 +170,15 @@ class RolloutEngine:
         A prompt may end inside the chain, e.g. right after ``<rough_image>``: the engine then starts in image mode.
         """
         device = self.model.device if hasattr(self.model, "device") else next(self.model.parameters()).device
-        if self.config.resolved_engine(device, has_quantized_weights(self.model)) == "static":
+        if self.resolved_engine(device) == "static":
             from vlcot_grpo.fast_rollout import StaticDecoder
 
             return StaticDecoder(self, device).run(prompt_ids, num_generations, generator)
         return self._generate_reference(prompt_ids, num_generations, generator, device)
+
+    def resolved_engine(self, device) -> str:
+        """The engine ``generate`` runs on ``device`` for this model (``RolloutConfig.resolved_engine``)."""
+        return self.config.resolved_engine(device, has_quantized_weights(self.model))
 
     def _generate_reference(self, prompt_ids, num_generations, generator, device) -> RolloutBatch:
         cfg = self.config
@@ -314,20 +318,7 @@ class RolloutEngine:
         scores = scores.float().masked_fill(~support, float("-inf"))
         if not self.config.do_sample:
             return scores.argmax(-1)
-        scores = scores / max(temperature, 1e-6)
-        if top_k == -1:
-            probs = torch.softmax(scores, -1)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).clamp(0, 10)
-            k = (1 + 1999 * torch.sigmoid(entropy - 5)).long()
-            scores = _top_k_per_row(scores, k)
-        elif top_k > 0:
-            scores = _top_k_per_row(scores, torch.full((scores.shape[0],), top_k, device=scores.device))
-        if top_p < 1.0:
-            sorted_scores, order = scores.sort(-1, descending=True)
-            cum = torch.softmax(sorted_scores, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_scores, -1) > top_p
-            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(scores, -1)
+        probs = torch.softmax(filter_scores(scores, temperature, top_k, top_p), -1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def _collect(self, prompt_ids, num_generations, tokens, sampled, done) -> RolloutBatch:
@@ -369,8 +360,35 @@ class RolloutEngine:
         return counts
 
 
-def _top_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep the ``k[i]`` best scores of row ``i`` (ties at the threshold are kept)."""
-    k = k.clamp(1, scores.shape[-1])
-    kth = scores.sort(-1, descending=True).values.gather(-1, (k - 1)[:, None])
+#: k = 1 + 1999 sigmoid(H - 5) never exceeds this
+ENTROPY_TOP_K_MAX = 2000
+
+
+def filter_scores(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Scores already restricted to their support (-inf elsewhere), at ``temperature``, with top-k (-1 = the paper's
+    entropy-dependent k) and top-p applied: what both engines draw from."""
+    scores = scores / max(temperature, 1e-6)
+    if top_k == -1:
+        probs = torch.softmax(scores, -1)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).clamp(0, 10)
+        scores = _filter_top_k(scores, (1 + 1999 * torch.sigmoid(entropy - 5)).long(), ENTROPY_TOP_K_MAX)
+    elif top_k > 0:
+        scores = _filter_top_k(scores, torch.full_like(scores[:, 0], top_k, dtype=torch.long), top_k)
+    if top_p < 1.0:
+        scores = _filter_top_p(scores, top_p)
+    return scores
+
+
+def _filter_top_k(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Keep the ``k[i]`` best scores of row ``i`` (ties at the threshold kept), with ``topk`` instead of a sort."""
+    k_max = min(k_max, scores.shape[-1])
+    best = scores.topk(k_max, dim=-1).values
+    kth = best.gather(-1, (k.clamp(1, k_max) - 1)[:, None])
     return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _filter_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_scores, order = scores.sort(-1, descending=True)
+    probs = torch.softmax(sorted_scores, -1)
+    drop = probs.cumsum(-1) - probs > top_p
+    return scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
