@@ -89,7 +89,6 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from vlcot_grpo.plots import plot_rewards
-    from vlcot_grpo.rollout import has_quantized_weights
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
     model, tokenizer = load_policy(model_args, training_args, script_args)
@@ -107,7 +106,7 @@ def main(argv=None) -> Path:
     log_distribution(trainer)
     logging.getLogger("vlcot_grpo").info(
         "rollout engine: %s (decode steps compiled: %s), LoRA adapters merged for rollouts: %s",
-        trainer.engine.config.resolved_engine(trainer.accelerator.device, has_quantized_weights(trainer.model)),
+        trainer.engine.resolved_engine(trainer.accelerator.device),
         trainer.engine.config.compile_step,
         trainer._merge_for_rollouts,
     )
