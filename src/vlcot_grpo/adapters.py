@@ -16,14 +16,20 @@ def _adapted_layers(model):
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
 
 
+def _base_params(layers):
+    """("Class.name", parameter) of every base weight under the adapted ``layers``."""
+    for layer in layers:
+        base = layer.get_base_layer()
+        for name, param in base.named_parameters(recurse=False):
+            yield f"{type(base).__name__}.{name}", param
+
+
 def quantized_base(model) -> str | None:
     """The first adapted base weight that is quantized, as "Class.name (dtype)", or None. Merging a LoRA delta into
     quantized weights is lossy, so rollouts of such a model (QLoRA) run on the unmerged adapters."""
-    for layer in _adapted_layers(model):
-        base = layer.get_base_layer()
-        for name, param in base.named_parameters(recurse=False):
-            if not param.is_floating_point():
-                return f"{type(base).__name__}.{name} ({param.dtype})"
+    for label, param in _base_params(_adapted_layers(model)):
+        if not param.is_floating_point():
+            return f"{label} ({param.dtype})"
     return None
 
 
@@ -43,20 +49,18 @@ def merged_adapters(model, host_buffers: dict | None = None):
     (and, on CUDA, page-locked, which takes seconds at 13 GB) once instead of at every rollout."""
     layers = _adapted_layers(model)
     params = []
-    for layer in layers:
-        base = layer.get_base_layer()
-        for name, param in base.named_parameters(recurse=False):
-            if not param.is_floating_point():
-                raise ValueError(
-                    f"rollout_merge_adapters: {type(base).__name__}.{name} is quantized ({param.dtype}); merging "
-                    "into quantized weights is lossy: turn rollout_merge_adapters off"
-                )
-            if param.numel() == 0:
-                raise ValueError(
-                    "rollout_merge_adapters: the base weights are partitioned (ZeRO-3 without "
-                    "ds3_gather_for_generation): merge inside the gather, or turn rollout_merge_adapters off"
-                )
-            params.append(param)
+    for label, param in _base_params(layers):
+        if not param.is_floating_point():
+            raise ValueError(
+                f"rollout_merge_adapters: {label} is quantized ({param.dtype}); merging "
+                "into quantized weights is lossy: turn rollout_merge_adapters off"
+            )
+        if param.numel() == 0:
+            raise ValueError(
+                "rollout_merge_adapters: the base weights are partitioned (ZeRO-3 without "
+                "ds3_gather_for_generation): merge inside the gather, or turn rollout_merge_adapters off"
+            )
+        params.append(param)
     cuda = next((p.device for p in params if p.is_cuda), None)
     cache = {} if host_buffers is None else host_buffers
     saved = []
