@@ -507,9 +507,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--kv-bucket", type=int, default=RolloutConfig.kv_bucket)
     parser.add_argument(
         "--attention",
-        choices=["auto", "sdpa", "matmul"],
+        choices=["auto", "sdpa", "split", "matmul"],
         default="auto",
-        help="static engine's decode attention; auto: the faster in --compare-attention, else the config default",
+        help="static engine's decode attention; auto: the fastest in --compare-attention (among the compiled variants "
+        "with --compile), else the config default",
     )
     parser.add_argument(
         "--compare-attention", type=int, default=0, help="also: static engine, N new tokens, each attention kernel"
@@ -519,7 +520,12 @@ def main(argv=None) -> dict:
         default="sdpa,matmul",
         help="what --compare-attention runs: kernels, each optionally with '+compile' (e.g. sdpa,sdpa+compile)",
     )
-    parser.add_argument("--compile", action="store_true", help="static engine: compile_step (torch.compile)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static engine: compile_step (torch.compile); default as the library: on with CUDA graphs",
+    )
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument(
         "--profile-step",
@@ -541,6 +547,8 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is the fast setting
     device = torch.device(args.device)
+    if args.compile is None:
+        args.compile = RolloutConfig(cuda_graphs=not args.no_graphs).resolved_compile(device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
 
@@ -604,9 +612,9 @@ def main(argv=None) -> dict:
         rates = {
             k: v["decode_steps_per_s"]
             for k, v in results.get("attention_kernels", {}).items()
-            if "error" not in v and "+" not in k
+            if "error" not in v and k.endswith("+compile") == args.compile
         }
-        args.attention = max(rates, key=rates.get) if rates else RolloutConfig.decode_attention
+        args.attention = max(rates, key=rates.get).split("+")[0] if rates else RolloutConfig.decode_attention
     results["attention_used"] = args.attention
     if args.profile_step:
         results["step_profile"] = {}

@@ -4,6 +4,7 @@ eagerly; the tests marked ``gpu`` check CUDA-graph replay and the larger presets
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlcot_grpo.fast_rollout import StaticDecoder
 from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
@@ -114,10 +115,28 @@ def _prompts(backend, photo):
     ]
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """The "split" kernel cuts even the tiny model's short reads into many pieces (16 positions each: the
+    memory-efficient kernel wants its mask rows 16-aligned)."""
+    from vlcot_grpo import fast_rollout
+
+    monkeypatch.setattr(fast_rollout, "SPLIT_MIN_PIECE", 16)
+    monkeypatch.setattr(fast_rollout, "SPLIT_BLOCKS_PER_UNIT", 10_000)
+    pieces, attend = [], fast_rollout._split_kv_attention
+
+    def counted(q, keys, values, bias, scaling):
+        pieces.append(bias.shape[1])
+        return attend(q, keys, values, bias, scaling)
+
+    monkeypatch.setattr(fast_rollout, "_split_kv_attention", counted)
+    return pieces
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("max_new", [700, 37])
-def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel):
+def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel, small_pieces):
     model, _, backend = tiny
     hooks(_tag_bias(backend))
     pre, hook = _chain_hooks(backend)
@@ -125,6 +144,7 @@ def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel):
     prompts = _prompts(backend, photo)
     kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": guidance, "decode_attention": kernel}
     ref, fast = _both(model, backend, prompts, 2, **kw)
+    assert (max(small_pieces) >= 4) if kernel == "split" else not small_pieces
     assert fast.completion_ids == ref.completion_ids
     assert fast.sampled_mask == ref.sampled_mask
     assert fast.finished == ref.finished
@@ -172,7 +192,7 @@ def test_greedy_guidance_changes_codes_in_both_engines(tiny, photo):
 def test_attention_kernels_equal_plain_attention(kv_heads):
     """Both decode kernels (grouped heads folded into the query, masked positions, chunked reduction) against
     attention written out with repeated key/value heads."""
-    from vlcot_grpo.fast_rollout import _attend
+    from vlcot_grpo.fast_rollout import _attend, split_bias
 
     gen = torch.Generator().manual_seed(0)
     b, heads, length, dim = 3, 4, 64, 8
@@ -188,6 +208,29 @@ def test_attention_kernels_equal_plain_attention(kv_heads):
     bias = torch.zeros(b, 1, 1, length).masked_fill(~mask[:, None, None, :], float("-inf"))
     for kernel, chunk in (("sdpa", 0), ("matmul", 0), ("matmul", 16)):
         torch.testing.assert_close(_attend(q, k, v, bias, 0.3, kernel, chunk), want, msg=f"{kernel} {chunk}")
+    # "split": pieces of 16; row 0 sees only its first piece, row 1 only its last (the others are wholly masked)
+    mask[0, 16:] = False
+    mask[1, :48] = False
+    mask[1, 60] = True
+    want = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), -1) @ vr
+    for splits in (1, 2, 4):
+        got = _attend(q, k, v, split_bias(mask, kv_heads, splits, q.dtype), 0.3, "split")
+        torch.testing.assert_close(got, want, msg=f"split {splits}")
+
+
+def test_split_sizes():
+    """Pieces: powers of two dividing the read length, none shorter than SPLIT_MIN_PIECE, enough blocks per SM."""
+    from vlcot_grpo.fast_rollout import SPLIT_BLOCKS_PER_UNIT, SPLIT_MIN_PIECE, num_splits
+
+    assert num_splits(5 * 32, 4608, 132) == 8  # 7B paper shape on an H100: 1280 blocks
+    assert num_splits(5 * 8, 4608, 132) == 32  # 1B (8 key/value heads): 1280 blocks, pieces of 144
+    assert num_splits(10_000, 4096, 132) == 1  # already enough blocks
+    assert num_splits(8, 512, 1000) == 4  # short reads stop at the shortest piece (128)
+    assert num_splits(8, 384, 1000) == 2  # 3 x 128: two pieces of 192, not three
+    for pairs, length in ((160, 4608), (40, 9728), (3, 512)):
+        n = num_splits(pairs, length, 132)
+        assert length % n == 0 and (n == 1 or length // n >= SPLIT_MIN_PIECE)
+        assert n == 1 or pairs * n // 2 < SPLIT_BLOCKS_PER_UNIT * 132
 
 
 def _chi2_same(a: list[int], b: list[int]) -> float:
@@ -449,8 +492,8 @@ def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
     assert model.config.get_text_config()._attn_implementation == attention
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
-def test_step_reads_nothing_from_the_host(tiny, photo, kernel):
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
+def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
     """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds
     a tensor from host data, and no copy changes device. On CUDA each of those would be a sync or a host-to-device
     copy, which a captured graph cannot hold."""
@@ -483,8 +526,8 @@ def test_step_reads_nothing_from_the_host(tiny, photo, kernel):
     assert ops.bad == []
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
-def test_step_on_meta_tensors_makes_no_host_tensor(kernel):
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
+def test_step_on_meta_tensors_makes_no_host_tensor(kernel, small_pieces):
     """The decode step of a model on the meta device (shapes, no values): reading a value would raise, and no op may
     produce a tensor on the host. A proxy for CUDA-graph capture, where host tensors mean host-to-device copies."""
     from types import SimpleNamespace
@@ -551,6 +594,11 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
     # quantized weights: "auto" keeps the reference engine (their kernels are unchecked inside CUDA graphs)
     assert default.resolved_engine(torch.device("cuda"), quantized=True) == "reference"
     assert RolloutConfig(engine="static").resolved_engine(torch.device("cuda"), quantized=True) == "static"
+    # compile_step unset: compiled decode steps exactly where they are captured as CUDA graphs
+    assert default.resolved_compile(torch.device("cuda")) and not default.resolved_compile(torch.device("cpu"))
+    assert not RolloutConfig(cuda_graphs=False).resolved_compile(torch.device("cuda"))
+    assert RolloutConfig(compile_step=True).resolved_compile(torch.device("cpu"))
+    assert not RolloutConfig(compile_step=False).resolved_compile(torch.device("cuda"))
     from vlcot_grpo.rollout import has_quantized_weights
 
     assert not has_quantized_weights(model)
@@ -669,7 +717,7 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
 
     out = tmp_path / "bench.json"
     argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
-    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,sdpa+compile"
+    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,split,sdpa+compile"
     argv += f" --grpo-step --lora-merge-check 32 --profile-step --json {out}"
     results = bench.main(argv.split())
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -678,8 +726,8 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert set(runs) == {"stock generate + guidance", "static", "reference"}
     # the chain hooks force a whole chain: both engines write the same number of steps
     assert runs["static"]["steps"] == runs["reference"]["steps"] > 0
-    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "sdpa+compile"}
-    assert results["attention_used"] in ("sdpa", "matmul")  # the fastest uncompiled kernel
+    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "split", "sdpa+compile"}
+    assert results["attention_used"] in ("sdpa", "split", "matmul")  # the fastest uncompiled kernel
     assert results["attention_kernels"]["sdpa+compile"]["compile_seconds"] > 0
     assert results["step_profile"]["eager"]["aten_ops_per_step"] > 0 and results["step_profile"]["eager"]["top"]
     assert results["gemm_bandwidth"]["q+k+v fused"]["tbs"] > 0
@@ -714,9 +762,9 @@ def test_gpu_memory_released(tiny, photo):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel):
+def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel, small_pieces):
     model, _, backend = tiny
     model.cuda()
     try:
@@ -754,7 +802,7 @@ def test_gpu_greedy_equals_reference_preset(preset, bench):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel in ("sdpa", "matmul"):
+        for kernel in ("sdpa", "matmul", "split"):
             config = RolloutConfig(engine="static", decode_attention=kernel, **kw)
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
@@ -772,6 +820,38 @@ def test_gpu_compiled_graphs_equal_reference(bench):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        config = RolloutConfig(engine="static", compile_step=True, **kw)
-        fast = RolloutEngine(model, backend, config).generate(prompts, 2)
-        assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, guidance
+        for kernel in ("sdpa", "split"):
+            config = RolloutConfig(engine="static", compile_step=True, decode_attention=kernel, **kw)
+            fast = RolloutEngine(model, backend, config).generate(prompts, 2)
+            assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,heads,kv_heads", [(5, 32, 32), (5, 32, 8)])
+def test_gpu_split_attention_equals_sdpa(dtype, rows, heads, kv_heads):
+    """The "split" kernel at the 7B (and a grouped-query) decode shape, through the private SDPA ops that return
+    log-sum-exps (cuDNN for bf16, memory-efficient for fp32), against torch's SDPA; rows whose visible positions
+    leave whole pieces masked included."""
+    from vlcot_grpo.fast_rollout import _attend, compute_units, num_splits, split_bias
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    length, dim = 4608, 128
+    q = torch.randn(rows, heads, 1, dim, generator=gen, device="cuda").to(dtype)
+    k = torch.randn(rows, kv_heads, length + 512, dim, generator=gen, device="cuda").to(dtype).narrow(2, 0, length)
+    v = torch.randn(rows, kv_heads, length + 512, dim, generator=gen, device="cuda").to(dtype).narrow(2, 0, length)
+    allowed = torch.ones(rows, length, dtype=torch.bool, device="cuda")
+    allowed[0, 4200:] = False  # not yet written
+    allowed[1, :3000] = False  # left padding
+    allowed[2, 1:] = False  # one visible position
+    splits = num_splits(rows * kv_heads, length, compute_units("cuda"))
+    assert splits > 1
+    bias = torch.zeros(rows, 1, 1, length, dtype=dtype, device="cuda").masked_fill(~allowed[:, None, None], -torch.inf)
+    rep = heads // kv_heads
+    want = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=0.1
+    )
+    got = _attend(q, k, v, split_bias(allowed, kv_heads, splits, dtype), 0.1, "split")
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)

@@ -52,7 +52,7 @@ def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path
 
     static_runs, run = [], StaticDecoder.run
     monkeypatch.setattr(
-        StaticDecoder, "run", lambda self, *a, **k: static_runs.append(self.config.compile_step) or run(self, *a, **k)
+        StaticDecoder, "run", lambda self, *a, **k: static_runs.append(self.compile) or run(self, *a, **k)
     )
     photo.resize((32, 32)).save(tmp_path / "astronaut.png")
     outputs = {}

@@ -121,11 +121,12 @@ def _attend(query, keys, values, bias, scaling, kernel="sdpa", chunk=0):
     """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under the additive mask
     ``bias`` (B, 1, 1, L).
 
-    ``kernel``: "sdpa" (torch's fused attention; with a mask that is the memory-efficient kernel on CUDA, one
-    thread block per (row, head): few blocks for a decode step) or "matmul" (batched matrix products around a
-    softmax; the probabilities-times-values product is split into ``chunk``-long pieces summed afterwards, so that
-    the long reduction over positions runs in parallel, as flash-decoding does). Which one streams the cache faster
-    is a GPU measurement (``benchmarks/rollout.py --compare-attention``)."""
+    ``kernel``: "sdpa" (torch's fused attention; with a mask on an H100 that is cuDNN's kernel, one thread block per
+    (row, head): few blocks for a decode step), "split" (the same kernel on pieces of the cache, merged by their
+    log-sum-exps, as flash-decoding does; ``bias`` is then ``split_bias``'s (B * Hkv, pieces, 1, L / pieces)) or
+    "matmul" (batched matrix products around a softmax; the probabilities-times-values product is split into
+    ``chunk``-long pieces summed afterwards). Which one streams the cache faster is a GPU measurement
+    (``benchmarks/rollout.py --compare-attention``)."""
     b, heads, _, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     # Query heads that share a key/value head become that head's "query positions": no repeat of the cache.
@@ -140,9 +141,76 @@ def _attend(query, keys, values, bias, scaling, kernel="sdpa", chunk=0):
             out = parts.float().sum(2).to(values.dtype)
         else:
             out = torch.matmul(probs, values)
+    elif kernel == "split":
+        return _split_kv_attention(q, keys, values, bias, scaling).reshape(b, heads, 1, dim)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scaling)
     return out.reshape(b, heads, 1, dim)
+
+
+# "split" (flash-decoding): one decode step has B x kv_heads (row, head) pairs, and SDPA gives each pair one thread
+# block that walks the whole cache. At the 7B paper shape that is 160 blocks for 132 SMs, and the cache streamed at
+# ~80 % of the copy bandwidth. Cutting each pair's keys into pieces gives every SM several blocks; the pieces' partial
+# attentions are merged with their log-sum-exps, which only torch's private SDPA ops return.
+SPLIT_MIN_PIECE = 128  # positions per piece, at least
+SPLIT_BLOCKS_PER_UNIT = 8  # aim: this many (row, head, piece) blocks per SM (per CPU thread)
+
+
+def compute_units(device: torch.device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.get_num_threads()
+
+
+def num_splits(pairs: int, length: int, units: int) -> int:
+    """Pieces for ``pairs`` (row, head) pairs reading ``length`` positions: a power of two dividing ``length``, no
+    piece shorter than ``SPLIT_MIN_PIECE``, just enough for ``SPLIT_BLOCKS_PER_UNIT`` blocks per unit."""
+    splits = 1
+    while (
+        pairs * splits < SPLIT_BLOCKS_PER_UNIT * units
+        and length % (2 * splits) == 0
+        and length // (2 * splits) >= SPLIT_MIN_PIECE
+    ):
+        splits *= 2
+    return splits
+
+
+def split_bias(allowed: torch.Tensor, kv_heads: int, splits: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) bool -> the "split" kernel's additive mask (B * kv_heads, splits, 1, L / splits). Made once per step.
+    Masked positions get a large finite negative number instead of -inf, so that a piece with no visible position
+    (past the written column, or all left padding) yields a finite partial result whose weight is exactly 0."""
+    b, length = allowed.shape
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    bias = torch.where(allowed, zero, max(torch.finfo(dtype).min, -1e30))
+    bias = bias.view(b, 1, splits, 1, length // splits).expand(b, kv_heads, splits, 1, length // splits)
+    return bias.reshape(b * kv_heads, splits, 1, length // splits)
+
+
+def _attention_with_lse(q, k, v, bias, scale):
+    """SDPA returning also each query row's log-sum-exp (B, H, M) in float32, through the private aten op that
+    ``F.scaled_dot_product_attention`` itself would dispatch to for these inputs."""
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):  # cuDNN: what SDPA picks for masked bf16 on an H100
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, scale=scale)[:2]
+            return out, lse.reshape(q.shape[:3])
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+        return out, lse[..., : q.shape[2]]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+
+
+def _split_kv_attention(q, keys, values, bias, scaling):
+    """``q`` (B, Hkv, rep, D) against ``keys``/``values`` (B, Hkv, L, D) cut into ``bias.shape[1]`` pieces
+    (``split_bias``). Returns (B * Hkv, rep, D)."""
+    b, kv_heads, rep, dim = q.shape
+    pairs, splits, _, piece = bias.shape
+    # (B, Hkv) merge into one batch dim and the positions into (splits, piece): views of the cache, no copy
+    k = keys.flatten(0, 1).unflatten(1, (splits, piece))
+    v = values.flatten(0, 1).unflatten(1, (splits, piece))
+    qs = q.unsqueeze(2).expand(b, kv_heads, splits, rep, dim).reshape(pairs, splits, rep, dim)  # one small copy
+    parts, lse = _attention_with_lse(qs, k, v, bias.expand(pairs, splits, rep, piece), scaling)
+    weight = torch.softmax(lse, dim=1).to(parts.dtype)  # (pairs, splits, rep): each piece's share of the total
+    return (parts * weight[..., None]).sum(1)
 
 
 def split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -253,6 +321,19 @@ _compiled_sample_scores = torch.compile(sample_scores, dynamic=True)
 
 
 # ----- the decoder ---------------------------------------------------------------------------------------------------
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream of the warm-ups before capture: one per device for the process. cuBLAS keeps a workspace for every
+    stream it has run on, allocated through torch's caching allocator and never returned; a fresh stream per capture
+    left ~33 MB behind per graph (seen on an H100: +335 MB per tiny-model generate, until torch's pool of 32
+    streams came round)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class StaticDecoder:
     """One ``generate`` call of the static engine; holds the buffers and graphs of that call."""
 
@@ -262,8 +343,10 @@ class StaticDecoder:
         self.config = engine.config
         self.device = torch.device(device)
         self.guided = self.config.guidance_scale != 1.0
+        self.units = compute_units(self.device)  # the "split" attention kernel sizes its pieces by it
         self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
-        self.sample = _compiled_sample_scores if self.config.compile_step else sample_scores
+        self.compile = self.config.resolved_compile(self.device)
+        self.sample = _compiled_sample_scores if self.compile else sample_scores
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         #: (conditional bucket, guidance bucket) of every decode step run, for benchmarks and tests
@@ -289,7 +372,7 @@ class StaticDecoder:
         guide_len = 0
         steps = 0
         with self.decoding():
-            if cfg.compile_step:  # compile outside the timed steps and before any capture
+            if self.compile:  # compile outside the timed steps and before any capture
                 start = time.perf_counter()
                 guide = _bucket(sync_every + 1, cfg.kv_bucket, self.guide_cap) if self.guided else 0
                 try:
@@ -325,8 +408,8 @@ class StaticDecoder:
     @contextmanager
     def decoding(self):
         """The model as the decode steps need it: the split attention and, with ``compile_step``, compiled layers."""
-        name = OPAQUE_ATTENTION_NAME if self.config.compile_step else ATTENTION_NAME
-        compiled = _compiled_layers(self.model) if self.config.compile_step else nullcontext()
+        name = OPAQUE_ATTENTION_NAME if self.compile else ATTENTION_NAME
+        compiled = _compiled_layers(self.model) if self.compile else nullcontext()
         with _attention_implementation(self.model, name), compiled:
             yield
 
@@ -357,7 +440,7 @@ class StaticDecoder:
         mask = torch.zeros((rows, total), dtype=torch.bool, device=device)
         mask[:, :width] = attn.bool().repeat_interleave(num_generations, 0)
         vocab = logits.shape[-1]
-        self.kv = (_OpaqueSplitKV if cfg.compile_step else _SplitKV)(
+        self.kv = (_OpaqueSplitKV if self.compile else _SplitKV)(
             keys=keys,
             values=values,
             mask=mask,
@@ -488,8 +571,13 @@ class StaticDecoder:
         column.add_(1)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """(R, n) bool -> (R, 1, 1, n) additive mask in the model's dtype."""
-        zero = torch.zeros((), dtype=self.kv.keys[0].dtype, device=allowed.device)
+        """(R, n) bool -> (R, 1, 1, n) additive mask in the model's dtype (the "split" kernel: ``split_bias``)."""
+        dtype = self.kv.keys[0].dtype
+        if self.config.decode_attention == "split":
+            kv_heads = self.kv.keys[0].shape[1]
+            splits = num_splits(allowed.shape[0] * kv_heads, allowed.shape[1], self.units)
+            return split_bias(allowed, kv_heads, splits, dtype)
+        zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, float("-inf"))[:, None, None, :]
 
     # ----- CUDA graphs ---------------------------------------------------------------------------------------------
@@ -499,7 +587,7 @@ class StaticDecoder:
             return graph
         start = time.perf_counter()
         # Warm up outside capture (lazy kernel/handle set-up) on a side stream, as torch's CUDA-graph notes ask.
-        side = torch.cuda.Stream(self.device)
+        side = _side_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self._rolled_back_step(key)

@@ -106,8 +106,8 @@ def main(argv=None) -> Path:
     log_distribution(trainer)
     logging.getLogger("vlcot_grpo").info(
         "rollout engine: %s (decode steps compiled: %s), LoRA adapters merged for rollouts: %s",
-        trainer.engine.resolved_engine(trainer.accelerator.device),
-        trainer.engine.config.compile_step,
+        engine := trainer.engine.resolved_engine(trainer.accelerator.device),
+        engine == "static" and trainer.engine.config.resolved_compile(trainer.accelerator.device),
         trainer._merge_for_rollouts,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))

@@ -102,7 +102,10 @@ def upscale_main(argv=None) -> int:
         help="Rollout engine (see RolloutConfig.engine); the same tokens either way under --greedy.",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="Static engine: compile the decode steps (RolloutConfig.compile_step)."
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Static engine: compile the decode steps (RolloutConfig.compile_step; default: on with CUDA graphs).",
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
