@@ -16,7 +16,7 @@
 #   default   the `gpu` tests of the static engine (<= 120 s; the memory-release fix, the "split" attention kernel
 #             against SDPA in bf16 and fp32, greedy equality at tiny and 1B with every kernel, compiled too), then
 #             at 7B and at 1B: the compiled decode with SDPA and with the split kernel over the same 512 tokens,
-#             stock generate, and the whole paper-shape rollout, compiled, with the faster kernel (<= 210 s, <= 100 s).
+#             stock generate, and the whole paper-shape rollout, compiled, with the faster kernel (<= 195 s, <= 95 s).
 #   baseline  the benchmarks of the table in docs/benchmarks.md: 7B (kernels compared, stock, the whole rollout
 #             ~106 s, LoRA merge check, LoRA GRPO step ~151 s; ~330 s in all), 1B (~70 s), tiny (~20 s).
 set -uo pipefail
@@ -75,10 +75,12 @@ bench() {
 }
 
 if [ "$PLAN" = default ]; then
-    gpu_tests 120 tests/test_fast_rollout.py -m gpu
-    bench 210 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
+    T=tests/test_fast_rollout.py::test_gpu_
+    gpu_tests 120 ${T}split_attention_equals_sdpa ${T}memory_released ${T}graphs_equal_eager_tiny \
+        ${T}compiled_graphs_equal_reference ${T}greedy_equals_reference_preset  # the new ones first
+    bench 195 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
         --compile
-    bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
+    bench 95 1b --preset 1b --stock-steps 64 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
         --compile
 else
     bench 340 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
