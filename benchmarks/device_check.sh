@@ -77,7 +77,7 @@ bench() {
 if [ "$PLAN" = default ]; then
     T=tests/test_fast_rollout.py::test_gpu_
     gpu_tests 120 ${T}split_attention_equals_sdpa ${T}memory_released ${T}graphs_equal_eager_tiny \
-        ${T}compiled_graphs_equal_reference ${T}greedy_equals_reference_preset  # the new ones first
+        ${T}compiled_graphs_equal_reference ${T}greedy_equals_reference_preset -m gpu  # the new ones first
     bench 195 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
         --compile
     bench 95 1b --preset 1b --stock-steps 64 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
