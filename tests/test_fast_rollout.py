@@ -219,17 +219,18 @@ def test_attention_kernels_equal_plain_attention(kv_heads):
 
 
 def test_split_sizes():
-    """Pieces: powers of two dividing the read length, none shorter than SPLIT_MIN_PIECE, enough blocks per SM."""
-    from vlcot_grpo.fast_rollout import SPLIT_BLOCKS_PER_UNIT, SPLIT_MIN_PIECE, num_splits
+    """Pieces: powers of two, aligned, none shorter than SPLIT_MIN_PIECE, enough blocks per SM."""
+    from vlcot_grpo.fast_rollout import SPLIT_ALIGN, SPLIT_BLOCKS_PER_UNIT, SPLIT_MIN_PIECE, num_splits
 
     assert num_splits(5 * 32, 4608, 132) == 8  # 7B paper shape on an H100: 1280 blocks
     assert num_splits(5 * 8, 4608, 132) == 32  # 1B (8 key/value heads): 1280 blocks, pieces of 144
     assert num_splits(10_000, 4096, 132) == 1  # already enough blocks
     assert num_splits(8, 512, 1000) == 4  # short reads stop at the shortest piece (128)
     assert num_splits(8, 384, 1000) == 2  # 3 x 128: two pieces of 192, not three
-    for pairs, length in ((160, 4608), (40, 9728), (3, 512)):
+    assert num_splits(8, 528, 1000) == 1  # 33 x 16: halves of 264 are not 16-aligned (an H100 refused 22)
+    for pairs, length in ((160, 4608), (40, 9728), (3, 512), (3, 176 * 16)):
         n = num_splits(pairs, length, 132)
-        assert length % n == 0 and (n == 1 or length // n >= SPLIT_MIN_PIECE)
+        assert length % (n * SPLIT_ALIGN) == 0 and (n == 1 or length // n >= SPLIT_MIN_PIECE)
         assert n == 1 or pairs * n // 2 < SPLIT_BLOCKS_PER_UNIT * 132
 
 

@@ -154,6 +154,7 @@ def _attend(query, keys, values, bias, scaling, kernel="sdpa", chunk=0):
 # attentions are merged with their log-sum-exps, which only torch's private SDPA ops return.
 SPLIT_MIN_PIECE = 128  # positions per piece, at least
 SPLIT_BLOCKS_PER_UNIT = 8  # aim: this many (row, head, piece) blocks per SM (per CPU thread)
+SPLIT_ALIGN = 16  # pieces are multiples of this: the memory-efficient kernel wants aligned mask rows
 
 
 def compute_units(device: torch.device) -> int:
@@ -164,12 +165,13 @@ def compute_units(device: torch.device) -> int:
 
 
 def num_splits(pairs: int, length: int, units: int) -> int:
-    """Pieces for ``pairs`` (row, head) pairs reading ``length`` positions: a power of two dividing ``length``, no
-    piece shorter than ``SPLIT_MIN_PIECE``, just enough for ``SPLIT_BLOCKS_PER_UNIT`` blocks per unit."""
+    """Pieces for ``pairs`` (row, head) pairs reading ``length`` positions: a power of two, each piece a multiple of
+    ``SPLIT_ALIGN`` and no shorter than ``SPLIT_MIN_PIECE``, just enough for ``SPLIT_BLOCKS_PER_UNIT`` blocks per
+    unit."""
     splits = 1
     while (
         pairs * splits < SPLIT_BLOCKS_PER_UNIT * units
-        and length % (2 * splits) == 0
+        and length % (2 * splits * SPLIT_ALIGN) == 0
         and length // (2 * splits) >= SPLIT_MIN_PIECE
     ):
         splits *= 2
