@@ -28,9 +28,10 @@ buffer and the last ``R`` to the guidance buffer; the custom ``cache`` object on
 heads are folded into the query length so keys/values are never repeated. The trade-off: two small attention calls
 per layer instead of one, and reads rounded up to a bucket (up to ``kv_bucket - 1`` unused positions per row, plus
 ``sync_every`` for guidance rows) in exchange for few graphs; nothing reads the full-length buffer for guidance rows.
-The kernel is ``decode_attention``: torch's SDPA (with a mask: the memory-efficient kernel on CUDA) or two batched
-matrix products. On an H100 at the 7B preset SDPA was faster (65.9 vs 44.9 decode steps/s,
-``benchmarks/rollout.py --compare-attention``, docs/benchmarks.md) and streams the cache at about the copy bandwidth.
+The kernel is ``decode_attention``: torch's SDPA (with a mask on an H100: cuDNN's kernel), "split" (SDPA on pieces
+of the cache merged by log-sum-exp, flash-decoding style) or two batched matrix products. On an H100 at the 7B preset
+SDPA was the fastest (docs/benchmarks.md: 65.9 against 44.9 decode steps/s for the matrix products; compiled, 78.1
+against 75.2 for "split") and streams the cache at ~80 % of the copy bandwidth.
 The masks are additive (0 / -inf in the model's dtype), made once per step and shared by every layer: a boolean mask
 is converted inside every attention call.
 
@@ -53,15 +54,14 @@ share one memory pool and live for one ``generate`` call, so the KV memory is re
 price is capturing again at every call (``StaticDecoder.capture_seconds`` says how long that takes). On the CPU the
 same step runs eagerly; its capture-readiness is checked there by tracing it with ``torch.compile(fullgraph=True)``.
 
-Compiled layers (``compile_step``, opt-in). On an H100 the 7B step reached 67 % of the memory roofline; the missing
-third is a fixed per-step cost. One candidate is the ~40 small kernels per layer (norms, rotary, activations,
-residuals), each a few microseconds even inside a graph: ``torch.compile`` (inductor) fuses them. The other is the
-bandwidth of 10-row matrix products (``benchmarks/rollout.py --profile-step`` measures both). What is compiled is each decoder layer
-(regional compilation: one compiled code for all layers, so compile time does not grow with depth) and the sampling
-function; the cache writes and the split attention stay outside, since they index per-layer buffers. The code is
-compiled with dynamic shapes once per process (a new bucket or row count does not compile again) and used for the
-decode steps only; prefill and training run the eager modules. The first step of a ``generate`` call compiles or
-checks guards (``compile_seconds``), then the CUDA graphs capture the compiled kernels.
+Compiled layers (``compile_step``; unset, on wherever the step is a CUDA graph). ``torch.compile`` (inductor) fuses
+the ~40 small kernels per layer (norms, rotary, activations, residuals), each a few microseconds even inside a graph:
+on an H100 a 7B step went from 1731 kernels to 914 and the decode from 67.7 to 78.1 steps/s (1.15x; 1.24x at 1B). What is
+compiled is each decoder layer (regional compilation: one compiled code for all layers, so compile time does not grow
+with depth) and the sampling function; the cache writes and the split attention stay outside, since they index
+per-layer buffers. The code is compiled with dynamic shapes once per process (a new bucket or row count does not
+compile again) and used for the decode steps only; prefill and training run the eager modules. The first step of a
+``generate`` call compiles or checks guards (``compile_seconds``), then the CUDA graphs capture the compiled kernels.
 """
 
 from __future__ import annotations
