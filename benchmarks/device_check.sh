@@ -13,10 +13,11 @@
 #
 # Plans (each step has its own time limit, so a hang costs only that step; each benchmark writes its JSON after
 # every section). Timings are from the H100 runs of 2026-11-27 (docs/benchmarks.md):
-#   default   the `gpu` tests of the static engine (<= 120 s; the memory-release fix, the "split" attention kernel
-#             against SDPA in bf16 and fp32, greedy equality at tiny and 1B with every kernel, compiled too), then
-#             at 7B and at 1B: the compiled decode with SDPA and with the split kernel over the same 512 tokens,
-#             stock generate, and the whole paper-shape rollout, compiled, with the faster kernel (<= 195 s, <= 95 s).
+#   default   what has not run on a GPU yet. The `gpu` tests of the static engine that failed or are new (<= 100 s:
+#             the "split" kernel with 16-aligned pieces, compiled + fused projections), then at 7B and at 1B the
+#             compiled decode without and with fuse_projections over the same 512 tokens, the step profile with
+#             fused projections (7B), stock generate, and the whole paper-shape rollout compiled and fused
+#             (<= 230 s, <= 100 s). Last plan's numbers: docs/benchmarks.md, "compiled decode steps".
 #   baseline  the benchmarks of the table in docs/benchmarks.md: 7B (kernels compared, stock, the whole rollout
 #             ~106 s, LoRA merge check, LoRA GRPO step ~151 s; ~330 s in all), 1B (~70 s), tiny (~20 s).
 set -uo pipefail
@@ -76,12 +77,11 @@ bench() {
 
 if [ "$PLAN" = default ]; then
     T=tests/test_fast_rollout.py::test_gpu_
-    gpu_tests 120 ${T}split_attention_equals_sdpa ${T}memory_released ${T}graphs_equal_eager_tiny \
-        ${T}compiled_graphs_equal_reference ${T}greedy_equals_reference_preset -m gpu  # the new ones first
-    bench 195 7b --preset 7b --stock-steps 32 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
-        --compile
-    bench 95 1b --preset 1b --stock-steps 64 --compare-attention 512 --compare-kernels sdpa+compile,split+compile \
-        --compile
+    gpu_tests 100 ${T}graphs_equal_eager_tiny ${T}compiled_graphs_equal_reference ${T}memory_released -m gpu
+    bench 230 7b --preset 7b --stock-steps 32 --compare-attention 512 \
+        --compare-kernels sdpa+compile,sdpa+compile+fused --compile --fuse --profile-step
+    bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 \
+        --compare-kernels sdpa+compile,sdpa+compile+fused --compile --fuse
 else
     bench 340 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
     bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512

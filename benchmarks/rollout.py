@@ -200,6 +200,7 @@ def rollout_config(args, engine_name, max_new=None) -> RolloutConfig:
         cuda_graphs=not args.no_graphs,
         decode_attention=args.attention,
         compile_step=args.compile,
+        fuse_projections=args.fuse,
     )
 
 
@@ -278,11 +279,15 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
     return {
         "compiled": config.compile_step,
+        "fused_projections": config.fuse_projections,
         "read_len": key[0],
         "kernels_per_step" if kernels else "aten_ops_per_step": len(timed) / steps,
         "kernel_ms_per_step" if kernels else "op_ms_per_step": sum(us for _, us in timed) / steps / 1e3,
         "top": [[name[:120], len(us) / steps, sum(us) / steps / 1e3] for name, us in top],
     }
+
+
+VARIANT_FLAGS = {"compile", "fused"}
 
 
 def gemm_bandwidth(model, rows: int, device) -> dict:
@@ -518,13 +523,17 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--compare-kernels",
         default="sdpa,matmul",
-        help="what --compare-attention runs: kernels, each optionally with '+compile' (e.g. sdpa,sdpa+compile)",
+        help="what --compare-attention runs: kernels, each optionally with '+compile' and '+fused' "
+        "(fuse_projections), e.g. sdpa+compile,sdpa+compile+fused",
     )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="static engine: compile_step (torch.compile); default as the library: on with CUDA graphs",
+    )
+    parser.add_argument(
+        "--fuse", action="store_true", help="static engine: fuse_projections (q/k/v and gate/up as one product each)"
     )
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument(
@@ -593,9 +602,13 @@ def main(argv=None) -> dict:
         warm = argparse.Namespace(**{**vars(args), "compile": False, "attention": "sdpa"})
         run_engine(model, backend, prompts, warm, device, "static", 16)
         for variant in args.compare_kernels.split(","):
-            kernel, compiled = variant.split("+")[0], variant.endswith("+compile")
+            kernel, *flags = variant.split("+")
             try:
-                short = argparse.Namespace(**{**vars(args), "attention": kernel, "compile": compiled})
+                if set(flags) - VARIANT_FLAGS:
+                    raise ValueError(f"--compare-kernels {variant!r}: flags are {sorted(VARIANT_FLAGS)}")
+                short = argparse.Namespace(
+                    **{**vars(args), "attention": kernel, "compile": "compile" in flags, "fuse": "fused" in flags}
+                )
                 stats, _ = run_engine(model, backend, prompts, short, device, "static", args.compare_attention)
                 rate = stats["decode_steps_run"] / stats["decode_seconds"]
                 results["attention_kernels"][variant] = {"decode_steps_per_s": rate, **stats}
@@ -612,7 +625,7 @@ def main(argv=None) -> dict:
         rates = {
             k: v["decode_steps_per_s"]
             for k, v in results.get("attention_kernels", {}).items()
-            if "error" not in v and k.endswith("+compile") == args.compile
+            if "error" not in v and ("+compile" in k) == args.compile and ("+fused" in k) == args.fuse
         }
         args.attention = max(rates, key=rates.get).split("+")[0] if rates else RolloutConfig.decode_attention
     results["attention_used"] = args.attention
@@ -639,8 +652,12 @@ def main(argv=None) -> dict:
             traceback.print_exc()
             results["gemm_bandwidth"] = {"error": repr(err)}
         save()
-    results["compiled"] = args.compile
-    print(f"static engine decode attention: {args.attention}{', compiled' if args.compile else ''}", flush=True)
+    results["compiled"], results["fused_projections"] = args.compile, args.fuse
+    print(
+        f"static engine decode attention: {args.attention}{', compiled' if args.compile else ''}"
+        f"{', fused projections' if args.fuse else ''}",
+        flush=True,
+    )
     if args.stock_steps > 1:
         try:
             stats = run_stock(model, backend, prompts, args, device)

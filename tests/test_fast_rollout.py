@@ -436,6 +436,38 @@ def test_step_traces_without_graph_breaks(tiny, photo):
     assert torch.equal(results[0], results[1])
 
 
+def test_fused_projections_write_the_reference_tokens(tiny, hooks, photo, monkeypatch):
+    """``fuse_projections``: q/k/v and gate/up as one product each during the decode steps, the reference path's
+    greedy tokens with guidance; the model's own modules are back afterwards. LoRA-wrapped projections are left
+    alone (their adapters would be skipped)."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlcot_grpo import fast_rollout
+    from vlcot_grpo.models.tiny import build_tiny_emu3
+
+    model, _, backend = tiny
+    pre, hook = _chain_hooks(backend)
+    hooks(hook, pre_embed=pre)
+    before = {name: id(m) for name, m in model.named_modules()}
+    seen, fused_forward = [], fast_rollout._FusedFirst.forward
+
+    def counting(self, x):
+        seen.append(tuple(self.sizes))
+        return fused_forward(self, x)
+
+    monkeypatch.setattr(fast_rollout._FusedFirst, "forward", counting)
+    kw = {"max_new_tokens": 300, "do_sample": False, "guidance_scale": 3.0}
+    ref, fast = _both(model, backend, _prompts(backend, photo), 2, fuse_projections=True, **kw)
+    assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished
+    layers = model.config.get_text_config().num_hidden_layers
+    steps, rest = divmod(len(seen), 2 * layers)  # qkv and gate/up of every layer at every decode step
+    assert len(set(seen)) == 2 and rest == 0 and steps >= max(map(len, fast.completion_ids)) - 1
+    assert {name: id(m) for name, m in model.named_modules()} == before
+    lora = get_peft_model(build_tiny_emu3()[0], LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
+    with fast_rollout._fused_projections(lora) as swapped:
+        assert swapped == 0
+
+
 def test_compiled_layers_write_the_reference_tokens(bench):
     """``compile_step`` (inductor; C++ kernels on the CPU, Triton on CUDA): the greedy tokens of the reference path
     with guidance; the ten decoder layers share one compiled code (per-layer code would hit dynamo's recompile limit
@@ -469,6 +501,31 @@ def test_compiled_layers_write_the_reference_tokens(bench):
                 compiled = counters["stats"]["unique_graphs"]
                 assert 1 <= compiled < len(layers) and decoder.compile_seconds > 0
         assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled again
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_fused_layers_write_the_reference_tokens(bench):
+    """``compile_step`` with ``fuse_projections``: the swapped projection modules keep one compiled code for all ten
+    layers (their outputs handed between modules inside the compiled region) and the reference path's tokens."""
+    from torch._dynamo.utils import counters
+
+    from vlcot_grpo.models import load_backend
+    from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3
+
+    model, tokenizer = build_tiny_emu3(TinyEmu3Spec(num_hidden_layers=10))
+    backend = load_backend(model.eval(), tokenizer)
+    bench.add_chain_hooks(model, backend)
+    prompts = bench.make_prompts(backend, 2, 32)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        kw = {"max_new_tokens": 120, "do_sample": False, "guidance_scale": 3.0}
+        ref = RolloutEngine(model, backend, _config(engine="reference", **kw)).generate(prompts, 2)
+        config = _config(engine="static", compile_step=True, fuse_projections=True, **kw)
+        fast = RolloutEngine(model, backend, config).generate(prompts, 2)
+        assert fast.completion_ids == ref.completion_ids and fast.sampled_mask == ref.sampled_mask
+        assert 1 <= counters["stats"]["unique_graphs"] < 10
     finally:
         torch._dynamo.reset()
 
@@ -718,7 +775,7 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
 
     out = tmp_path / "bench.json"
     argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
-    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,split,sdpa+compile"
+    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,split,sdpa+fused,sdpa+compile"
     argv += f" --grpo-step --lora-merge-check 32 --profile-step --json {out}"
     results = bench.main(argv.split())
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -727,7 +784,7 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert set(runs) == {"stock generate + guidance", "static", "reference"}
     # the chain hooks force a whole chain: both engines write the same number of steps
     assert runs["static"]["steps"] == runs["reference"]["steps"] > 0
-    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "split", "sdpa+compile"}
+    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "split", "sdpa+fused", "sdpa+compile"}
     assert results["attention_used"] in ("sdpa", "split", "matmul")  # the fastest uncompiled kernel
     assert results["attention_kernels"]["sdpa+compile"]["compile_seconds"] > 0
     assert results["step_profile"]["eager"]["aten_ops_per_step"] > 0 and results["step_profile"]["eager"]["top"]
@@ -813,7 +870,7 @@ def test_gpu_greedy_equals_reference_preset(preset, bench):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_compiled_graphs_equal_reference(bench):
     """fp32 on the GPU: the compiled step (Triton kernels) captured as CUDA graphs writes the reference engine's
-    greedy tokens, with and without guidance."""
+    greedy tokens, with and without guidance, with either attention kernel and with fused projections."""
     model, backend = bench.build_preset("tiny", torch.device("cuda"), torch.float32)
     prompts = bench.make_prompts(backend, 2, lr_size=64)
     sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
@@ -821,8 +878,10 @@ def test_gpu_compiled_graphs_equal_reference(bench):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel in ("sdpa", "split"):
-            config = RolloutConfig(engine="static", compile_step=True, decode_attention=kernel, **kw)
+        for kernel, fused in (("sdpa", False), ("split", False), ("sdpa", True)):
+            config = RolloutConfig(
+                engine="static", compile_step=True, decode_attention=kernel, fuse_projections=fused, **kw
+            )
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
 

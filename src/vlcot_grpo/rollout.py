@@ -92,6 +92,14 @@ class RolloutConfig:
             "steps/s at 7B, 1.24x at 1B on an H100), off elsewhere (no graphs: slower than eager on the CPU).",
         },
     )
+    fuse_projections: bool = field(
+        default=False,
+        metadata={
+            "help": "Static engine: during the decode steps, run q/k/v and gate/up as one matrix product each over "
+            "a temporary copy of their concatenated weights (~9 GB at 7B). Fewer, wider products for the few rows "
+            "of a decode step; its GPU speed is not measured yet (docs/benchmarks.md)."
+        },
+    )
     decode_attention: str = field(
         default="sdpa",
         metadata={
