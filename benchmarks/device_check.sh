@@ -15,7 +15,8 @@
 # every section). Timings are from the H100 runs of 2026-11-27 (docs/benchmarks.md):
 #   default   what has not run on a GPU yet. The `gpu` tests of the static engine that failed or are new (<= 100 s:
 #             the "split" kernel with 16-aligned pieces, compiled + fused projections), then at 7B and at 1B the
-#             compiled decode without and with fuse_projections over the same 512 tokens, the step profile with
+#             compiled decode without and with fuse_projections (7B also: SDPA's memory-efficient kernel forced)
+#             over the same 512 tokens, the step profile with
 #             fused projections (7B), stock generate, and the whole paper-shape rollout compiled and fused
 #             (<= 230 s, <= 100 s). Last plan's numbers: docs/benchmarks.md, "compiled decode steps".
 #   baseline  the benchmarks of the table in docs/benchmarks.md: 7B (kernels compared, stock, the whole rollout
@@ -79,7 +80,7 @@ if [ "$PLAN" = default ]; then
     T=tests/test_fast_rollout.py::test_gpu_
     gpu_tests 100 ${T}graphs_equal_eager_tiny ${T}compiled_graphs_equal_reference ${T}memory_released -m gpu
     bench 230 7b --preset 7b --stock-steps 32 --compare-attention 512 \
-        --compare-kernels sdpa+compile,sdpa+compile+fused --compile --fuse --profile-step
+        --compare-kernels sdpa+compile,sdpa+compile+fused,sdpa+compile+efficient --compile --fuse --profile-step
     bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 \
         --compare-kernels sdpa+compile,sdpa+compile+fused --compile --fuse
 else

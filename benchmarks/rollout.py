@@ -212,10 +212,16 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
     decoder = None
     start = time.perf_counter()
     if engine_name == "static":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         from vlcot_grpo.fast_rollout import StaticDecoder
 
         decoder = StaticDecoder(engine, device)
-        batch = decoder.run(prompts, args.group, gen)
+        # "+efficient": torch's memory-efficient SDPA kernel instead of the one SDPA picks (cuDNN on an H100)
+        forced = getattr(args, "sdpa_efficient", False)
+        backend_choice = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]) if forced else contextlib.nullcontext()
+        with backend_choice:
+            batch = decoder.run(prompts, args.group, gen)
     else:
         batch = engine.generate(prompts, args.group, gen)
     sync(device)
@@ -287,7 +293,7 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
     }
 
 
-VARIANT_FLAGS = {"compile", "fused"}
+VARIANT_FLAGS = {"compile", "fused", "efficient"}
 
 
 def gemm_bandwidth(model, rows: int, device) -> dict:
@@ -523,8 +529,8 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--compare-kernels",
         default="sdpa,matmul",
-        help="what --compare-attention runs: kernels, each optionally with '+compile' and '+fused' "
-        "(fuse_projections), e.g. sdpa+compile,sdpa+compile+fused",
+        help="what --compare-attention runs: kernels, each optionally with '+compile', '+fused' (fuse_projections) "
+        "and '+efficient' (CUDA: SDPA's memory-efficient kernel forced), e.g. sdpa+compile,sdpa+compile+fused",
     )
     parser.add_argument(
         "--compile",
@@ -607,7 +613,13 @@ def main(argv=None) -> dict:
                 if set(flags) - VARIANT_FLAGS:
                     raise ValueError(f"--compare-kernels {variant!r}: flags are {sorted(VARIANT_FLAGS)}")
                 short = argparse.Namespace(
-                    **{**vars(args), "attention": kernel, "compile": "compile" in flags, "fuse": "fused" in flags}
+                    **{
+                        **vars(args),
+                        "attention": kernel,
+                        "compile": "compile" in flags,
+                        "fuse": "fused" in flags,
+                        "sdpa_efficient": "efficient" in flags,
+                    }
                 )
                 stats, _ = run_engine(model, backend, prompts, short, device, "static", args.compare_attention)
                 rate = stats["decode_steps_run"] / stats["decode_seconds"]
@@ -625,7 +637,10 @@ def main(argv=None) -> dict:
         rates = {
             k: v["decode_steps_per_s"]
             for k, v in results.get("attention_kernels", {}).items()
-            if "error" not in v and ("+compile" in k) == args.compile and ("+fused" in k) == args.fuse
+            if "error" not in v
+            and ("+compile" in k) == args.compile
+            and ("+fused" in k) == args.fuse
+            and "+efficient" not in k
         }
         args.attention = max(rates, key=rates.get).split("+")[0] if rates else RolloutConfig.decode_attention
     results["attention_used"] = args.attention
