@@ -438,8 +438,8 @@ def test_step_traces_without_graph_breaks(tiny, photo):
 
 def test_fused_projections_write_the_reference_tokens(tiny, hooks, photo, monkeypatch):
     """``fuse_projections``: q/k/v and gate/up as one product each during the decode steps, the reference path's
-    greedy tokens with guidance; the model's own modules are back afterwards. LoRA-wrapped projections are left
-    alone (their adapters would be skipped)."""
+    greedy tokens with guidance; the model's own modules are back afterwards. LoRA projections are fused only with
+    their adapters merged (unmerged, the adapters would be skipped)."""
     from peft import LoraConfig, get_peft_model
 
     from vlcot_grpo import fast_rollout
@@ -463,9 +463,18 @@ def test_fused_projections_write_the_reference_tokens(tiny, hooks, photo, monkey
     steps, rest = divmod(len(seen), 2 * layers)  # qkv and gate/up of every layer at every decode step
     assert len(set(seen)) == 2 and rest == 0 and steps >= max(map(len, fast.completion_ids)) - 1
     assert {name: id(m) for name, m in model.named_modules()} == before
-    lora = get_peft_model(build_tiny_emu3()[0], LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
-    with fast_rollout._fused_projections(lora) as swapped:
-        assert swapped == 0
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    lora = get_peft_model(build_tiny_emu3()[0], LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+        with fast_rollout._fused_projections(lora) as swapped:
+            assert swapped == 0  # unmerged adapters: fusing the base weights would drop them
+        lora.merge_adapter()  # as rollout_merge_adapters does: the merged base layers are fused
+        with fast_rollout._fused_projections(lora) as swapped:
+            assert swapped == len(targets) * layers
+            got = lora(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_layers_write_the_reference_tokens(bench):
