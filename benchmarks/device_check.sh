@@ -17,7 +17,8 @@
 #             the "split" kernel with 16-aligned pieces, compiled + fused projections), then at 7B and at 1B the
 #             compiled decode without and with fuse_projections (7B also: SDPA's memory-efficient kernel forced)
 #             over the same 512 tokens, the step profile with
-#             fused projections (7B), stock generate, and the whole paper-shape rollout compiled and fused
+#             fused projections (7B), the attention kernels that take row lengths on the device (--attention-options),
+#             stock generate, and the whole paper-shape rollout compiled and fused
 #             (<= 230 s, <= 100 s). Last plan's numbers: docs/benchmarks.md, "compiled decode steps".
 #   baseline  the benchmarks of the table in docs/benchmarks.md: 7B (kernels compared, stock, the whole rollout
 #             ~106 s, LoRA merge check, LoRA GRPO step ~151 s; ~330 s in all), 1B (~70 s), tiny (~20 s).
@@ -80,9 +81,10 @@ if [ "$PLAN" = default ]; then
     T=tests/test_fast_rollout.py::test_gpu_
     gpu_tests 100 ${T}graphs_equal_eager_tiny ${T}compiled_graphs_equal_reference ${T}memory_released -m gpu
     bench 230 7b --preset 7b --stock-steps 32 --compare-attention 512 \
-        --compare-kernels sdpa+compile,sdpa+compile+fused,sdpa+compile+efficient --compile --fuse --profile-step
+        --compare-kernels sdpa+compile,sdpa+compile+fused,sdpa+compile+efficient --compile --fuse --profile-step \
+        --attention-options
     bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 \
-        --compare-kernels sdpa+compile,sdpa+compile+fused --compile --fuse
+        --compare-kernels sdpa+compile,sdpa+compile+fused --compile --fuse --attention-options
 else
     bench 340 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
     bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512

@@ -33,6 +33,7 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
 
 from vlcot_grpo.models import load_backend
 from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3
@@ -293,6 +294,130 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
     }
 
 
+def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int = 9728, reps: int = 20) -> dict:
+    """One decode step's attention for ``rows`` conditional rows at this model's shapes, reading ``length`` cached
+    positions out of a ``total``-long buffer (the paper shape's), row 0 left-padded (by 100 positions) as with
+    prompts of different lengths. The engine's kernel (SDPA under an additive mask over a bucket: cuDNN on an H100)
+    against kernels that take each row's start and length as device tensors instead of a mask (flash and
+    memory-efficient attention in their variable-length form, on a (rows, positions, heads, dim) buffer). Those
+    would need neither the mask nor a CUDA graph per bucket, and read no position past the written one. Per option:
+    the useful KV bandwidth (TB/s) and the largest difference from SDPA on exact slices. The variable-length
+    kernels are CUDA-only (an error entry elsewhere)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    text = model.config.get_text_config()
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    rep, dtype, scale = heads // kv_heads, next(model.parameters()).dtype, dim**-0.5
+    gen = torch.Generator(device).manual_seed(0)
+    keys = torch.randn(rows, total, kv_heads, dim, generator=gen, device=device, dtype=dtype)  # BSHD
+    values = torch.randn(rows, total, kv_heads, dim, generator=gen, device=device, dtype=dtype)
+    keys_bhsd, values_bhsd = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()  # the engine's
+    query = torch.randn(rows, heads, dim, generator=gen, device=device, dtype=dtype)
+    flash_args = torch.ops.aten._flash_attention_forward.default._schema.arguments
+
+    def at(length: int) -> dict:
+        pad = [min(100, length // 4) if r == 0 else 0 for r in range(rows)]
+        used = torch.tensor([length - p for p in pad], dtype=torch.int32, device=device)
+        starts = torch.tensor([r * total + p for r, p in enumerate(pad)] + [rows * total], dtype=torch.int32)
+        starts = starts.to(device)
+        want = torch.stack(
+            [
+                F.scaled_dot_product_attention(
+                    query[r, :, None],
+                    keys_bhsd[r, :, pad[r] : length].repeat_interleave(rep, 0),
+                    values_bhsd[r, :, pad[r] : length].repeat_interleave(rep, 0),
+                    scale=scale,
+                )[:, 0]
+                for r in range(rows)
+            ]
+        )
+        allowed = torch.ones(rows, length, dtype=torch.bool, device=device)
+        allowed[0, : pad[0]] = False
+        bias = torch.zeros(rows, 1, 1, length, dtype=dtype, device=device).masked_fill(
+            ~allowed[:, None, None], -torch.inf
+        )
+        q_fold = query.view(rows, kv_heads, rep, dim)
+
+        def engine_sdpa():
+            k, v = keys_bhsd[:, :, :length], values_bhsd[:, :, :length]
+            return F.scaled_dot_product_attention(q_fold, k, v, attn_mask=bias, scale=scale).reshape(rows, heads, dim)
+
+        def engine_sdpa_efficient():
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                return engine_sdpa()
+
+        q_starts = torch.arange(rows + 1, dtype=torch.int32, device=device)
+        flat_k, flat_v = keys.view(rows * total, kv_heads, dim), values.view(rows * total, kv_heads, dim)
+
+        def flash_varlen(**extra):
+            return torch.ops.aten._flash_attention_forward(
+                query,
+                flat_k,
+                flat_v,
+                q_starts,
+                starts,
+                1,
+                length,
+                0.0,
+                False,
+                False,
+                scale=scale,
+                seqused_k=used,
+                **extra,
+            )[0]
+
+        q_efficient = q_fold.transpose(1, 2).reshape(
+            1, rows * rep, kv_heads, dim
+        )  # kv heads as heads, rep as positions
+
+        def efficient_varlen():
+            out = torch.ops.aten._efficient_attention_forward(
+                q_efficient,
+                flat_k[None],
+                flat_v[None],
+                None,
+                q_starts * rep,
+                starts,
+                rep,
+                length,
+                0.0,
+                0,
+                scale=scale,
+                seqlen_k=used,
+            )[0]
+            return out.view(rows, rep, kv_heads, dim).transpose(1, 2).reshape(rows, heads, dim)
+
+        options = {
+            "sdpa + mask (the engine's)": engine_sdpa,
+            "sdpa + mask, memory-efficient kernel": engine_sdpa_efficient,
+            "flash varlen, seqused_k": flash_varlen,
+            "memory-efficient varlen, seqlen_k": efficient_varlen,
+        }
+        if any(a.name == "num_splits" for a in flash_args):
+            for splits in (4, 8, 16):
+                options[f"flash varlen, seqused_k, num_splits={splits}"] = lambda n=splits: flash_varlen(num_splits=n)
+        useful = float(used.sum()) * kv_heads * dim * 2 * keys.element_size()
+        timed = {}
+        for name, fn in options.items():
+            try:
+                err = (fn().float() - want.float()).abs().max().item()
+                for _ in range(3):
+                    fn()
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                sync(device)
+                seconds = (time.perf_counter() - start) / reps
+                timed[name] = {"us": seconds * 1e6, "tbs": useful / seconds / 1e12, "max_err": err}
+            except Exception as err:
+                timed[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        return timed
+
+    return {length: at(length) for length in lengths}
+
+
 VARIANT_FLAGS = {"compile", "fused", "efficient"}
 
 
@@ -547,6 +672,11 @@ def main(argv=None) -> dict:
         action="store_true",
         help="also: kernels of one eager decode step (torch.profiler) and the weight bandwidth of its matrix products",
     )
+    parser.add_argument(
+        "--attention-options",
+        action="store_true",
+        help="also (CUDA): the decode attention kernels that take row lengths on the device, against the engine's",
+    )
     parser.add_argument("--bandwidth", type=float, default=None, help="TB/s for the roofline (default: see top)")
     parser.add_argument("--grpo-step", action="store_true", help="also time a LoRA GRPO step at this shape")
     parser.add_argument(
@@ -666,6 +796,17 @@ def main(argv=None) -> dict:
         except Exception as err:
             traceback.print_exc()
             results["gemm_bandwidth"] = {"error": repr(err)}
+        save()
+    if args.attention_options and device.type == "cuda":
+        try:
+            results["attention_options"] = attention_options(model, args.group * args.prompts, device)
+            for length, options in results["attention_options"].items():
+                for name, r in options.items():
+                    shown = r.get("error") or f"{r['tbs']:.2f} TB/s, {r['us']:.0f} us, max err {r['max_err']:.1e}"
+                    print(f"attention option, {length} positions, {name}: {shown}", flush=True)
+        except Exception as err:
+            traceback.print_exc()
+            results["attention_options"] = {"error": repr(err)}
         save()
     results["compiled"], results["fused_projections"] = args.compile, args.fuse
     print(

@@ -775,6 +775,19 @@ def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compil
     assert batch.completion_ids and refs and all(r() is None for r in refs)
 
 
+def test_benchmark_attention_options_on_cpu(bench):
+    """The attention-options section's plumbing on the CPU: the engine's masked SDPA over a left-padded row matches
+    attention on exact slices; the CUDA-only variable-length kernels give error entries, not a crash."""
+    from vlcot_grpo.models.tiny import build_tiny_emu3
+
+    model, _ = build_tiny_emu3()
+    results = bench.attention_options(model, 3, torch.device("cpu"), lengths=(64,), total=128, reps=1)
+    options = results[64]
+    assert options["sdpa + mask (the engine's)"]["max_err"] < 1e-5
+    assert options["sdpa + mask (the engine's)"]["tbs"] > 0
+    assert "error" in options["flash varlen, seqused_k"] and "error" in options["memory-efficient varlen, seqlen_k"]
+
+
 def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison with
     the compiled layers, stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error
