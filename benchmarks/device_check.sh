@@ -7,19 +7,19 @@
 #      package of ours; transformers 5.24.0 and a recent regex travel as wheels for Python 3.12 (~13 MB).
 #      Optionally, a rehearsal of the same plan on the CPU (tiny shapes, ~1 minute, results in device_out/):
 #        bash benchmarks/device_check.sh rehearse         # or rehearse-baseline
-#   2. through the device tool, once, with carry [".whl"] and timeout_s 595 (default plan; baseline: 470):
+#   2. through the device tool, once, with carry [".whl"] and timeout_s 500 (default plan; baseline: 470):
 #        bash benchmarks/device_check.sh                  # or: ... baseline
 #      then give the machine back. Results come back under $OUT: env.txt, gpu_tests.log, bench_*.json, bench.log
 #
 # Plans (each step has its own time limit, so a hang costs only that step; each benchmark writes its JSON after
 # every section). Timings are from the H100 runs of 2026-11-27 (docs/benchmarks.md):
-#   default   what has not run on a GPU yet. The `gpu` tests of the static engine that failed or are new (<= 100 s:
-#             the "split" kernel with 16-aligned pieces, compiled + fused projections), then at 7B and at 1B the
-#             compiled decode without and with fuse_projections (7B also: SDPA's memory-efficient kernel forced)
-#             over the same 512 tokens, the step profile with
-#             fused projections (7B), the attention kernels that take row lengths on the device (--attention-options),
-#             stock generate, and the whole paper-shape rollout compiled and fused
-#             (<= 230 s, <= 100 s). Last plan's numbers: docs/benchmarks.md, "compiled decode steps".
+#   default   what has not run on a GPU yet. The `gpu` tests of the static engine that are new or failed last time
+#             (<= 140 s: the "varlen" kernel against SDPA and in the engine, "split" with 16-aligned pieces,
+#             compiled + fused projections, greedy == reference at tiny and 1B with every kernel), then at 7B and
+#             at 1B: the attention kernels that take row lengths on the device (--attention-options), the compiled
+#             decode over the same 512 tokens with sdpa / varlen, without and with fuse_projections (7B also:
+#             SDPA's memory-efficient kernel forced), stock generate, and the whole paper-shape rollout with the
+#             fastest of those variants (<= 230 s, <= 100 s). Last plan's numbers: docs/benchmarks.md.
 #   baseline  the benchmarks of the table in docs/benchmarks.md: 7B (kernels compared, stock, the whole rollout
 #             ~106 s, LoRA merge check, LoRA GRPO step ~151 s; ~330 s in all), 1B (~70 s), tiny (~20 s).
 set -uo pipefail
@@ -79,12 +79,12 @@ bench() {
 
 if [ "$PLAN" = default ]; then
     T=tests/test_fast_rollout.py::test_gpu_
-    gpu_tests 100 ${T}graphs_equal_eager_tiny ${T}compiled_graphs_equal_reference ${T}memory_released -m gpu
-    bench 230 7b --preset 7b --stock-steps 32 --compare-attention 512 \
-        --compare-kernels sdpa+compile,sdpa+compile+fused,sdpa+compile+efficient --compile --fuse --profile-step \
-        --attention-options
-    bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 \
-        --compare-kernels sdpa+compile,sdpa+compile+fused --compile --fuse --attention-options
+    gpu_tests 140 ${T}varlen_attention_equals_sdpa ${T}graphs_equal_eager_tiny ${T}compiled_graphs_equal_reference \
+        ${T}memory_released ${T}greedy_equals_reference_preset -m gpu  # the new ones first
+    bench 230 7b --preset 7b --stock-steps 32 --compare-attention 512 --compile --attention-options \
+        --compare-kernels sdpa+compile,varlen+compile,sdpa+compile+fused,varlen+compile+fused,sdpa+compile+efficient
+    bench 100 1b --preset 1b --stock-steps 64 --compare-attention 512 --compile --attention-options \
+        --compare-kernels sdpa+compile,varlen+compile,sdpa+compile+fused,varlen+compile+fused
 else
     bench 340 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
     bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512

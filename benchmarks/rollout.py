@@ -643,7 +643,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--kv-bucket", type=int, default=RolloutConfig.kv_bucket)
     parser.add_argument(
         "--attention",
-        choices=["auto", "sdpa", "split", "matmul"],
+        choices=["auto", "sdpa", "split", "varlen", "matmul"],
         default="auto",
         help="static engine's decode attention; auto: the fastest in --compare-attention (among the compiled variants "
         "with --compile), else the config default",
@@ -664,7 +664,11 @@ def main(argv=None) -> dict:
         help="static engine: compile_step (torch.compile); default as the library: on with CUDA graphs",
     )
     parser.add_argument(
-        "--fuse", action="store_true", help="static engine: fuse_projections (q/k/v and gate/up as one product each)"
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static engine: fuse_projections (q/k/v and gate/up as one product each); default: as the fastest "
+        "--compare-kernels variant, else off",
     )
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument(
@@ -735,7 +739,7 @@ def main(argv=None) -> dict:
     if args.compare_attention:
         results["attention_kernels"] = {}
         # untimed: lazy set-up (kernel libraries, allocator) would otherwise be charged to the first variant
-        warm = argparse.Namespace(**{**vars(args), "compile": False, "attention": "sdpa"})
+        warm = argparse.Namespace(**{**vars(args), "compile": False, "attention": "sdpa", "fuse": False})
         run_engine(model, backend, prompts, warm, device, "static", 16)
         for variant in args.compare_kernels.split(","):
             kernel, *flags = variant.split("+")
@@ -764,16 +768,19 @@ def main(argv=None) -> dict:
                 results["attention_kernels"][variant] = {"error": repr(err)}
             save()
     if args.attention == "auto":
+        # the fastest variant compiled as asked; --fuse and the SDPA backend follow it unless given
         rates = {
             k: v["decode_steps_per_s"]
             for k, v in results.get("attention_kernels", {}).items()
             if "error" not in v
             and ("+compile" in k) == args.compile
-            and ("+fused" in k) == args.fuse
-            and "+efficient" not in k
+            and (args.fuse is None or ("+fused" in k) == args.fuse)
         }
-        args.attention = max(rates, key=rates.get).split("+")[0] if rates else RolloutConfig.decode_attention
-    results["attention_used"] = args.attention
+        best = max(rates, key=rates.get).split("+") if rates else [RolloutConfig.decode_attention]
+        args.attention, args.sdpa_efficient = best[0], "efficient" in best
+        args.fuse = "fused" in best if args.fuse is None else args.fuse
+    args.fuse = bool(args.fuse)
+    results["attention_used"] = args.attention + ("+efficient" if getattr(args, "sdpa_efficient", False) else "")
     if args.profile_step:
         results["step_profile"] = {}
         for compiled in sorted({False, args.compile}):

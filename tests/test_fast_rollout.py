@@ -133,7 +133,7 @@ def small_pieces(monkeypatch):
     return pieces
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("max_new", [700, 37])
 def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel, small_pieces):
@@ -216,6 +216,24 @@ def test_attention_kernels_equal_plain_attention(kv_heads):
     for splits in (1, 2, 4):
         got = _attend(q, k, v, split_bias(mask, kv_heads, splits, q.dtype), 0.3, "split")
         torch.testing.assert_close(got, want, msg=f"split {splits}")
+
+
+def test_varlen_kernel_on_cpu_equals_exact_slices():
+    """The "varlen" kernel's CPU form (masked SDPA meaning what flash's variable-length form means on CUDA): row b
+    sees ``used[b]`` keys from flat position ``starts[b]`` of a (rows, positions, kv_heads, dim) buffer."""
+    from vlcot_grpo.fast_rollout import _attend_varlen
+
+    gen = torch.Generator().manual_seed(0)
+    rows, total, heads, kv_heads, dim, max_len = 4, 96, 4, 2, 8, 64
+    q = torch.randn(rows, heads, 1, dim, generator=gen)
+    k, v = torch.randn(2, rows, total, kv_heads, dim, generator=gen)
+    pad, used = [5, 0, 20, 0], [40, 64, 1, 30]
+    starts = torch.tensor([r * total + p for r, p in enumerate(pad)] + [rows * total], dtype=torch.int32)
+    got = _attend_varlen(q, k, v, starts, torch.tensor(used, dtype=torch.int32), max_len, 0.3)
+    for r in range(rows):
+        keys = k[r, pad[r] : pad[r] + used[r]].transpose(0, 1).repeat_interleave(2, 0)
+        values = v[r, pad[r] : pad[r] + used[r]].transpose(0, 1).repeat_interleave(2, 0)
+        torch.testing.assert_close(got[r], F.scaled_dot_product_attention(q[r], keys, values, scale=0.3))
 
 
 def test_split_sizes():
@@ -559,7 +577,7 @@ def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
     assert model.config.get_text_config()._attn_implementation == attention
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
 def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
     """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds
     a tensor from host data, and no copy changes device. On CUDA each of those would be a sync or a host-to-device
@@ -593,7 +611,7 @@ def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
     assert ops.bad == []
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
 def test_step_on_meta_tensors_makes_no_host_tensor(kernel, small_pieces):
     """The decode step of a model on the meta device (shapes, no values): reading a value would raise, and no op may
     produce a tensor on the host. A proxy for CUDA-graph capture, where host tensors mean host-to-device copies."""
@@ -797,7 +815,7 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
 
     out = tmp_path / "bench.json"
     argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
-    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,split,sdpa+fused,sdpa+compile"
+    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,split,varlen,sdpa+fused,sdpa+compile"
     argv += f" --grpo-step --lora-merge-check 32 --profile-step --json {out}"
     results = bench.main(argv.split())
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -806,8 +824,8 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert set(runs) == {"stock generate + guidance", "static", "reference"}
     # the chain hooks force a whole chain: both engines write the same number of steps
     assert runs["static"]["steps"] == runs["reference"]["steps"] > 0
-    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "split", "sdpa+fused", "sdpa+compile"}
-    assert results["attention_used"] in ("sdpa", "split", "matmul")  # the fastest uncompiled kernel
+    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "split", "varlen", "sdpa+fused", "sdpa+compile"}
+    assert results["attention_used"] in ("sdpa", "split", "varlen", "matmul")  # the fastest uncompiled kernel
     assert results["attention_kernels"]["sdpa+compile"]["compile_seconds"] > 0
     assert results["step_profile"]["eager"]["aten_ops_per_step"] > 0 and results["step_profile"]["eager"]["top"]
     assert results["gemm_bandwidth"]["q+k+v fused"]["tbs"] > 0
@@ -842,7 +860,7 @@ def test_gpu_memory_released(tiny, photo):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split"])
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel, small_pieces):
     model, _, backend = tiny
@@ -882,7 +900,7 @@ def test_gpu_greedy_equals_reference_preset(preset, bench):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel in ("sdpa", "matmul", "split"):
+        for kernel in ("sdpa", "matmul", "split", "varlen"):
             config = RolloutConfig(engine="static", decode_attention=kernel, **kw)
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
@@ -900,12 +918,38 @@ def test_gpu_compiled_graphs_equal_reference(bench):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel, fused in (("sdpa", False), ("split", False), ("sdpa", True)):
+        for kernel, fused in (("sdpa", False), ("split", False), ("varlen", False), ("sdpa", True)):
             config = RolloutConfig(
                 engine="static", compile_step=True, decode_attention=kernel, fuse_projections=fused, **kw
             )
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
+def test_gpu_varlen_attention_equals_sdpa(dtype, heads, kv_heads):
+    """The "varlen" kernel (flash attention's variable-length form for bf16, the memory-efficient one's for fp32) at
+    the 7B decode shape: rows with left padding and different lengths, against SDPA on exact slices."""
+    from vlcot_grpo.fast_rollout import _attend_varlen
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    rows, total, dim, max_len = 5, 9728, 128, 4608
+    q = torch.randn(rows, heads, 1, dim, generator=gen, device="cuda").to(dtype)
+    k = torch.randn(rows, total, kv_heads, dim, generator=gen, device="cuda").to(dtype)
+    v = torch.randn(rows, total, kv_heads, dim, generator=gen, device="cuda").to(dtype)
+    pad, used = [100, 0, 0, 3000, 0], [4000, 4608, 1, 1000, 4200]
+    starts = torch.tensor([r * total + p for r, p in enumerate(pad)] + [rows * total], dtype=torch.int32).cuda()
+    got = _attend_varlen(q, k, v, starts, torch.tensor(used, dtype=torch.int32).cuda(), max_len, 0.1)
+    rep = heads // kv_heads
+    for r in range(rows):
+        keys = k[r, pad[r] : pad[r] + used[r]].transpose(0, 1).repeat_interleave(rep, 0)
+        values = v[r, pad[r] : pad[r] + used[r]].transpose(0, 1).repeat_interleave(rep, 0)
+        want = F.scaled_dot_product_attention(q[r], keys, values, scale=0.1)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(got[r], want, atol=tol, rtol=tol, msg=f"row {r}")
 
 
 @pytest.mark.gpu

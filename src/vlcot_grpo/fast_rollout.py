@@ -31,7 +31,9 @@ per layer instead of one, and reads rounded up to a bucket (up to ``kv_bucket - 
 The kernel is ``decode_attention``: torch's SDPA (with a mask on an H100: cuDNN's kernel), "split" (SDPA on pieces
 of the cache merged by log-sum-exp, flash-decoding style) or two batched matrix products. On an H100 at the 7B preset
 SDPA was the fastest (docs/benchmarks.md: 65.9 against 44.9 decode steps/s for the matrix products; compiled, 78.1
-against 75.2 for "split") and streams the cache at ~80 % of the copy bandwidth.
+against 75.2 for "split") and streams the cache at ~80 % of the copy bandwidth. "varlen" instead stores the caches
+as (R, L, kv_heads, head_dim) and gives flash attention's variable-length form each row's first key and key count
+as device tensors: no mask, and nothing read past the written key (the bucket's tail is ~4 % of a 7B step's bytes).
 The masks are additive (0 / -inf in the model's dtype), made once per step and shared by every layer: a boolean mask
 is converted inside every attention call.
 
@@ -105,16 +107,37 @@ class _SplitKV:
     guide_read_len: int = 0
     kernel: str = "sdpa"
     chunk: int = 0  # "matmul" kernel: positions per piece of the split reduction
+    # "varlen" kernel: buffers are (R, L, kv_heads, head_dim) and each row's keys are given by where they start in
+    # the flattened buffer and how many are used (int32, on the device) instead of by a mask.
+    positions_dim: int = 2  # the buffers' position dimension: 2, or 1 for "varlen"
+    starts: torch.Tensor | None = None  # (R + 1,): row r's first visible key, r * L + its left padding
+    used: torch.Tensor | None = None  # (R,): visible keys per row, set each step
+    guide_starts: torch.Tensor | None = None  # (R + 1,): r * L_img
+    guide_used: torch.Tensor | None = None  # (R,): the guidance row's slot + 1, set each step
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """transformers' cache hook: write this step's keys/values in place. Attention reads the buffers itself."""
-        r = self.rows
-        self.keys[layer_idx].index_copy_(2, self.column, key_states[:r])
-        self.values[layer_idx].index_copy_(2, self.column, value_states[:r])
+        r, dim = self.rows, self.positions_dim
+        keys, values = (
+            (key_states, value_states) if dim == 2 else (key_states.transpose(1, 2), value_states.transpose(1, 2))
+        )
+        self.keys[layer_idx].index_copy_(dim, self.column, keys[:r])
+        self.values[layer_idx].index_copy_(dim, self.column, values[:r])
         if self.guide_keys is not None:  # scatter, not advanced-index assignment: one kernel instead of several
-            self.guide_keys[layer_idx].scatter_(2, self.guide_index, key_states[r:])
-            self.guide_values[layer_idx].scatter_(2, self.guide_index, value_states[r:])
+            self.guide_keys[layer_idx].scatter_(dim, self.guide_index, keys[r:])
+            self.guide_values[layer_idx].scatter_(dim, self.guide_index, values[r:])
         return key_states, value_states
+
+    def attend(self, query, layer: int, scaling, guide: bool):
+        """``query`` (B, H, 1, D) of the conditional rows (or, ``guide``, the guidance rows) against their cache."""
+        keys = (self.guide_keys if guide else self.keys)[layer]
+        values = (self.guide_values if guide else self.values)[layer]
+        n = self.guide_read_len if guide else self.read_len
+        if self.kernel == "varlen":
+            starts, used = (self.guide_starts, self.guide_used) if guide else (self.starts, self.used)
+            return _attend_varlen(query, keys, values, starts, used, n, scaling)
+        bias = self.guide_bias if guide else self.bias
+        return _attend(query, keys.narrow(2, 0, n), values.narrow(2, 0, n), bias, scaling, self.kernel, self.chunk)
 
 
 def _attend(query, keys, values, bias, scaling, kernel="sdpa", chunk=0):
@@ -217,32 +240,66 @@ def _split_kv_attention(q, keys, values, bias, scaling):
     return (parts * weight[..., None]).sum(1)
 
 
+def _attend_varlen(query, keys, values, starts, used, max_len: int, scaling):
+    """The "varlen" kernel: ``query`` (B, H, 1, D) against ``keys``/``values`` (B, L, Hkv, D), row ``b`` seeing the
+    ``used[b]`` keys that start at flat position ``starts[b]`` (both int32 on the device), none past ``max_len``.
+    No mask, and nothing read past the last written key. On CUDA that is flash attention's variable-length form
+    (bf16/fp16; the memory-efficient kernel's for fp32); elsewhere masked SDPA with the same meaning."""
+    b, heads, _, dim = query.shape
+    length, kv_heads = keys.shape[1], keys.shape[2]
+    rep = heads // kv_heads
+    flat_k, flat_v = keys.view(b * length, kv_heads, dim), values.view(b * length, kv_heads, dim)
+    query_starts = torch.arange(b + 1, dtype=torch.int32, device=query.device)
+    if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16):
+        out = torch.ops.aten._flash_attention_forward(
+            query.reshape(b, heads, dim),
+            flat_k,
+            flat_v,
+            query_starts,
+            starts,
+            1,
+            max_len,
+            0.0,
+            False,
+            False,
+            scale=scaling,
+            seqused_k=used,
+        )[0]
+        return out.view(b, heads, 1, dim)
+    if query.device.type == "cuda":  # the memory-efficient kernel has no grouped heads: they become query positions
+        q = query.reshape(b, kv_heads, rep, dim).transpose(1, 2).reshape(1, b * rep, kv_heads, dim)
+        out = torch.ops.aten._efficient_attention_forward(
+            q,
+            flat_k[None],
+            flat_v[None],
+            None,
+            query_starts * rep,
+            starts,
+            rep,
+            max_len,
+            0.0,
+            0,
+            scale=scaling,
+            seqlen_k=used,
+        )[0]
+        return out.view(b, rep, kv_heads, dim).transpose(1, 2).reshape(b, heads, 1, dim)
+    first = starts[:-1] - torch.arange(b, device=query.device) * length  # each row's left padding
+    position = torch.arange(max_len, device=query.device)
+    allowed = (position >= first[:, None]) & (position < (first + used)[:, None])
+    zero = torch.zeros((), dtype=keys.dtype, device=query.device)
+    bias = torch.where(allowed, zero, float("-inf"))[:, None, None, :]
+    k, v = keys.narrow(1, 0, max_len).transpose(1, 2), values.narrow(1, 0, max_len).transpose(1, 2)
+    return _attend(query, k, v, bias, scaling)
+
+
 def split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function registered as ``vlcot_split``: conditional rows read the conditional cache, guidance rows
     (the second half of the batch) the guidance cache. Returns (batch, 1, heads, head_dim) like transformers' SDPA."""
     kv: _SplitKV = kwargs["vlcot_kv"]
-    layer, r, n = module.layer_idx, kv.rows, kv.read_len
-    out = _attend(
-        query[:r],
-        kv.keys[layer].narrow(2, 0, n),
-        kv.values[layer].narrow(2, 0, n),
-        kv.bias,
-        scaling,
-        kv.kernel,
-        kv.chunk,
-    )
+    layer, r = module.layer_idx, kv.rows
+    out = kv.attend(query[:r], layer, scaling, guide=False)
     if kv.guide_keys is not None:
-        g = kv.guide_read_len
-        guided = _attend(
-            query[r:],
-            kv.guide_keys[layer].narrow(2, 0, g),
-            kv.guide_values[layer].narrow(2, 0, g),
-            kv.guide_bias,
-            scaling,
-            kv.kernel,
-            kv.chunk,
-        )
-        out = torch.cat([out, guided])
+        out = torch.cat([out, kv.attend(query[r:], layer, scaling, guide=True)])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -428,6 +485,7 @@ class StaticDecoder:
         self.units = compute_units(self.device)  # the "split" attention kernel sizes its pieces by it
         self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
         self.compile = self.config.resolved_compile(self.device)
+        self.varlen = self.config.decode_attention == "varlen"
         self.sample = _compiled_sample_scores if self.compile else sample_scores
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
@@ -510,14 +568,9 @@ class StaticDecoder:
         self.guide_cap = template_len
         keys, values = [], []
         for layer in cache.layers:
-            shape = (rows, layer.keys.shape[1], total, layer.keys.shape[3])
-            k = torch.zeros(shape, dtype=layer.keys.dtype, device=device)
-            v = torch.zeros(shape[:3] + (layer.values.shape[3],), dtype=layer.values.dtype, device=device)
             # each prompt's keys/values go to its num_generations rows without a repeated temporary
-            k.view(n_prompts, num_generations, *shape[1:])[:, :, :, :width] = layer.keys[:, None]
-            v.view(n_prompts, num_generations, *v.shape[1:])[:, :, :, :width] = layer.values[:, None]
-            keys.append(k)
-            values.append(v)
+            keys.append(self._buffer(layer.keys, n_prompts, num_generations, total))
+            values.append(self._buffer(layer.values, n_prompts, num_generations, total))
             layer.keys = layer.values = None  # free the prefill cache layer by layer
         del cache
         mask = torch.zeros((rows, total), dtype=torch.bool, device=device)
@@ -532,9 +585,17 @@ class StaticDecoder:
             kernel=cfg.decode_attention,
             chunk=cfg.kv_bucket,
         )
+        if self.varlen:
+            self.kv.positions_dim = 1
+            self.pad = (~attn.bool()).sum(1).repeat_interleave(num_generations, 0)  # left padding per row
+            row = torch.arange(rows + 1, device=device)
+            self.kv.starts = torch.cat([row[:-1] * total + self.pad, row[-1:] * total]).int()
+            self.kv.guide_starts = (row * template_len).int()
+            self.kv.used = torch.zeros(rows, dtype=torch.int32, device=device)
+            self.kv.guide_used = torch.zeros(rows, dtype=torch.int32, device=device)
         if self.guided:
-            self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len, k.shape[3])) for k in keys]
-            self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len, v.shape[3])) for v in values]
+            self.kv.guide_keys = [self._guide_buffer(k, template_len) for k in keys]
+            self.kv.guide_values = [self._guide_buffer(v, template_len) for v in values]
         # Everything a step reads or writes, as fixed buffers: graphs replay on their addresses.
         self.state = {
             "stage": eng._initial_stage(prompt_ids, num_generations).to(device),
@@ -558,7 +619,26 @@ class StaticDecoder:
         self.text_mask = eng.text_mask.to(device)
         self.code_mask = eng.code_mask.to(device)
         self.slot_range = torch.arange(template_len, device=device)
-        self.guide_index_shape = (rows, keys[0].shape[1], 1, keys[0].shape[3])
+        index_shape = list(keys[0].shape)
+        index_shape[self.kv.positions_dim] = 1
+        self.guide_index_shape = tuple(index_shape)
+
+    def _buffer(self, prefilled, n_prompts: int, num_generations: int, total: int) -> torch.Tensor:
+        """A static cache buffer for one layer, ``prefilled`` (prompts, kv_heads, width, dim) copied into each
+        prompt's rows: (rows, kv_heads, total, dim), or (rows, total, kv_heads, dim) for "varlen"."""
+        n, kv_heads, width, dim = prefilled.shape
+        if self.varlen:
+            buffer = prefilled.new_zeros((n * num_generations, total, kv_heads, dim))
+            buffer.view(n, num_generations, total, kv_heads, dim)[:, :, :width] = prefilled.transpose(1, 2)[:, None]
+        else:
+            buffer = prefilled.new_zeros((n * num_generations, kv_heads, total, dim))
+            buffer.view(n, num_generations, kv_heads, total, dim)[:, :, :, :width] = prefilled[:, None]
+        return buffer
+
+    def _guide_buffer(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
+        shape = list(buffer.shape)
+        shape[1 if self.varlen else 2] = length
+        return buffer.new_zeros(shape)
 
     def _release(self):
         self.graphs.clear()
@@ -626,9 +706,12 @@ class StaticDecoder:
         # Feed the token. A guidance row's context is its current image only: it writes at the token's index in that
         # image; rows not inside a started image write slot 0, and their guidance logits are never used.
         s["positions"].add_(1)
-        self.kv.mask.index_fill_(1, column, True)
         self.kv.read_len = read_len
-        self.kv.bias = self._additive(self.kv.mask.narrow(1, 0, read_len))
+        if self.varlen:
+            self.kv.used.copy_(column + 1 - self.pad)
+        else:
+            self.kv.mask.index_fill_(1, column, True)
+            self.kv.bias = self._additive(self.kv.mask.narrow(1, 0, read_len))
         feed, positions = token, s["positions"]
         if self.guided:
             live = (new_stage >= 0) & (new_tpos > 0)
@@ -636,7 +719,12 @@ class StaticDecoder:
             s["guide_slot"].copy_(slot)
             self.kv.guide_read_len = guide_read_len
             self.kv.guide_index = slot[:, None, None, None].expand(self.guide_index_shape)
-            self.kv.guide_bias = self._additive(self.slot_range.narrow(0, 0, guide_read_len)[None] <= slot[:, None])
+            if self.varlen:
+                self.kv.guide_used.copy_(slot + 1)
+            else:
+                self.kv.guide_bias = self._additive(
+                    self.slot_range.narrow(0, 0, guide_read_len)[None] <= slot[:, None]
+                )
             feed = torch.cat([token, token])
             positions = torch.cat([positions, slot])
         out = self.model(

@@ -31,7 +31,7 @@ from vlcot_grpo.vlcot import STAGES
 
 #: The rollout engines (``RolloutConfig.engine``); "auto" is the static one on CUDA and the reference one elsewhere.
 ENGINES = ("auto", "reference", "static")
-DECODE_ATTENTION = ("sdpa", "split", "matmul")
+DECODE_ATTENTION = ("sdpa", "split", "varlen", "matmul")
 
 
 @dataclass
@@ -104,8 +104,9 @@ class RolloutConfig:
         default="sdpa",
         metadata={
             "help": "Static engine: attention kernel of a decode step, 'sdpa' (torch's fused kernel), 'split' (that "
-            "kernel on pieces of the cache merged afterwards, flash-decoding style: more thread blocks) or 'matmul' "
-            "(two batched matrix products): same result, speed depends on the GPU and shape.",
+            "kernel on pieces of the cache merged afterwards, flash-decoding style: more thread blocks), 'varlen' "
+            "(flash attention given each row's length on the device: no mask, no read past the written key) or "
+            "'matmul' (two batched matrix products): same result, speed depends on the GPU and shape.",
             "choices": list(DECODE_ATTENTION),
         },
     )
