@@ -229,7 +229,8 @@ def test_varlen_kernel_on_cpu_equals_exact_slices():
     k, v = torch.randn(2, rows, total, kv_heads, dim, generator=gen)
     pad, used = [5, 0, 20, 0], [40, 64, 1, 30]
     starts = torch.tensor([r * total + p for r, p in enumerate(pad)] + [rows * total], dtype=torch.int32)
-    got = _attend_varlen(q, k, v, starts, torch.tensor(used, dtype=torch.int32), max_len, 0.3)
+    query_starts = torch.arange(rows + 1, dtype=torch.int32)
+    got = _attend_varlen(q, k, v, query_starts, starts, torch.tensor(used, dtype=torch.int32), max_len, 0.3)
     for r in range(rows):
         keys = k[r, pad[r] : pad[r] + used[r]].transpose(0, 1).repeat_interleave(2, 0)
         values = v[r, pad[r] : pad[r] + used[r]].transpose(0, 1).repeat_interleave(2, 0)
@@ -942,7 +943,8 @@ def test_gpu_varlen_attention_equals_sdpa(dtype, heads, kv_heads):
     v = torch.randn(rows, total, kv_heads, dim, generator=gen, device="cuda").to(dtype)
     pad, used = [100, 0, 0, 3000, 0], [4000, 4608, 1, 1000, 4200]
     starts = torch.tensor([r * total + p for r, p in enumerate(pad)] + [rows * total], dtype=torch.int32).cuda()
-    got = _attend_varlen(q, k, v, starts, torch.tensor(used, dtype=torch.int32).cuda(), max_len, 0.1)
+    query_starts = torch.arange(rows + 1, dtype=torch.int32).cuda()
+    got = _attend_varlen(q, k, v, query_starts, starts, torch.tensor(used, dtype=torch.int32).cuda(), max_len, 0.1)
     rep = heads // kv_heads
     for r in range(rows):
         keys = k[r, pad[r] : pad[r] + used[r]].transpose(0, 1).repeat_interleave(rep, 0)

@@ -110,6 +110,7 @@ class _SplitKV:
     # "varlen" kernel: buffers are (R, L, kv_heads, head_dim) and each row's keys are given by where they start in
     # the flattened buffer and how many are used (int32, on the device) instead of by a mask.
     positions_dim: int = 2  # the buffers' position dimension: 2, or 1 for "varlen"
+    query_starts: torch.Tensor | None = None  # (R + 1,): arange, each row's one query
     starts: torch.Tensor | None = None  # (R + 1,): row r's first visible key, r * L + its left padding
     used: torch.Tensor | None = None  # (R,): visible keys per row, set each step
     guide_starts: torch.Tensor | None = None  # (R + 1,): r * L_img
@@ -135,7 +136,7 @@ class _SplitKV:
         n = self.guide_read_len if guide else self.read_len
         if self.kernel == "varlen":
             starts, used = (self.guide_starts, self.guide_used) if guide else (self.starts, self.used)
-            return _attend_varlen(query, keys, values, starts, used, n, scaling)
+            return _attend_varlen(query, keys, values, self.query_starts, starts, used, n, scaling)
         bias = self.guide_bias if guide else self.bias
         return _attend(query, keys.narrow(2, 0, n), values.narrow(2, 0, n), bias, scaling, self.kernel, self.chunk)
 
@@ -240,16 +241,16 @@ def _split_kv_attention(q, keys, values, bias, scaling):
     return (parts * weight[..., None]).sum(1)
 
 
-def _attend_varlen(query, keys, values, starts, used, max_len: int, scaling):
+def _attend_varlen(query, keys, values, query_starts, starts, used, max_len: int, scaling):
     """The "varlen" kernel: ``query`` (B, H, 1, D) against ``keys``/``values`` (B, L, Hkv, D), row ``b`` seeing the
     ``used[b]`` keys that start at flat position ``starts[b]`` (both int32 on the device), none past ``max_len``.
+    ``query_starts``: arange(B + 1) int32, made once per rollout rather than in every call.
     No mask, and nothing read past the last written key. On CUDA that is flash attention's variable-length form
     (bf16/fp16; the memory-efficient kernel's for fp32); elsewhere masked SDPA with the same meaning."""
     b, heads, _, dim = query.shape
     length, kv_heads = keys.shape[1], keys.shape[2]
     rep = heads // kv_heads
     flat_k, flat_v = keys.view(b * length, kv_heads, dim), values.view(b * length, kv_heads, dim)
-    query_starts = torch.arange(b + 1, dtype=torch.int32, device=query.device)
     if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16):
         out = torch.ops.aten._flash_attention_forward(
             query.reshape(b, heads, dim),
@@ -584,11 +585,12 @@ class StaticDecoder:
             rows=rows,
             kernel=cfg.decode_attention,
             chunk=cfg.kv_bucket,
+            positions_dim=1 if self.varlen else 2,
         )
         if self.varlen:
-            self.kv.positions_dim = 1
             self.pad = (~attn.bool()).sum(1).repeat_interleave(num_generations, 0)  # left padding per row
             row = torch.arange(rows + 1, device=device)
+            self.kv.query_starts = row.int()
             self.kv.starts = torch.cat([row[:-1] * total + self.pad, row[-1:] * total]).int()
             self.kv.guide_starts = (row * template_len).int()
             self.kv.used = torch.zeros(rows, dtype=torch.int32, device=device)
@@ -637,7 +639,7 @@ class StaticDecoder:
 
     def _guide_buffer(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
         shape = list(buffer.shape)
-        shape[1 if self.varlen else 2] = length
+        shape[self.kv.positions_dim] = length
         return buffer.new_zeros(shape)
 
     def _release(self):
