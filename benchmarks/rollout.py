@@ -305,6 +305,8 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
     kernels are CUDA-only (an error entry elsewhere)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from vlcot_grpo.fast_rollout import _attend_varlen
+
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -350,7 +352,11 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
         q_starts = torch.arange(rows + 1, dtype=torch.int32, device=device)
         flat_k, flat_v = keys.view(rows * total, kv_heads, dim), values.view(rows * total, kv_heads, dim)
 
-        def flash_varlen(**extra):
+        def engine_varlen():  # the engine's "varlen" kernel itself (flash in bf16/fp16)
+            out = _attend_varlen(query[:, :, None], keys, values, q_starts, starts, used, length, scale)
+            return out.reshape(rows, heads, dim)
+
+        def flash_varlen(**extra):  # with what the engine does not pass yet (num_splits)
             return torch.ops.aten._flash_attention_forward(
                 query,
                 flat_k,
@@ -367,9 +373,8 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
                 **extra,
             )[0]
 
-        q_efficient = q_fold.transpose(1, 2).reshape(
-            1, rows * rep, kv_heads, dim
-        )  # kv heads as heads, rep as positions
+        # kv heads as heads, rep as positions: the memory-efficient kernel has no grouped heads
+        q_efficient = q_fold.transpose(1, 2).reshape(1, rows * rep, kv_heads, dim)
 
         def efficient_varlen():
             out = torch.ops.aten._efficient_attention_forward(
@@ -391,7 +396,7 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
         options = {
             "sdpa + mask (the engine's)": engine_sdpa,
             "sdpa + mask, memory-efficient kernel": engine_sdpa_efficient,
-            "flash varlen, seqused_k": flash_varlen,
+            "flash varlen, seqused_k (the engine's varlen)": engine_varlen,
             "memory-efficient varlen, seqlen_k": efficient_varlen,
         }
         if any(a.name == "num_splits" for a in flash_args):

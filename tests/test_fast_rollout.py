@@ -795,8 +795,9 @@ def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compil
 
 
 def test_benchmark_attention_options_on_cpu(bench):
-    """The attention-options section's plumbing on the CPU: the engine's masked SDPA over a left-padded row matches
-    attention on exact slices; the CUDA-only variable-length kernels give error entries, not a crash."""
+    """The attention-options section's plumbing on the CPU: the engine's masked SDPA and its varlen kernel over a
+    left-padded row match attention on exact slices; the raw CUDA-only variable-length ops give error entries, not a
+    crash."""
     from vlcot_grpo.models.tiny import build_tiny_emu3
 
     model, _ = build_tiny_emu3()
@@ -804,7 +805,9 @@ def test_benchmark_attention_options_on_cpu(bench):
     options = results[64]
     assert options["sdpa + mask (the engine's)"]["max_err"] < 1e-5
     assert options["sdpa + mask (the engine's)"]["tbs"] > 0
-    assert "error" in options["flash varlen, seqused_k"] and "error" in options["memory-efficient varlen, seqlen_k"]
+    # the engine's varlen kernel runs everywhere (masked SDPA on the CPU); the raw CUDA ops do not
+    assert options["flash varlen, seqused_k (the engine's varlen)"]["max_err"] < 1e-5
+    assert "error" in options["memory-efficient varlen, seqlen_k"]
 
 
 def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
