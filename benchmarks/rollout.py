@@ -15,7 +15,9 @@ closing tag is followed by the next stage's opening tag (about 5.5k completion t
 
 Printed per engine: decode steps/s and tokens/s (over the decode phase, and over the whole call with prefill and
 graph capture), the memory roofline fraction (time a perfect engine needs to read the weights and the KV cache each
-step at ``--bandwidth``, over the measured decode time) and peak memory. Stock ``generate`` runs the same prompt
+step at ``--bandwidth``, over the measured decode time; every row reading its whole cache, prompt included) and peak
+memory. With ``--share`` (share_prompt_cache) the engine reads a prompt once for its G rows, fewer bytes than that
+roofline counts, so the fraction of the bytes it does read is printed beside it ("read roofline"). Stock ``generate`` runs the same prompt
 with ``guidance_scale`` and ``negative_prompt_ids`` (a second, sequential unconditional pass) for ``--stock-steps``
 steps; its decode rate is (N - 1) steps over (time for N new tokens - time for 1). ``--grpo-step`` adds a LoRA GRPO
 step split into rollout, log-probs (no grad) and forward + backward. ``--json PATH`` writes every number.
@@ -155,18 +157,26 @@ def measure_bandwidth(device) -> float:
 
 
 def model_bytes(model) -> tuple[int, int]:
-    """(language-model weight bytes read per decode step, KV bytes per token per row)."""
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "vqmodel" not in n)
+    """(language-model weight bytes read per decode step, KV bytes per token per row). A step looks up a few rows
+    of the input embedding table, so that table counts only where it is also the output layer (tied)."""
+    lookup = model.get_input_embeddings().weight
+    tied = lookup is model.get_output_embeddings().weight
+    weights = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if "vqmodel" not in n and (tied or p is not lookup)
+    )
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = next(model.parameters()).element_size()
     return weights, 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
 
 
-def ideal_seconds(steps, rows, prompt_len, guide_ctx, weights, kv_token, bandwidth_tbs) -> float:
+def ideal_seconds(steps, rows, prompt_len, guide_ctx, weights, kv_token, bandwidth_tbs, prompts=None) -> float:
     """Time to read the weights once per step plus each row's conditional context and, with guidance, its current
-    image context, at ``bandwidth_tbs``. ``guide_ctx``: per step, the summed guidance context over rows."""
-    cond = rows * (steps * prompt_len + steps * (steps + 1) / 2)
+    image context, at ``bandwidth_tbs``. ``guide_ctx``: per step, the summed guidance context over rows.
+    ``prompts``: the prompt part of the context is read once per prompt, not once per row (share_prompt_cache)."""
+    cond = (rows if prompts is None else prompts) * steps * prompt_len + rows * steps * (steps + 1) / 2
     total = steps * weights + (cond + sum(guide_ctx)) * kv_token
     return total / (bandwidth_tbs * 1e12)
 
@@ -202,6 +212,7 @@ def rollout_config(args, engine_name, max_new=None) -> RolloutConfig:
         decode_attention=args.attention,
         compile_step=args.compile,
         fuse_projections=args.fuse,
+        share_prompt_cache=bool(getattr(args, "share", False)),
     )
 
 
@@ -423,7 +434,7 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
     return {length: at(length) for length in lengths}
 
 
-VARIANT_FLAGS = {"compile", "fused", "efficient"}
+VARIANT_FLAGS = {"compile", "fused", "efficient", "shared"}
 
 
 def gemm_bandwidth(model, rows: int, device) -> dict:
@@ -659,8 +670,9 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--compare-kernels",
         default="sdpa,matmul",
-        help="what --compare-attention runs: kernels, each optionally with '+compile', '+fused' (fuse_projections) "
-        "and '+efficient' (CUDA: SDPA's memory-efficient kernel forced), e.g. sdpa+compile,sdpa+compile+fused",
+        help="what --compare-attention runs: kernels, each optionally with '+compile', '+fused' (fuse_projections), "
+        "'+shared' (share_prompt_cache) and '+efficient' (CUDA: SDPA's memory-efficient kernel forced), e.g. "
+        "sdpa+compile,sdpa+compile+shared",
     )
     parser.add_argument(
         "--compile",
@@ -674,6 +686,13 @@ def main(argv=None) -> dict:
         default=None,
         help="static engine: fuse_projections (q/k/v and gate/up as one product each); default: as the fastest "
         "--compare-kernels variant, else off",
+    )
+    parser.add_argument(
+        "--share",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static engine: share_prompt_cache (a prompt's cache held and read once for its G rows); default: as "
+        "the fastest --compare-kernels variant, else off",
     )
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument(
@@ -744,7 +763,9 @@ def main(argv=None) -> dict:
     if args.compare_attention:
         results["attention_kernels"] = {}
         # untimed: lazy set-up (kernel libraries, allocator) would otherwise be charged to the first variant
-        warm = argparse.Namespace(**{**vars(args), "compile": False, "attention": "sdpa", "fuse": False})
+        warm = argparse.Namespace(
+            **{**vars(args), "compile": False, "attention": "sdpa", "fuse": False, "share": False}
+        )
         run_engine(model, backend, prompts, warm, device, "static", 16)
         for variant in args.compare_kernels.split(","):
             kernel, *flags = variant.split("+")
@@ -757,6 +778,7 @@ def main(argv=None) -> dict:
                         "attention": kernel,
                         "compile": "compile" in flags,
                         "fuse": "fused" in flags,
+                        "share": "shared" in flags,
                         "sdpa_efficient": "efficient" in flags,
                     }
                 )
@@ -773,18 +795,20 @@ def main(argv=None) -> dict:
                 results["attention_kernels"][variant] = {"error": repr(err)}
             save()
     if args.attention == "auto":
-        # the fastest variant compiled as asked; --fuse and the SDPA backend follow it unless given
+        # the fastest variant compiled as asked; --fuse, --share and the SDPA backend follow it unless given
         rates = {
             k: v["decode_steps_per_s"]
             for k, v in results.get("attention_kernels", {}).items()
             if "error" not in v
             and ("+compile" in k) == args.compile
             and (args.fuse is None or ("+fused" in k) == args.fuse)
+            and (args.share is None or ("+shared" in k) == args.share)
         }
         best = max(rates, key=rates.get).split("+") if rates else [RolloutConfig.decode_attention]
         args.attention, args.sdpa_efficient = best[0], "efficient" in best
         args.fuse = "fused" in best if args.fuse is None else args.fuse
-    args.fuse = bool(args.fuse)
+        args.share = "shared" in best if args.share is None else args.share
+    args.fuse, args.share = bool(args.fuse), bool(args.share)
     results["attention_used"] = args.attention + ("+efficient" if getattr(args, "sdpa_efficient", False) else "")
     if args.profile_step:
         results["step_profile"] = {}
@@ -821,9 +845,10 @@ def main(argv=None) -> dict:
             results["attention_options"] = {"error": repr(err)}
         save()
     results["compiled"], results["fused_projections"] = args.compile, args.fuse
+    results["shared_prompt_cache"] = args.share
     print(
         f"static engine decode attention: {args.attention}{', compiled' if args.compile else ''}"
-        f"{', fused projections' if args.fuse else ''}",
+        f"{', fused projections' if args.fuse else ''}{', shared prompt cache' if args.share else ''}",
         flush=True,
     )
     if args.stock_steps > 1:
@@ -851,6 +876,14 @@ def main(argv=None) -> dict:
             guide = guidance_context(backend, batch.completion_ids, steps) if args.guidance != 1.0 else [0] * steps
             decode = stats.get("decode_seconds", stats["seconds_total"])
             ideal = ideal_seconds(steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth)
+            if engine_name == "static" and args.share and args.group > 1:
+                read = ideal_seconds(
+                    steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth, args.prompts
+                )
+                stats.update(
+                    roofline_fraction_read=read / decode,
+                    roofline_fraction_read_whole_call=read / stats["seconds_total"],
+                )
             stats.update(
                 decode_steps_per_s=stats.get("decode_steps_run", steps) / decode,
                 tokens_per_s=stats["rows"] * steps / decode,
@@ -903,6 +936,11 @@ def report(stats: dict) -> None:
     )
     if "roofline_fraction_whole_call" in stats:
         line += f"  roofline whole call {100 * stats['roofline_fraction_whole_call']:.1f} %"
+    if "roofline_fraction_read" in stats:  # share_prompt_cache: of the bytes this engine needs to read
+        line += (
+            f"  read roofline {100 * stats['roofline_fraction_read']:.1f} % "
+            f"(whole call {100 * stats['roofline_fraction_read_whole_call']:.1f} %)"
+        )
     if "graphs" in stats:
         line += f"  [prefill {stats['prefill_seconds']:.2f} s, {stats['graphs']} graphs in {stats['capture_seconds']:.2f} s"
         line += f", compile {stats['compile_seconds']:.1f} s]" if stats.get("compile_seconds") else "]"

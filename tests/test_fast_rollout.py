@@ -91,6 +91,16 @@ def _chain_hooks(backend, code_bias=None):
     return pre, hook
 
 
+#: decode attention variants by test id: the kernels, and "shared" = "sdpa" with share_prompt_cache
+KERNELS = ["sdpa", "matmul", "split", "varlen", "shared"]
+
+
+def _attention(kernel: str) -> dict:
+    if kernel == "shared":
+        return {"decode_attention": "sdpa", "share_prompt_cache": True}
+    return {"decode_attention": kernel}
+
+
 def _config(**kw):
     base = {"stage_sizes": SIZES, "kv_bucket": 16, "sync_every": 5}
     base.update(kw)
@@ -133,7 +143,7 @@ def small_pieces(monkeypatch):
     return pieces
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("max_new", [700, 37])
 def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel, small_pieces):
@@ -142,7 +152,7 @@ def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel, 
     pre, hook = _chain_hooks(backend)
     hooks(hook, pre_embed=pre)
     prompts = _prompts(backend, photo)
-    kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": guidance, "decode_attention": kernel}
+    kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": guidance, **_attention(kernel)}
     ref, fast = _both(model, backend, prompts, 2, **kw)
     assert (max(small_pieces) >= 4) if kernel == "split" else not small_pieces
     assert fast.completion_ids == ref.completion_ids
@@ -237,6 +247,71 @@ def test_varlen_kernel_on_cpu_equals_exact_slices():
         torch.testing.assert_close(got[r], F.scaled_dot_product_attention(q[r], keys, values, scale=0.3))
 
 
+def _check_shared_attention(device, dtype, prompts, g, heads, kv_heads, width, n, own, dim=8, tol=None, merge=None):
+    """share_prompt_cache's attention (a prompt's rows read its keys together, then merged with each row's own keys
+    by log-sum-exp) against each row attending to its prompt's visible keys followed by its own ``own``, written
+    out; the second prompt has left padding and every prompt 3 hidden rounding columns."""
+    from vlcot_grpo.fast_rollout import _attend_shared, merge_shared_attention
+
+    gen = torch.Generator(device).manual_seed(0)
+    rows, rep = prompts * g, heads // kv_heads
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    q = randn(rows, heads, 1, dim)
+    pk, pv = randn(prompts, kv_heads, width, dim), randn(prompts, kv_heads, width, dim)
+    k, v = randn(rows, kv_heads, n, dim), randn(rows, kv_heads, n, dim)
+    visible = torch.ones(prompts, width, dtype=torch.bool, device=device)
+    visible[-1, : width // 3] = False
+    visible[:, -3:] = False
+    prompt_bias = torch.zeros(prompts, 1, 1, width, dtype=dtype, device=device)
+    prompt_bias.masked_fill_(~visible[:, None, None], float("-inf"))
+    bias = torch.zeros(1, 1, 1, n, dtype=dtype, device=device)
+    bias.masked_fill_(torch.arange(n, device=device) >= own, float("-inf"))
+    got = _attend_shared(q, pk, pv, prompt_bias, k, v, bias, g, 0.3, merge or merge_shared_attention)
+    for r in range(rows):
+        p = r // g
+        keys = torch.cat([pk[p][:, visible[p]], k[r, :, :own]], 1).repeat_interleave(rep, 0)
+        values = torch.cat([pv[p][:, visible[p]], v[r, :, :own]], 1).repeat_interleave(rep, 0)
+        want = F.scaled_dot_product_attention(q[r], keys, values, scale=0.3)
+        torch.testing.assert_close(got[r], want, atol=tol, rtol=tol, msg=f"row {r}")
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_shared_prompt_attention_equals_whole_rows(kv_heads):
+    _check_shared_attention("cpu", torch.float32, prompts=2, g=3, heads=4, kv_heads=kv_heads, width=32, n=16, own=5)
+
+
+def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
+    """share_prompt_cache: per layer the prompts' keys once (width rounded up to 16) and each row's generated tokens
+    only, instead of every row holding its prompt; with one generation per prompt there is nothing to share."""
+    model, _, backend = tiny
+    prompts = _prompts(backend, photo)
+    width = max(len(p) for p in prompts)
+    sizes = {}
+    for shared in (False, True):
+        engine = RolloutEngine(
+            model, backend, _config(max_new_tokens=40, guidance_scale=3.0, share_prompt_cache=shared)
+        )
+        decoder = StaticDecoder(engine, torch.device("cpu"))
+        decoder._setup(prompts, 4, torch.device("cpu"))
+        kv = decoder.kv
+        assert decoder.shared == shared and (kv.mask is None) == shared
+        if shared:
+            assert kv.prompt_keys[0].shape[0] == 3 and kv.prompt_keys[0].shape[2] == -(-width // 16) * 16
+            assert kv.keys[0].shape[2] == 48  # 40 new tokens in buckets of 16
+        else:
+            assert kv.keys[0].shape[2] == -(-(width + 40) // 16) * 16
+        sizes[shared] = sum(t.numel() for t in kv.keys + kv.values + (kv.prompt_keys or []) + (kv.prompt_values or []))
+    assert sizes[True] < 0.5 * sizes[False]
+    decoder = StaticDecoder(RolloutEngine(model, backend, _config(share_prompt_cache=True)), torch.device("cpu"))
+    decoder._setup(prompts, 1, torch.device("cpu"))
+    assert not decoder.shared and decoder.kv.prompt_keys is None
+    with pytest.raises(ValueError, match="share_prompt_cache works with decode_attention='sdpa' only, got 'split'"):
+        _config(share_prompt_cache=True, decode_attention="split")
+
+
 def test_split_sizes():
     """Pieces: powers of two, aligned, none shorter than SPLIT_MIN_PIECE, enough blocks per SM."""
     from vlcot_grpo.fast_rollout import SPLIT_ALIGN, SPLIT_BLOCKS_PER_UNIT, SPLIT_MIN_PIECE, num_splits
@@ -271,8 +346,9 @@ def _chi2_same(a: list[int], b: list[int]) -> float:
         {"image_top_k": 12, "image_temperature": 0.7, "guidance_scale": 3.0},
         {"image_top_k": -1, "image_temperature": 1.0, "guidance_scale": 1.0},
         {"text_top_p": 0.8, "text_temperature": 0.8, "text_top_k": 30},
+        {"image_top_k": 12, "image_temperature": 0.7, "guidance_scale": 3.0, "share_prompt_cache": True},
     ],
-    ids=["fixed-top-k-guided", "entropy-top-k", "text-top-p"],
+    ids=["fixed-top-k-guided", "entropy-top-k", "text-top-p", "guided-shared-prompt"],
 )
 def test_sampled_distribution_matches_reference(tiny, hooks, photo, kw):
     model, _, backend = tiny
@@ -300,13 +376,15 @@ def _multinomial_is_exponential_race() -> bool:
 
 
 @pytest.mark.skipif(not _multinomial_is_exponential_race(), reason="torch.multinomial draws differently here")
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_seeded_samples_equal_reference(tiny, hooks, photo, guidance):
+@pytest.mark.parametrize("guidance,shared", [(1.0, False), (3.0, False), (3.0, True)])
+def test_seeded_samples_equal_reference(tiny, hooks, photo, guidance, shared):
     """torch.multinomial is the exponential race the static engine runs, drawn in the same order: one seed gives the
-    reference path's sampled rollouts token for token (every stage, text and codes, entropy top-k and top-p)."""
+    reference path's sampled rollouts token for token (every stage, text and codes, entropy top-k and top-p), with
+    and without share_prompt_cache."""
     model, _, backend = tiny
     hooks(_tag_bias(backend))
     kw = {"image_top_k": -1, "text_top_p": 0.9, "text_temperature": 1.3, "guidance_scale": guidance}
+    kw["share_prompt_cache"] = shared
     ref, fast = _both(model, backend, _prompts(backend, photo), 3, seeds=(5, 5), max_new_tokens=500, **kw)
     # The two attention paths round differently (~1e-7), which can flip a near-tie in one draw of one row on some
     # platform; every row but one must match exactly (all do here), masks and finished flags included.
@@ -496,10 +574,12 @@ def test_fused_projections_write_the_reference_tokens(tiny, hooks, photo, monkey
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_layers_write_the_reference_tokens(bench):
+@pytest.mark.parametrize("shared", [False, True])
+def test_compiled_layers_write_the_reference_tokens(bench, shared):
     """``compile_step`` (inductor; C++ kernels on the CPU, Triton on CUDA): the greedy tokens of the reference path
     with guidance; the ten decoder layers share one compiled code (per-layer code would hit dynamo's recompile limit
-    of 8); a second ``generate`` with other rows and buckets compiles nothing; afterwards the layers are eager."""
+    of 8); a second ``generate`` with other rows and buckets compiles nothing; afterwards the layers are eager.
+    ``shared``: with share_prompt_cache (its merge compiled too)."""
     from torch._dynamo.utils import counters
 
     from vlcot_grpo.fast_rollout import _decoder_layers
@@ -515,12 +595,15 @@ def test_compiled_layers_write_the_reference_tokens(bench):
     torch._dynamo.reset()
     counters.clear()
     try:
-        for rows, g, max_new in ((prompts, 2, 160), (prompts[:1], 3, 90)):
+        # Under share_prompt_cache the merge is compiled for one prompt or for several (the regrouping of a
+        # prompt's rows is a view for one), so there the second call keeps both prompts.
+        for rows, g, max_new in ((prompts, 2, 160), (prompts if shared else prompts[:1], 3, 90)):
             kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": 3.0}
             ref = RolloutEngine(model, backend, _config(engine="reference", **kw)).generate(rows, g)
-            engine = RolloutEngine(model, backend, _config(engine="static", compile_step=True, **kw))
-            decoder = StaticDecoder(engine, torch.device("cpu"))
+            config = _config(engine="static", compile_step=True, share_prompt_cache=shared, **kw)
+            decoder = StaticDecoder(RolloutEngine(model, backend, config), torch.device("cpu"))
             fast = decoder.run(rows, g)
+            assert decoder.shared == shared
             assert fast.completion_ids == ref.completion_ids and fast.sampled_mask == ref.sampled_mask
             assert len(set(decoder.buckets_used)) > 2  # several cache buckets
             assert all(layer._compiled_call_impl is None for layer in layers)  # eager again for training
@@ -578,7 +661,7 @@ def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
     assert model.config.get_text_config()._attn_implementation == attention
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
     """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds
     a tensor from host data, and no copy changes device. On CUDA each of those would be a sync or a host-to-device
@@ -602,17 +685,17 @@ def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
 
     model, _, backend = tiny
     prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<rough_image>"]]
-    config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, decode_attention=kernel)
+    config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, **_attention(kernel))
     decoder = StaticDecoder(RolloutEngine(model, backend, config), torch.device("cpu"))
     decoder._setup([prompt], 2, torch.device("cpu"))
     ops = Ops()
     with _split_attention(model), ops:
         for _ in range(3):
-            decoder._step(32, 16)
+            decoder._step(decoder._read_bucket(0), 16)
     assert ops.bad == []
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_step_on_meta_tensors_makes_no_host_tensor(kernel, small_pieces):
     """The decode step of a model on the meta device (shapes, no values): reading a value would raise, and no op may
     produce a tensor on the host. A proxy for CUDA-graph capture, where host tensors mean host-to-device copies."""
@@ -650,7 +733,7 @@ def test_step_on_meta_tensors_makes_no_host_tensor(kernel, small_pieces):
                 self.found.append(str(func))
             return out
 
-    config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, decode_attention=kernel)
+    config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, **_attention(kernel))
     engine = RolloutEngine(model, backend, config)
     engine._prefill_prompts = prefill
     decoder = StaticDecoder(engine, meta)
@@ -696,9 +779,9 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
 
 
 def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch):
-    """VLCoTGRPOConfig.rollout_engine and rollout_compile reach the trainer's engine; one seeded LoRA GRPO step rolls
-    out the same completions through the PEFT model with either engine, compiled or not (all draw the same
-    exponential race)."""
+    """VLCoTGRPOConfig.rollout_engine, rollout_compile and rollout_share_prompt_cache reach the trainer's engine; one
+    seeded LoRA GRPO step rolls out the same completions through the PEFT model with either engine, compiled or not,
+    sharing the prompt cache or not (all draw the same exponential race)."""
     pytest.importorskip("trl")
     import datasets
     import skimage.data
@@ -717,11 +800,13 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     seen, static_runs = {}, []
     run = StaticDecoder.run
     monkeypatch.setattr(StaticDecoder, "run", lambda self, *a, **k: static_runs.append(1) or run(self, *a, **k))
-    for engine, compiled in (("reference", False), ("static", False), ("static", True)):
+    runs = (("reference", False, False), ("static", False, False), ("static", True, False), ("static", False, True))
+    for engine, compiled, shared in runs:
         args = VLCoTGRPOConfig(
-            output_dir=str(tmp_path / f"{engine}{compiled}"),
+            output_dir=str(tmp_path / f"{engine}{compiled}{shared}"),
             rollout_engine=engine,
             rollout_compile=compiled,
+            rollout_share_prompt_cache=shared,
             max_completion_length=120,
             num_generations=4,
             per_device_train_batch_size=4,
@@ -737,7 +822,8 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
             middle_size=16,
             final_size=32,
         )
-        assert args.rollout_config().engine == engine and args.rollout_config().compile_step == compiled
+        config = args.rollout_config()
+        assert (config.engine, config.compile_step, config.share_prompt_cache) == (engine, compiled, shared)
         trainer = VLCoTGRPOTrainer(
             model=Emu3ForConditionalGeneration.from_pretrained(tiny_path),
             reward_funcs=[lambda completion_ids, **kw: [len(c) / 100 for c in completion_ids]],
@@ -755,12 +841,12 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
         trainer.engine.generate = record
         trainer.train()
         assert all(layer._compiled_call_impl is None for layer in _decoder_layers(trainer.model))  # eager training
-        seen[engine, compiled] = calls[0].completion_ids
+        seen[engine, compiled, shared] = calls[0].completion_ids
     # a near-tie in one draw (float rounding differs between the attention paths) may change one row
-    for other in (("static", False), ("static", True)):
-        same = sum(x == y for x, y in zip(seen[other], seen["reference", False]))
+    for other in runs[1:]:
+        same = sum(x == y for x, y in zip(seen[other], seen[runs[0]]))
         assert len(seen[other]) == 4 and same >= 3
-    assert static_runs == [1, 1]
+    assert static_runs == [1, 1, 1]
     with pytest.raises(ValueError):
         VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_engine="fast")
     compiled = VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_compile=True, use_cpu=True, report_to=[])
@@ -768,8 +854,8 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
 
 
 # ----- GPU (device session): CUDA-graph replay equals the eager step; larger presets -------------------------------
-@pytest.mark.parametrize("compiled", [False, True])
-def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compiled):
+@pytest.mark.parametrize("compiled,shared", [(False, False), (True, False), (False, True)])
+def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compiled, shared):
     """The KV buffers and step state live for one generate call only: nothing holds them once it returns (the
     compiled layers' code neither), so the training phase gets their memory back (on CUDA, also the graphs' pool:
     see test_gpu_memory_released)."""
@@ -782,12 +868,15 @@ def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compil
 
     def recording_setup(self, *a, **k):
         setup(self, *a, **k)
-        refs.extend(
-            weakref.ref(t) for t in [*self.kv.keys, *self.kv.values, *self.kv.guide_keys, self.state["logits"]]
-        )
+        kv = self.kv
+        buffers = [*kv.keys, *kv.values, *kv.guide_keys, *(kv.prompt_keys or []), *(kv.prompt_values or [])]
+        assert (kv.prompt_keys is not None) == shared
+        refs.extend(weakref.ref(t) for t in [*buffers, self.state["logits"]])
 
     monkeypatch.setattr(StaticDecoder, "_setup", recording_setup)
-    config = _config(max_new_tokens=40, engine="static", guidance_scale=3.0, compile_step=compiled)
+    config = _config(
+        max_new_tokens=40, engine="static", guidance_scale=3.0, compile_step=compiled, share_prompt_cache=shared
+    )
     engine = RolloutEngine(model, backend, config)  # kept alive, as the trainer keeps its engine
     batch = engine.generate(_prompts(backend, photo), 2)
     gc.collect()
@@ -810,6 +899,17 @@ def test_benchmark_attention_options_on_cpu(bench):
     assert "error" in options["memory-efficient varlen, seqlen_k"]
 
 
+def test_benchmark_counts_the_weights_a_step_reads(bench):
+    """The roofline's weight bytes: every language-model weight except the input embedding table, of which a step
+    reads a few rows (unless it is tied to the output layer, which a step reads whole)."""
+    model, _ = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
+    table = model.get_input_embeddings().weight
+    lm = sum(p.numel() * 4 for n, p in model.named_parameters() if "vqmodel" not in n)
+    assert bench.model_bytes(model)[0] == lm - table.numel() * 4
+    model.get_output_embeddings().weight = table
+    assert bench.model_bytes(model)[0] == sum(p.numel() * 4 for n, p in model.named_parameters() if "vqmodel" not in n)
+
+
 def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison with
     the compiled layers, stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error
@@ -819,7 +919,8 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
 
     out = tmp_path / "bench.json"
     argv = "--preset tiny --device cpu --lr-size 32 --stage-sizes 16,16,32 --max-new-tokens 200 --stock-steps 8"
-    argv += " --engines static,reference --compare-attention 32 --compare-kernels sdpa,matmul,split,varlen,sdpa+fused,sdpa+compile"
+    kernels = "sdpa,matmul,split,varlen,sdpa+fused,sdpa+compile,sdpa+shared"
+    argv += f" --engines static,reference --compare-attention 32 --compare-kernels {kernels} --share"
     argv += f" --grpo-step --lora-merge-check 32 --profile-step --json {out}"
     results = bench.main(argv.split())
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -828,8 +929,10 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert set(runs) == {"stock generate + guidance", "static", "reference"}
     # the chain hooks force a whole chain: both engines write the same number of steps
     assert runs["static"]["steps"] == runs["reference"]["steps"] > 0
-    assert set(results["attention_kernels"]) == {"sdpa", "matmul", "split", "varlen", "sdpa+fused", "sdpa+compile"}
-    assert results["attention_used"] in ("sdpa", "split", "varlen", "matmul")  # the fastest uncompiled kernel
+    assert set(results["attention_kernels"]) == set(kernels.split(","))
+    assert results["attention_used"] == "sdpa" and results["shared_prompt_cache"]  # --share: the one shared variant
+    # the prompt read once for its G rows: fewer bytes than the per-row roofline counts
+    assert 0 < runs["static"]["roofline_fraction_read"] < runs["static"]["roofline_fraction"]
     assert results["attention_kernels"]["sdpa+compile"]["compile_seconds"] > 0
     assert results["step_profile"]["eager"]["aten_ops_per_step"] > 0 and results["step_profile"]["eager"]["top"]
     assert results["gemm_bandwidth"]["q+k+v fused"]["tbs"] > 0
@@ -851,20 +954,21 @@ def test_gpu_memory_released(tiny, photo):
     model.cuda()
     try:
         prompts = _prompts(backend, photo)
-        config = _config(max_new_tokens=300, engine="static", guidance_scale=3.0)
-        RolloutEngine(model, backend, config).generate(prompts, 3)  # first call: lazy CUDA/cuBLAS set-up
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        RolloutEngine(model, backend, config).generate(prompts, 3)
-        torch.cuda.synchronize()
-        assert torch.cuda.memory_allocated() <= before + (1 << 20)
+        for shared in (False, True):
+            config = _config(max_new_tokens=300, engine="static", guidance_scale=3.0, share_prompt_cache=shared)
+            RolloutEngine(model, backend, config).generate(prompts, 3)  # first call: lazy CUDA/cuBLAS set-up
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            RolloutEngine(model, backend, config).generate(prompts, 3)
+            torch.cuda.synchronize()
+            assert torch.cuda.memory_allocated() <= before + (1 << 20), shared
     finally:
         model.cpu()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "split", "varlen"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel, small_pieces):
     model, _, backend = tiny
@@ -879,12 +983,12 @@ def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel, small_pieces
                 engine="static",
                 cuda_graphs=graphs,
                 guidance_scale=guidance,
-                decode_attention=kernel,
+                **_attention(kernel),
             )
             gen = torch.Generator("cuda").manual_seed(0)
             out.append(RolloutEngine(model, backend, config).generate(prompts, 3, gen))
         assert out[0].completion_ids == out[1].completion_ids and out[0].sampled_mask == out[1].sampled_mask
-        kw = {"max_new_tokens": 400, "do_sample": False, "guidance_scale": guidance, "decode_attention": kernel}
+        kw = {"max_new_tokens": 400, "do_sample": False, "guidance_scale": guidance, **_attention(kernel)}
         greedy = _both(model, backend, prompts, 2, **kw)
         assert greedy[0].completion_ids == greedy[1].completion_ids
         hook.remove()
@@ -904,8 +1008,8 @@ def test_gpu_greedy_equals_reference_preset(preset, bench):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel in ("sdpa", "matmul", "split", "varlen"):
-            config = RolloutConfig(engine="static", decode_attention=kernel, **kw)
+        for kernel in KERNELS:
+            config = RolloutConfig(engine="static", **_attention(kernel), **kw)
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
 
@@ -922,9 +1026,9 @@ def test_gpu_compiled_graphs_equal_reference(bench):
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel, fused in (("sdpa", False), ("split", False), ("varlen", False), ("sdpa", True)):
+        for kernel, fused in (("sdpa", False), ("split", False), ("varlen", False), ("shared", False), ("sdpa", True)):
             config = RolloutConfig(
-                engine="static", compile_step=True, decode_attention=kernel, fuse_projections=fused, **kw
+                engine="static", compile_step=True, fuse_projections=fused, **_attention(kernel), **kw
             )
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
@@ -986,3 +1090,20 @@ def test_gpu_split_attention_equals_sdpa(dtype, rows, heads, kv_heads):
     got = _attend(q, k, v, split_bias(allowed, kv_heads, splits, dtype), 0.1, "split")
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prompts,heads,kv_heads", [(1, 32, 32), (2, 32, 8)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_shared_prompt_attention_equals_sdpa(dtype, prompts, heads, kv_heads, compiled):
+    """share_prompt_cache's attention at the 7B paper shape (one prompt of 4191 tokens rounded to 4208, G = 5, 300
+    generated tokens in a 512-long read) and a grouped-query one, through cuDNN (bf16) or the memory-efficient
+    kernel (fp32) and the merge, eager or compiled (Triton)."""
+    from vlcot_grpo.fast_rollout import _compiled_merge
+
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    merge = _compiled_merge if compiled else None
+    shape = {"prompts": prompts, "g": 5, "heads": heads, "kv_heads": kv_heads, "width": 4208, "n": 512, "own": 300}
+    _check_shared_attention("cuda", dtype, **shape, dim=128, tol=tol, merge=merge)

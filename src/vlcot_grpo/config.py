@@ -61,6 +61,14 @@ class VLCoTGRPOConfig(GRPOConfig):
             "steps are CUDA graphs (1.15x at 7B on an H100, docs/benchmarks.md), off on the CPU."
         },
     )
+    rollout_share_prompt_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Static engine: keep each prompt's keys/values once and let its num_generations rows read them "
+            "together (RolloutConfig.share_prompt_cache): the prompt is read once per decode step instead of once "
+            "per generation, and its cache held once. Not yet measured on a GPU (docs/benchmarks.md)."
+        },
+    )
     rollout_merge_adapters: bool = field(
         default=True,
         metadata={
@@ -116,6 +124,7 @@ class VLCoTGRPOConfig(GRPOConfig):
             guidance_scale=self.guidance_scale,
             engine=self.rollout_engine,
             compile_step=self.rollout_compile,
+            share_prompt_cache=self.rollout_share_prompt_cache,
         )
 
 
