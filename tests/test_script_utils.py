@@ -38,6 +38,27 @@ def test_a_checkpoint_that_is_not_a_tiny_build_is_never_overwritten(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == weights
 
 
+def test_other_processes_look_at_the_folder_only_after_the_main_one_built_it(tmp_path):
+    """Under `accelerate launch` with several processes the main one builds the tiny model while the others wait.
+    A waiting process must not judge the folder before that: half-written (no spec file yet) it looks like a real
+    checkpoint, and the process would load it unfinished (seen with two DeepSpeed processes on the CPU)."""
+    import contextlib
+
+    path = tmp_path / "tiny"
+    path.mkdir()  # what a non-main process saw: the main process has started writing
+    waited = []
+
+    class Waiting(_Args):
+        @contextlib.contextmanager
+        def main_process_first(self, desc=""):
+            save_tiny_emu3(path)  # the main process finishes while this one waits
+            waited.append(desc)
+            yield
+
+    _ensure_tiny_model(str(path), {}, Waiting())
+    assert waited and (path / SPEC_FILE).exists() and AutoConfig.from_pretrained(path).model_type == "emu3"
+
+
 def test_unknown_spec_field_is_named(tmp_path):
     with pytest.raises(ValueError, match="tiny_model_spec.*hiden_size"):
         _ensure_tiny_model(str(tmp_path / "tiny"), {"hiden_size": 32}, _Args())

@@ -74,14 +74,16 @@ def load_policy(model_args, training_args, data_args):
 def _ensure_tiny_model(path: str, spec_fields, training_args) -> None:
     from vlcot_grpo.models.tiny import SPEC_FILE, TinyEmu3Spec, ensure_tiny_emu3
 
-    if Path(path).exists() and not (Path(path) / SPEC_FILE).exists():
-        return  # a real checkpoint: never overwritten
     fields = json.loads(spec_fields) if isinstance(spec_fields, str) else dict(spec_fields or {})
     try:
         spec = TinyEmu3Spec(**fields)
     except TypeError as err:
         raise ValueError(f"tiny_model_spec {fields}: {err} (the fields are those of TinyEmu3Spec)") from None
-    with training_args.main_process_first(desc="build the tiny model"):  # one writer, the others wait
+    # One writer, the others wait; they look at the folder only afterwards: one that exists without the spec file
+    # may be the main process's half-written model, not a real checkpoint.
+    with training_args.main_process_first(desc="build the tiny model"):
+        if Path(path).exists() and not (Path(path) / SPEC_FILE).exists():
+            return  # a real checkpoint: never overwritten
         ensure_tiny_emu3(path, spec)
 
 
