@@ -57,6 +57,14 @@ class VLCoTGRPOTrainer(GRPOTrainer):
             rollout_func=self._rollout,
             **kwargs,
         )
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 and not args.ds3_gather_for_generation:
+            # Each rank decodes until its own rows are done, so the ranks run different numbers of forward passes;
+            # gathering partitioned weights inside every forward would leave one rank waiting on the others.
+            raise ValueError(
+                "ds3_gather_for_generation: false is not supported under ZeRO-3: VLCoT rollouts gather the weights "
+                "once per rollout (the ranks decode different numbers of steps). Set it to true, or use ZeRO-2."
+            )
         self.backend = load_backend(self.model, processing_class)
         rollout_config = args.rollout_config()
         self.stage_grids = {s: self.backend.grid_for(*rollout_config.stage_sizes[s]) for s in STAGES}
