@@ -17,10 +17,11 @@ Printed per engine: decode steps/s and tokens/s (over the decode phase, and over
 graph capture), the memory roofline fraction (time a perfect engine needs to read the weights and the KV cache each
 step at ``--bandwidth``, over the measured decode time; every row reading its whole cache, prompt included) and peak
 memory. With ``--share`` (share_prompt_cache) the engine reads a prompt once for its G rows, fewer bytes than that
-roofline counts, so the fraction of the bytes it does read is printed beside it ("read roofline"). Stock ``generate`` runs the same prompt
-with ``guidance_scale`` and ``negative_prompt_ids`` (a second, sequential unconditional pass) for ``--stock-steps``
-steps; its decode rate is (N - 1) steps over (time for N new tokens - time for 1). ``--grpo-step`` adds a LoRA GRPO
-step split into rollout, log-probs (no grad) and forward + backward. ``--json PATH`` writes every number.
+roofline counts, so the fraction of the bytes it does read is printed beside it ("read roofline"). Stock
+``generate`` runs the same prompt with ``guidance_scale`` and ``negative_prompt_ids`` (a second, sequential
+unconditional pass) for ``--stock-steps`` steps; its decode rate is (N - 1) steps over (time for N new tokens - time
+for 1). ``--grpo-step`` adds a LoRA GRPO step split into rollout, log-probs (no grad) and forward + backward.
+``--json PATH`` writes every number.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -131,7 +132,7 @@ class _SplitKV:
     prompt_values: list[torch.Tensor] | None = None
     prompt_bias: torch.Tensor | None = None  # (P, 1, 1, W') additive: left padding and rounding hidden
     generations: int = 1
-    merge: object = None  # merge_shared_attention, compiled under compile_step
+    merge: Callable[..., torch.Tensor] | None = None  # merge_shared_attention, compiled under compile_step
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """transformers' cache hook: write this step's keys/values in place. Attention reads the buffers itself."""
