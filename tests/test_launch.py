@@ -1,4 +1,5 @@
-"""GRPO and SFT through `accelerate launch` with real DeepSpeed ZeRO on the CPU (one process). Slow: `make test-slow`."""
+"""GRPO and SFT through `accelerate launch`: real DeepSpeed ZeRO on the CPU (one process), and GRPO on two CPU
+processes. Slow: `make test-slow`."""
 
 import os
 import subprocess
@@ -13,22 +14,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_size", "16", "--tiny_model_spec", "{}"]
 
 
-def launch(tmp_path, zero: str, method: str, *extra, fails: bool = False) -> str:
+def launch(tmp_path, zero: str, method: str, *extra, fails: bool = False, processes: int = 1) -> str:
     """Run `accelerate launch -m vlcot_grpo.<method>` on the tiny demo recipe; returns the log, fails on an error
-    (or, ``fails``, on a run that does not fail)."""
+    (or, ``fails``, on a run that does not fail). ``zero``: a DeepSpeed config of accelerate_configs/ (one process:
+    accelerate does not run DeepSpeed on several CPU processes), or "cpu": ``processes`` CPU processes over gloo."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     accelerate = Path(sys.executable).with_name("accelerate")
+    if zero == "cpu":  # accelerate's multi-GPU launcher starts the processes; use_cpu makes them gloo CPU ranks
+        where = ["--multi_gpu", "--num_processes", str(processes), "--mixed_precision", "no"]
+        device = ["--use_cpu", "true"]
+    else:
+        config = str(ROOT / "accelerate_configs" / f"{zero}.yaml")
+        where = ["--config_file", config, "--num_processes", "1", "--mixed_precision", "no"]
+        device = ["--use_cpu", "false"]
     cmd = [
-        str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{zero}.yaml"),
-        "--num_processes", "1", "--mixed_precision", "no",
+        str(accelerate), "launch", *where,
         "-m", f"vlcot_grpo.{method}", "--config", str(ROOT / "recipes" / "tiny-emu3" / method / "config_demo.yaml"),
         "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "2", "--use_cpu", "false", *SMALL, *extra,
+        "--max_steps", "2", *device, *SMALL, *extra,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
     assert (result.returncode != 0) == fails, log[-4000:]
-    assert fails or "deepspeed: True" in log, log[-2000:]
+    assert fails or zero == "cpu" or "deepspeed: True" in log, log[-2000:]
     return log
 
 
@@ -50,11 +58,26 @@ def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
         "1",
         *extra,
     )
-    engine = "static (decode steps compiled: True)" if extra else "reference (decode steps compiled: False)"
+    engine = "static (decode steps compiled: True" if extra else "reference (decode steps compiled: False"
+    engine += ", prompt cache shared: False)"
     assert f"rollout engine: {engine}, LoRA adapters merged for rollouts: True" in log, log[-2000:]
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
     assert any((out / "samples").iterdir())
+
+
+@pytest.mark.slow
+def test_grpo_with_two_processes(tmp_path):
+    """Two ranks (CPU, gloo): both wait while the main one builds the tiny model, each rolls out its own prompts
+    with the static engine (the shared prompt cache on), and TRL gathers the rewards across ranks for the
+    advantages; the run ends with the adapter and the reward plot written once."""
+    extra = ["--rollout_engine", "static", "--rollout_share_prompt_cache", "true", "--max_completion_length", "96"]
+    log = launch(tmp_path, "cpu", "grpo", *extra, "--save_strategy", "no", processes=2)
+    assert log.count("distributed: DistributedType.MULTI_CPU, processes: 2") == 2, log[-3000:]
+    assert "rollout engine: static (decode steps compiled: False, prompt cache shared: True)" in log, log[-3000:]
+    assert "'train_runtime'" in log, log[-3000:]
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
 
 
 @pytest.mark.slow

@@ -105,9 +105,11 @@ def main(argv=None) -> Path:
     )
     log_distribution(trainer)
     logging.getLogger("vlcot_grpo").info(
-        "rollout engine: %s (decode steps compiled: %s), LoRA adapters merged for rollouts: %s",
+        "rollout engine: %s (decode steps compiled: %s, prompt cache shared: %s), LoRA adapters merged for "
+        "rollouts: %s",
         engine := trainer.engine.resolved_engine(trainer.accelerator.device),
         engine == "static" and trainer.engine.config.resolved_compile(trainer.accelerator.device),
+        engine == "static" and trainer.engine.config.share_prompt_cache,
         trainer._merge_for_rollouts,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
