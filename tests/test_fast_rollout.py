@@ -661,6 +661,47 @@ def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
     assert model.config.get_text_config()._attn_implementation == attention
 
 
+def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(bench, monkeypatch, caplog):
+    """compile_step unset is a best effort: where it resolves on (CUDA graphs; forced here on the CPU) and compiling
+    fails, a warning names the option and why, the same call returns the uncompiled rollout (same tokens, the
+    generator untouched by the attempt), and the engine's later calls do not try again."""
+    import logging
+
+    from vlcot_grpo.fast_rollout import _decoder_layers
+
+    model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
+    bench.add_chain_hooks(model, backend)
+    prompts = bench.make_prompts(backend, 1, 32)
+    kw = {"max_new_tokens": 30, "engine": "static", "guidance_scale": 3.0}
+    want = RolloutEngine(model, backend, _config(compile_step=False, **kw)).generate(
+        prompts, 2, torch.Generator().manual_seed(3)
+    )
+    monkeypatch.setattr(RolloutConfig, "resolved_compile", lambda self, device: self.compile_step is not False)
+    engine = RolloutEngine(model, backend, _config(**kw))
+    runs = []
+    monkeypatch.setattr(
+        StaticDecoder,
+        "_setup",
+        lambda self, *a, _setup=StaticDecoder._setup: runs.append(self.compile) or _setup(self, *a),
+    )
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}):
+            with caplog.at_level(logging.WARNING, logger="vlcot_grpo.rollout"):
+                got = engine.generate(prompts, 2, torch.Generator().manual_seed(3))
+            again = engine.generate(prompts, 2, torch.Generator().manual_seed(3))
+    finally:
+        torch._dynamo.reset()
+    assert runs == [True, False, False]  # one compiled attempt, then uncompiled, and uncompiled afterwards
+    assert "compile_step (rollout_compile" in engine.compile_failure and "C++ compiler" in engine.compile_failure
+    warned = [r.message for r in caplog.records if r.name == "vlcot_grpo.rollout"]
+    assert warned == [
+        f"{engine.compile_failure}. compile_step was left unset: the decode steps run uncompiled from now on"
+    ]
+    assert got.completion_ids == want.completion_ids == again.completion_ids
+    assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
     """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds

@@ -58,7 +58,8 @@ class VLCoTGRPOConfig(GRPOConfig):
         metadata={
             "help": "Static engine: compile the decoder layers and the sampler for the decode steps "
             "(RolloutConfig.compile_step; once per process, at the first rollout). Unset: on where the decode "
-            "steps are CUDA graphs (1.15x at 7B on an H100, docs/benchmarks.md), off on the CPU."
+            "steps are CUDA graphs (1.15x at 7B on an H100, docs/benchmarks.md), off on the CPU; a failed compile "
+            "then logs why and the rollouts go on uncompiled (set true, it is an error)."
         },
     )
     rollout_share_prompt_cache: bool = field(

@@ -545,6 +545,10 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
+class CompileStepError(RuntimeError):
+    """The first compiled decode step failed (``compile_step``): inductor cannot build its kernels here."""
+
+
 class StaticDecoder:
     """One ``generate`` call of the static engine; holds the buffers and graphs of that call."""
 
@@ -556,7 +560,8 @@ class StaticDecoder:
         self.guided = self.config.guidance_scale != 1.0
         self.units = compute_units(self.device)  # the "split" attention kernel sizes its pieces by it
         self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
-        self.compile = self.config.resolved_compile(self.device)
+        # after a failed compile (RolloutEngine.compile_failure) the engine's later calls run uncompiled
+        self.compile = self.config.resolved_compile(self.device) and engine.compile_failure is None
         self.varlen = self.config.decode_attention == "varlen"
         self.shared = False  # share_prompt_cache, decided in _setup (it needs num_generations > 1)
         self.sample = _compiled_sample_scores if self.compile else sample_scores
@@ -591,7 +596,7 @@ class StaticDecoder:
                 try:
                     self._rolled_back_step((self._read_bucket(0), guide))
                 except Exception as err:
-                    raise RuntimeError(
+                    raise CompileStepError(
                         "compile_step (rollout_compile / upscale --compile): the first compiled decode step failed "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                         "the rollout runs without it when the option is off"

@@ -21,6 +21,7 @@ when sampling. ``RolloutConfig.engine`` picks one; ``"auto"`` takes the static p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,8 @@ from transformers import DynamicCache
 
 from vlcot_grpo.models import CODE, ImageTokenBackend
 from vlcot_grpo.vlcot import STAGES
+
+logger = logging.getLogger(__name__)
 
 #: The rollout engines (``RolloutConfig.engine``); "auto" is the static one on CUDA and the reference one elsewhere.
 ENGINES = ("auto", "reference", "static")
@@ -89,7 +92,9 @@ class RolloutConfig:
             "help": "Static engine: fuse the small kernels of the decode steps (norms, rotary, activations, sampling) "
             "with torch.compile (each decoder layer, one code for all layers) before capturing them. Compiles once "
             "per process, at the first rollout (~17 s on an H100). Unset: on with CUDA graphs (1.15x the decode "
-            "steps/s at 7B, 1.24x at 1B on an H100), off elsewhere (no graphs: slower than eager on the CPU).",
+            "steps/s at 7B, 1.24x at 1B on an H100), off elsewhere (no graphs: slower than eager on the CPU). If "
+            "compiling fails where it was left unset, a warning says why and the decode steps run uncompiled; set "
+            "to true, the failure is an error.",
         },
     )
     fuse_projections: bool = field(
@@ -191,6 +196,8 @@ class RolloutEngine:
         self.templates = torch.nn.utils.rnn.pad_sequence(templates, batch_first=True, padding_value=self.pad_id)
         self.text_mask = backend.text_token_mask.clone()
         self.code_mask = backend.image_code_mask.clone()
+        #: why compiling the decode steps failed, once it has: the static engine then runs them uncompiled
+        self.compile_failure: str | None = None
 
     # ----- public ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,8 +210,22 @@ class RolloutEngine:
         """
         device = self.model.device if hasattr(self.model, "device") else next(self.model.parameters()).device
         if self.resolved_engine(device) == "static":
-            from vlcot_grpo.fast_rollout import StaticDecoder
+            from vlcot_grpo.fast_rollout import CompileStepError, StaticDecoder
 
+            decoder = StaticDecoder(self, device)
+            try:
+                return decoder.run(prompt_ids, num_generations, generator)
+            except CompileStepError as err:
+                if self.config.compile_step is not None:  # asked for explicitly: the caller hears of it
+                    raise
+                self.compile_failure = str(err)  # not the error itself: its frames hold the caches
+            # Unset, compile_step is a best effort: go on uncompiled, from the same generator state (the failed
+            # attempt drew nothing), after the failed decoder's buffers are gone.
+            decoder._release()
+            del decoder
+            logger.warning(
+                "%s. compile_step was left unset: the decode steps run uncompiled from now on", self.compile_failure
+            )
             return StaticDecoder(self, device).run(prompt_ids, num_generations, generator)
         return self._generate_reference(prompt_ids, num_generations, generator, device)
 
