@@ -276,7 +276,7 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
     decoder = StaticDecoder(RolloutEngine(model, backend, config), device)
     decoder._setup(prompts, args.group, device)
     guide = _bucket(config.sync_every + 1, config.kv_bucket, decoder.guide_cap) if decoder.guided else 0
-    key = (_bucket(decoder.width + 2 + steps, config.kv_bucket, decoder.kv_cap), guide)  # covers every step run
+    key = (decoder._read_bucket(steps + 1), guide)  # covers every step run
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with decoder.decoding():
         for _ in range(2):  # lazy set-up (and compilation) outside the profile

@@ -247,11 +247,14 @@ def test_varlen_kernel_on_cpu_equals_exact_slices():
         torch.testing.assert_close(got[r], F.scaled_dot_product_attention(q[r], keys, values, scale=0.3))
 
 
-def _check_shared_attention(device, dtype, prompts, g, heads, kv_heads, width, n, own, dim=8, tol=None, merge=None):
-    """share_prompt_cache's attention (a prompt's rows read its keys together, then merged with each row's own keys
-    by log-sum-exp) against each row attending to its prompt's visible keys followed by its own ``own``, written
-    out; the second prompt has left padding and every prompt 3 hidden rounding columns."""
-    from vlcot_grpo.fast_rollout import _attend_shared, merge_shared_attention
+def _check_shared_attention(
+    device, dtype, prompts, g, heads, kv_heads, width, n, own, pieces=1, dim=8, tol=None, merge=None
+):
+    """share_prompt_cache's attention (a prompt's rows read its keys together, in ``pieces`` pieces, then merged with
+    each row's own keys by log-sum-exp) against each row attending to its prompt's visible keys followed by its own
+    ``own``, written out. The second prompt has left padding over whole pieces and every prompt 3 hidden rounding
+    columns."""
+    from vlcot_grpo.fast_rollout import _attend_shared, merge_shared_attention, split_bias
 
     gen = torch.Generator(device).manual_seed(0)
     rows, rep = prompts * g, heads // kv_heads
@@ -263,11 +266,10 @@ def _check_shared_attention(device, dtype, prompts, g, heads, kv_heads, width, n
     pk, pv = randn(prompts, kv_heads, width, dim), randn(prompts, kv_heads, width, dim)
     k, v = randn(rows, kv_heads, n, dim), randn(rows, kv_heads, n, dim)
     visible = torch.ones(prompts, width, dtype=torch.bool, device=device)
-    visible[-1, : width // 3] = False
+    visible[-1, : width // 2 + 1] = False
     visible[:, -3:] = False
-    prompt_bias = torch.zeros(prompts, 1, 1, width, dtype=dtype, device=device)
-    prompt_bias.masked_fill_(~visible[:, None, None], float("-inf"))
-    bias = torch.zeros(1, 1, 1, n, dtype=dtype, device=device)
+    prompt_bias = split_bias(visible, kv_heads, pieces, dtype)
+    bias = torch.zeros(rows, 1, 1, n, dtype=dtype, device=device)  # as the engine makes it: one row per row
     bias.masked_fill_(torch.arange(n, device=device) >= own, float("-inf"))
     got = _attend_shared(q, pk, pv, prompt_bias, k, v, bias, g, 0.3, merge or merge_shared_attention)
     for r in range(rows):
@@ -279,13 +281,28 @@ def _check_shared_attention(device, dtype, prompts, g, heads, kv_heads, width, n
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_shared_prompt_attention_equals_whole_rows(kv_heads):
-    _check_shared_attention("cpu", torch.float32, prompts=2, g=3, heads=4, kv_heads=kv_heads, width=32, n=16, own=5)
+@pytest.mark.parametrize("pieces", [1, 2, 4])
+def test_shared_prompt_attention_equals_whole_rows(kv_heads, pieces):
+    """With 4 pieces of 8, the padded prompt's first two pieces are wholly masked: their weight must be 0."""
+    kw = {"prompts": 2, "g": 3, "heads": 4, "kv_heads": kv_heads, "width": 32, "n": 16, "own": 5}
+    _check_shared_attention("cpu", torch.float32, **kw, pieces=pieces)
+
+
+def test_prompt_pieces():
+    from vlcot_grpo.fast_rollout import prompt_pieces
+
+    assert prompt_pieces(32, 4191, 132) == (33, 128)  # 7B paper shape on an H100: 1056 blocks
+    assert prompt_pieces(8, 4191, 132) == (33, 128)  # 1B: pieces no shorter than 128
+    assert prompt_pieces(32, 4191, 1) == (1, 4192)  # one CPU thread: one piece, rounded up to 16
+    assert prompt_pieces(32, 100, 132) == (1, 112)
+    for pairs, width, units in ((5, 1000, 16), (64, 3000, 132), (1, 17, 1)):
+        pieces, piece = prompt_pieces(pairs, width, units)
+        assert piece % 16 == 0 and width <= pieces * piece < width + 16 * pieces
 
 
 def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
-    """share_prompt_cache: per layer the prompts' keys once (width rounded up to 16) and each row's generated tokens
-    only, instead of every row holding its prompt; with one generation per prompt there is nothing to share."""
+    """share_prompt_cache: per layer the prompts' keys once (in whole pieces, less than 16 positions each past the
+    prompt) and each row's generated tokens only, instead of every row holding its prompt; with one generation per prompt there is nothing to share."""
     model, _, backend = tiny
     prompts = _prompts(backend, photo)
     width = max(len(p) for p in prompts)
@@ -299,7 +316,10 @@ def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
         kv = decoder.kv
         assert decoder.shared == shared and (kv.mask is None) == shared
         if shared:
-            assert kv.prompt_keys[0].shape[0] == 3 and kv.prompt_keys[0].shape[2] == -(-width // 16) * 16
+            assert (
+                kv.prompt_keys[0].shape[0] == 3 and kv.prompt_keys[0].shape[2] == decoder.pieces[0] * decoder.pieces[1]
+            )
+            assert width <= kv.prompt_keys[0].shape[2] < width + 16 * decoder.pieces[0]
             assert kv.keys[0].shape[2] == 48  # 40 new tokens in buckets of 16
         else:
             assert kv.keys[0].shape[2] == -(-(width + 40) // 16) * 16
@@ -310,6 +330,8 @@ def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
     assert not decoder.shared and decoder.kv.prompt_keys is None
     with pytest.raises(ValueError, match="share_prompt_cache works with decode_attention='sdpa' only, got 'split'"):
         _config(share_prompt_cache=True, decode_attention="split")
+    with pytest.raises(ValueError, match="share_prompt_cache needs kv_bucket to be a multiple of 16, got 24"):
+        _config(share_prompt_cache=True, kv_bucket=24)
 
 
 def test_split_sizes():
@@ -507,12 +529,13 @@ def test_warm_up_before_capture_leaves_no_trace(tiny, hooks, photo):
     assert sum(len(p.blocks) for p in parses) >= 3  # images (and so guidance-slot writes) were exercised
 
 
-def test_step_traces_without_graph_breaks(tiny, photo):
+@pytest.mark.parametrize("shared", [False, True])
+def test_step_traces_without_graph_breaks(tiny, photo, shared):
     """The decode step is one graph for torch.compile (no host reads, no Python branching on tensor values), which
-    is what CUDA-graph capture needs; the traced step gives the eager tokens."""
+    is what CUDA-graph capture needs; the traced step gives the eager tokens. With and without share_prompt_cache."""
     model, _, backend = tiny
     prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<rough_image>"]]
-    config = _config(max_new_tokens=12, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9)
+    config = _config(max_new_tokens=12, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, share_prompt_cache=shared)
     engine = RolloutEngine(model, backend, config)
     results = []
     for compiled in (False, True):
@@ -527,7 +550,7 @@ def test_step_traces_without_graph_breaks(tiny, photo):
             for _ in range(6):
                 decoder.state["text_noise"].exponential_(generator=gen)
                 decoder.state["code_noise"].exponential_(generator=gen)
-                step(32, 16)
+                step(decoder._read_bucket(0), 16)
         results.append(decoder.state["tokens"][:, :6].clone())
     torch._dynamo.reset()
     assert torch.equal(results[0], results[1])
@@ -595,9 +618,11 @@ def test_compiled_layers_write_the_reference_tokens(bench, shared):
     torch._dynamo.reset()
     counters.clear()
     try:
-        # Under share_prompt_cache the merge is compiled for one prompt or for several (the regrouping of a
-        # prompt's rows is a view for one), so there the second call keeps both prompts.
-        for rows, g, max_new in ((prompts, 2, 160), (prompts if shared else prompts[:1], 3, 90)):
+        # Under share_prompt_cache the merge's code specialises on its sizes that are 1 or equal at the first call
+        # (prompts x heads against rows, say), so other prompt or generation counts may compile it again; a training
+        # run keeps both fixed. There the second call changes only the length and buckets.
+        second = (prompts, 2, 90) if shared else (prompts[:1], 3, 90)
+        for rows, g, max_new in ((prompts, 2, 160), second):
             kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": 3.0}
             ref = RolloutEngine(model, backend, _config(engine="reference", **kw)).generate(rows, g)
             config = _config(engine="static", compile_step=True, share_prompt_cache=shared, **kw)
@@ -895,7 +920,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
 
 
 # ----- GPU (device session): CUDA-graph replay equals the eager step; larger presets -------------------------------
-@pytest.mark.parametrize("compiled,shared", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("compiled,shared", [(False, False), (True, False), (False, True), (True, True)])
 def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compiled, shared):
     """The KV buffers and step state live for one generate call only: nothing holds them once it returns (the
     compiled layers' code neither), so the training phase gets their memory back (on CUDA, also the graphs' pool:
@@ -1139,12 +1164,12 @@ def test_gpu_split_attention_equals_sdpa(dtype, rows, heads, kv_heads):
 @pytest.mark.parametrize("prompts,heads,kv_heads", [(1, 32, 32), (2, 32, 8)])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gpu_shared_prompt_attention_equals_sdpa(dtype, prompts, heads, kv_heads, compiled):
-    """share_prompt_cache's attention at the 7B paper shape (one prompt of 4191 tokens rounded to 4208, G = 5, 300
-    generated tokens in a 512-long read) and a grouped-query one, through cuDNN (bf16) or the memory-efficient
+    """share_prompt_cache's attention at the 7B paper shape (one prompt of 4191 tokens in 33 pieces of 128, G = 5,
+    300 generated tokens in a 512-long read) and a grouped-query one, through cuDNN (bf16) or the memory-efficient
     kernel (fp32) and the merge, eager or compiled (Triton)."""
     from vlcot_grpo.fast_rollout import _compiled_merge
 
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     merge = _compiled_merge if compiled else None
-    shape = {"prompts": prompts, "g": 5, "heads": heads, "kv_heads": kv_heads, "width": 4208, "n": 512, "own": 300}
-    _check_shared_attention("cuda", dtype, **shape, dim=128, tol=tol, merge=merge)
+    shape = {"prompts": prompts, "g": 5, "heads": heads, "kv_heads": kv_heads, "width": 4224, "n": 512, "own": 300}
+    _check_shared_attention("cuda", dtype, **shape, pieces=33, dim=128, tol=tol, merge=merge)

@@ -40,12 +40,14 @@ is converted inside every attention call.
 Shared prompt cache (``share_prompt_cache``, opt-in until measured on a GPU). The G rows of a prompt hold the same
 prompt keys/values, and above each row reads its own copy every step: at the 7B paper shape (one 4191-token prompt,
 G = 5) that is over half of the conditional cache bytes a step reads. With the option each prompt's prefill cache is
-kept once, (P, kv_heads, W', head_dim) with W' = W rounded up to 16 and its padding masked once for the whole call,
-and the conditional buffers hold only the generated tokens (column = decode step). Attention then runs twice per
-layer: the prompt's G rows as G x rep query positions of one attention over its prompt (as grouped query heads share
-a key head), and each row over its own tokens; both return log-sum-exps (the private SDPA ops, as "split") and one
-small (compiled) kernel merges them. By count that reads about a quarter fewer bytes per step over a paper-shape
-rollout and holds ~8.5 GB less cache at 7B; the price is a second attention call and the merge in every layer.
+kept once, (P, kv_heads, W', head_dim) with W' = W rounded up to whole pieces (``prompt_pieces``) and its padding
+masked once for the whole call, and the conditional buffers hold only the generated tokens (column = decode step).
+Attention then runs twice per layer: the prompt's G rows as G x rep query positions of one attention over each piece
+of their prompt (as grouped query heads share a key head; the pieces, as in "split", give every SM work: one block
+per (prompt, head) would be 32 blocks at 7B), and each row over its own tokens. Both return log-sum-exps (the private
+SDPA ops, as "split") and one small (compiled) kernel merges the pieces and the row's own part. By count that reads
+about a quarter fewer bytes per step over a paper-shape rollout and holds ~8.5 GB less cache at 7B; the price is a
+second attention call and the merge in every layer.
 
 Sampling and state. Text and code candidates are computed for every row every step (fixed shapes): temperature,
 fixed or entropy-dependent top-k (``topk`` with the largest k the rule can give, instead of a full sort), top-p for
@@ -72,7 +74,8 @@ on an H100 a 7B step went from 1731 kernels to 914 and the decode from 67.7 to 7
 compiled is each decoder layer (regional compilation: one compiled code for all layers, so compile time does not grow
 with depth) and the sampling function; the cache writes and the split attention stay outside, since they index
 per-layer buffers. The code is compiled with dynamic shapes once per process (a new bucket or row count does not
-compile again) and used for the decode steps only; prefill and training run the eager modules. The first step of a
+compile again; share_prompt_cache's small merge may, for new prompt or generation counts) and used for the decode
+steps only; prefill and training run the eager modules. The first step of a
 ``generate`` call compiles or checks guards (``compile_seconds``), then the CUDA graphs capture the compiled kernels.
 """
 
@@ -274,20 +277,34 @@ def _split_kv_attention(q, keys, values, bias, scaling):
     return (parts * weight[..., None]).sum(1)
 
 
+def prompt_pieces(pairs: int, width: int, units: int) -> tuple[int, int]:
+    """share_prompt_cache: (pieces, positions per piece) to cut a ``width``-long prompt into for ``pairs``
+    (prompt, key/value head) pairs. One thread block per pair would leave most SMs idle (32 blocks for 132 SMs at
+    the 7B paper shape), so the prompt is cut, as "split" cuts the cache: pieces of a multiple of ``SPLIT_ALIGN``, at
+    least about ``SPLIT_MIN_PIECE`` long, just enough for ``SPLIT_BLOCKS_PER_UNIT`` blocks per unit. The prompt
+    buffer is pieces x piece long, less than ``SPLIT_ALIGN`` positions per piece past the prompt (at 7B: 33 pieces of
+    128 for 4191 positions)."""
+    target = max(SPLIT_MIN_PIECE, math.ceil(width * pairs / (SPLIT_BLOCKS_PER_UNIT * units)))
+    pieces = math.ceil(width / target)
+    return pieces, _bucket(math.ceil(width / pieces), SPLIT_ALIGN, 1 << 62)
+
+
 def merge_shared_attention(prompt_out, prompt_lse, own_out, own_lse):
-    """``share_prompt_cache``: each row's attention over its prompt's keys and over its own generated keys, merged
-    by their log-sum-exps (float32), each part weighted by its share of the softmax mass,
-    exp(lse_a) / (exp(lse_a) + exp(lse_b)). ``prompt_out`` (P, Hkv, G x rep, D) and ``prompt_lse`` (P, Hkv, G x rep)
-    have a prompt's G rows as query positions; ``own_out`` (R, Hkv, rep, D) and ``own_lse`` (R, Hkv, rep) one row
-    each, R = P x G. Returns (R, Hkv, rep, D). Compiled under compile_step: regrouping and merge in one kernel."""
+    """``share_prompt_cache``: each row's attention over its prompt's pieces and over its own generated keys, merged
+    by their log-sum-exps (float32): each part weighted by its share of the softmax mass. ``prompt_out``
+    (P x Hkv, pieces, G x rep, D) and ``prompt_lse`` (P x Hkv, pieces, G x rep) have a prompt's G rows as query
+    positions; ``own_out`` (R, Hkv, rep, D) and ``own_lse`` (R, Hkv, rep) one row each, R = P x G. Returns (R, Hkv,
+    rep, D). Compiled under compile_step: regrouping and merge in one kernel or two."""
     rows, kv_heads, rep, dim = own_out.shape
-    generations = rows // prompt_out.shape[0]
-
-    def by_row(t):  # (P, Hkv, G x rep, ...) -> (R, Hkv, rep, ...)
-        return t.unflatten(2, (generations, rep)).transpose(1, 2).flatten(0, 1)
-
-    share = torch.sigmoid(by_row(prompt_lse) - own_lse)[..., None]
-    return torch.lerp(own_out.float(), by_row(prompt_out).float(), share).to(own_out.dtype)
+    pairs, pieces = prompt_out.shape[:2]
+    prompts = pairs // kv_heads
+    generations = rows // prompts
+    # (P, Hkv, pieces, G, rep, ...) -> (P, G, Hkv, rep, pieces, ...) -> (R, Hkv, rep, pieces, ...)
+    lse = prompt_lse.reshape(prompts, kv_heads, pieces, generations, rep).permute(0, 3, 1, 4, 2).flatten(0, 1)
+    out = prompt_out.reshape(prompts, kv_heads, pieces, generations, rep, dim).permute(0, 3, 1, 4, 2, 5)
+    share = torch.softmax(torch.cat([lse, own_lse[..., None]], -1), -1)  # (R, Hkv, rep, pieces + 1)
+    merged = (out.flatten(0, 1).float() * share[..., :-1, None]).sum(-2) + own_out.float() * share[..., -1:]
+    return merged.to(own_out.dtype)
 
 
 _compiled_merge = torch.compile(merge_shared_attention, dynamic=True)
@@ -295,17 +312,22 @@ _compiled_merge = torch.compile(merge_shared_attention, dynamic=True)
 
 def _attend_shared(query, prompt_keys, prompt_values, prompt_bias, keys, values, bias, generations, scaling, merge):
     """``share_prompt_cache``: ``query`` (R, H, 1, D), rows in prompt order (R = P x ``generations``), against its
-    prompt's keys (P, Hkv, W', D), read once for all the prompt's rows, and its own generated keys (R, Hkv, n, D),
-    the two merged by ``merge`` (``merge_shared_attention``)."""
+    prompt's keys (P, Hkv, W', D), read once for all the prompt's rows in the pieces of ``prompt_bias`` (the "split"
+    mask, ``split_bias``: (P x Hkv, pieces, 1, W' / pieces)), and its own generated keys (R, Hkv, n, D) under
+    ``bias`` (R, 1, 1, n). The parts are merged by ``merge`` (``merge_shared_attention``)."""
     r, heads, _, dim = query.shape
-    prompts, kv_heads, width = prompt_keys.shape[:3]
+    prompts, kv_heads = prompt_keys.shape[:2]
+    pairs, pieces, _, piece = prompt_bias.shape
     rep, n = heads // kv_heads, keys.shape[2]
     q = query.reshape(r, kv_heads, rep, dim)
-    # A prompt's rows become ``generations x rep`` query positions of one attention over that prompt's keys, as
-    # grouped query heads do: one pass over the prompt instead of one per row.
-    grouped = q.view(prompts, generations, kv_heads, rep, dim).transpose(1, 2).reshape(prompts, kv_heads, -1, dim)
-    mask = prompt_bias.expand(prompts, kv_heads, generations * rep, width)
-    prompt_out, prompt_lse = _attention_with_lse(grouped, prompt_keys, prompt_values, mask, scaling)
+    # A prompt's rows become ``generations x rep`` query positions of one attention over each piece of that prompt,
+    # as grouped query heads do: one pass over the prompt instead of one per row.
+    grouped = q.view(prompts, generations, kv_heads, rep, dim).transpose(1, 2).reshape(pairs, 1, -1, dim)
+    queries = grouped.expand(pairs, pieces, generations * rep, dim).contiguous()  # small: a copy per piece
+    k = prompt_keys.view(pairs, pieces, piece, dim)
+    v = prompt_values.view(pairs, pieces, piece, dim)
+    mask = prompt_bias.expand(pairs, pieces, generations * rep, piece)
+    prompt_out, prompt_lse = _attention_with_lse(queries, k, v, mask, scaling)
     own_out, own_lse = _attention_with_lse(q, keys, values, bias.expand(r, kv_heads, rep, n), scaling)
     # detached: the same data, no longer views; a compiled merge would otherwise guard on the sizes of their bases
     parts = (t.detach() for t in (prompt_out, prompt_lse, own_out, own_lse))
@@ -595,7 +617,7 @@ class StaticDecoder:
                 guide = _bucket(sync_every + 1, cfg.kv_bucket, self.guide_cap) if self.guided else 0
                 try:
                     self._rolled_back_step((self._read_bucket(0), guide))
-                except Exception as err:
+                except torch._dynamo.exc.TorchDynamoException as err:  # compiling; other errors are not its
                     raise CompileStepError(
                         "compile_step (rollout_compile / upscale --compile): the first compiled decode step failed "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
@@ -651,6 +673,7 @@ class StaticDecoder:
         for layer in cache.layers:
             if self.shared:  # the prompt once per prompt; the rows' buffers start empty
                 _, kv_heads, _, dim = layer.keys.shape
+                self.pieces = prompt_pieces(n_prompts * kv_heads, width, self.units)
                 prompt_keys.append(self._prompt_buffer(layer.keys))
                 prompt_values.append(self._prompt_buffer(layer.values))
                 keys.append(layer.keys.new_zeros((rows, kv_heads, total, dim)))
@@ -678,7 +701,8 @@ class StaticDecoder:
         if self.shared:
             self.kv.prompt_keys, self.kv.prompt_values = prompt_keys, prompt_values
             visible = F.pad(attn.bool(), (0, prompt_keys[0].shape[2] - width))  # the rounding columns stay hidden
-            self.kv.prompt_bias = self._additive(visible)
+            kv_heads, dtype = prompt_keys[0].shape[1], prompt_keys[0].dtype
+            self.kv.prompt_bias = split_bias(visible, kv_heads, self.pieces[0], dtype)
             self.kv.generations = num_generations
             self.kv.merge = _compiled_merge if self.compile else merge_shared_attention
             self.step_range = torch.arange(total, device=device)
@@ -734,9 +758,9 @@ class StaticDecoder:
 
     def _prompt_buffer(self, prefilled: torch.Tensor) -> torch.Tensor:
         """share_prompt_cache: the prompts' prefilled keys or values (P, kv_heads, W, dim), once per prompt, in a
-        buffer W rounded up to a multiple of ``SPLIT_ALIGN`` (fp32 attention on CUDA wants aligned mask rows)."""
-        width = prefilled.shape[2]
-        return F.pad(prefilled, (0, 0, 0, _bucket(width, SPLIT_ALIGN, 1 << 62) - width))
+        buffer of whole pieces (``prompt_pieces``); the extra positions are masked."""
+        pieces, piece = self.pieces
+        return F.pad(prefilled, (0, 0, 0, pieces * piece - prefilled.shape[2]))
 
     def _read_bucket(self, steps: int) -> int:
         """Conditional columns read by the decode step after ``steps`` steps: the written ones, in whole buckets."""

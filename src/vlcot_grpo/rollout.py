@@ -132,6 +132,8 @@ class RolloutConfig:
             raise ValueError(
                 f"share_prompt_cache works with decode_attention='sdpa' only, got {self.decode_attention!r}"
             )
+        if self.share_prompt_cache and self.kv_bucket % 16:  # fp32 attention on CUDA wants 16-aligned mask rows
+            raise ValueError(f"share_prompt_cache needs kv_bucket to be a multiple of 16, got {self.kv_bucket}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be 'auto', 'reference' or 'static', got {self.engine!r}")
         if self.decode_attention not in DECODE_ATTENTION:

@@ -74,6 +74,8 @@ def load_policy(model_args, training_args, data_args):
 def _ensure_tiny_model(path: str, spec_fields, training_args) -> None:
     from vlcot_grpo.models.tiny import SPEC_FILE, TinyEmu3Spec, ensure_tiny_emu3
 
+    # The spec is checked first, by every process: a malformed one is an error even beside a real checkpoint, and
+    # raised inside the wait below it would leave the other processes waiting.
     fields = json.loads(spec_fields) if isinstance(spec_fields, str) else dict(spec_fields or {})
     try:
         spec = TinyEmu3Spec(**fields)
