@@ -288,6 +288,13 @@ def test_shared_prompt_attention_equals_whole_rows(kv_heads, pieces):
     _check_shared_attention("cpu", torch.float32, **kw, pieces=pieces)
 
 
+def test_shared_prompt_attention_bf16_three_prompts():
+    """bf16 (the GPU dtype) with three prompts, grouped heads (rep 3) and 6 pieces, one wholly masked at the start
+    of the padded prompt and one with its visible part starting inside it."""
+    kw = {"prompts": 3, "g": 2, "heads": 6, "kv_heads": 2, "width": 48, "n": 32, "own": 9}
+    _check_shared_attention("cpu", torch.bfloat16, **kw, pieces=6, tol=2e-2)
+
+
 def test_prompt_pieces():
     from vlcot_grpo.fast_rollout import prompt_pieces
 
@@ -295,9 +302,10 @@ def test_prompt_pieces():
     assert prompt_pieces(8, 4191, 132) == (33, 128)  # 1B: pieces no shorter than 128
     assert prompt_pieces(32, 4191, 1) == (1, 4192)  # one CPU thread: one piece, rounded up to 16
     assert prompt_pieces(32, 100, 132) == (1, 112)
-    for pairs, width, units in ((5, 1000, 16), (64, 3000, 132), (1, 17, 1)):
+    assert prompt_pieces(1, 16385, 16) == (114, 144)  # no piece of padding only
+    for pairs, width, units in ((5, 1000, 16), (64, 3000, 132), (64, 2996, 132), (1, 17, 1), (7, 5, 1000)):
         pieces, piece = prompt_pieces(pairs, width, units)
-        assert piece % 16 == 0 and width <= pieces * piece < width + 16 * pieces
+        assert piece % 16 == 0 and (pieces - 1) * piece < width <= pieces * piece < width + 16 * pieces
 
 
 def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
@@ -316,6 +324,7 @@ def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
         kv = decoder.kv
         assert decoder.shared == shared and (kv.mask is None) == shared
         if shared:
+            assert decoder.pieces[0] > 1  # one thread: pieces of ~250 positions
             assert (
                 kv.prompt_keys[0].shape[0] == 3 and kv.prompt_keys[0].shape[2] == decoder.pieces[0] * decoder.pieces[1]
             )

@@ -131,9 +131,11 @@ class _SplitKV:
     guide_used: torch.Tensor | None = None  # (R,): the guidance row's slot + 1, set each step
     # share_prompt_cache: each prompt's keys/values once, read together by its ``generations`` rows; ``keys`` and
     # ``values`` then hold only the generated tokens and ``column`` is the decode step.
-    prompt_keys: list[torch.Tensor] | None = None  # (P, kv_heads, W', head_dim) per layer, W' = W rounded up
+    prompt_keys: list[torch.Tensor] | None = None  # (P, kv_heads, W', head_dim) per layer, W' = W in whole pieces
     prompt_values: list[torch.Tensor] | None = None
-    prompt_bias: torch.Tensor | None = None  # (P, 1, 1, W') additive: left padding and rounding hidden
+    # split_bias's (P x kv_heads, pieces, 1, W' / pieces): left padding and rounding hidden by a finite mask (a wholly
+    # masked piece must get weight 0; with -inf the CPU kernel returns log-sum-exp 0 for it)
+    prompt_bias: torch.Tensor | None = None
     generations: int = 1
     merge: Callable[..., torch.Tensor] | None = None  # merge_shared_attention, compiled under compile_step
 
@@ -285,8 +287,8 @@ def prompt_pieces(pairs: int, width: int, units: int) -> tuple[int, int]:
     buffer is pieces x piece long, less than ``SPLIT_ALIGN`` positions per piece past the prompt (at 7B: 33 pieces of
     128 for 4191 positions)."""
     target = max(SPLIT_MIN_PIECE, math.ceil(width * pairs / (SPLIT_BLOCKS_PER_UNIT * units)))
-    pieces = math.ceil(width / target)
-    return pieces, _bucket(math.ceil(width / pieces), SPLIT_ALIGN, 1 << 62)
+    piece = _bucket(math.ceil(width / math.ceil(width / target)), SPLIT_ALIGN, 1 << 62)
+    return math.ceil(width / piece), piece  # counted again: rounding the piece up may leave a last one empty
 
 
 def merge_shared_attention(prompt_out, prompt_lse, own_out, own_lse):
@@ -760,7 +762,10 @@ class StaticDecoder:
         """share_prompt_cache: the prompts' prefilled keys or values (P, kv_heads, W, dim), once per prompt, in a
         buffer of whole pieces (``prompt_pieces``); the extra positions are masked."""
         pieces, piece = self.pieces
-        return F.pad(prefilled, (0, 0, 0, pieces * piece - prefilled.shape[2]))
+        n, kv_heads, width, dim = prefilled.shape
+        buffer = prefilled.new_zeros((n, kv_heads, pieces * piece, dim))  # contiguous: attention views it in pieces
+        buffer[:, :, :width] = prefilled
+        return buffer
 
     def _read_bucket(self, steps: int) -> int:
         """Conditional columns read by the decode step after ``steps`` steps: the written ones, in whole buckets."""
@@ -840,7 +845,8 @@ class StaticDecoder:
         self.kv.read_len = read_len
         if self.varlen:
             self.kv.used.copy_(column + 1 - self.pad)
-        elif self.shared:  # the generated tokens so far; every row has as many (one mask row per row, as SDPA's)
+        elif self.shared:  # the generated tokens so far; every row has as many (one mask row per row, as SDPA's),
+            # never none: the step's own key is written before attention, so -inf is safe here
             allowed = self.step_range.narrow(0, 0, read_len) <= column
             self.kv.bias = self._additive(allowed.expand(self.rows, read_len))
         else:
