@@ -270,13 +270,12 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
     replay's time per step, that says whether a step is slow in its kernels or between them."""
     from torch.profiler import ProfilerActivity, profile
 
-    from vlcot_grpo.fast_rollout import StaticDecoder, _bucket
+    from vlcot_grpo.fast_rollout import StaticDecoder
 
     config = rollout_config(args, "static", 64)  # long enough for the 2 + steps steps run
     decoder = StaticDecoder(RolloutEngine(model, backend, config), device)
     decoder._setup(prompts, args.group, device)
-    guide = _bucket(config.sync_every + 1, config.kv_bucket, decoder.guide_cap) if decoder.guided else 0
-    key = (decoder._read_bucket(steps + 1), guide)  # covers every step run
+    key = (decoder._read_bucket(steps + 1), decoder._guide_bucket(0))  # covers every step run
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with decoder.decoding():
         for _ in range(2):  # lazy set-up (and compilation) outside the profile
@@ -877,7 +876,7 @@ def main(argv=None) -> dict:
             guide = guidance_context(backend, batch.completion_ids, steps) if args.guidance != 1.0 else [0] * steps
             decode = stats.get("decode_seconds", stats["seconds_total"])
             ideal = ideal_seconds(steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth)
-            if engine_name == "static" and args.share and args.group > 1:
+            if engine_name == "static" and rollout_config(args, engine_name).shares_prompt_cache(args.group):
                 read = ideal_seconds(
                     steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth, args.prompts
                 )

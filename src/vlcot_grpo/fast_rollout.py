@@ -616,9 +616,8 @@ class StaticDecoder:
         with self.decoding():
             if self.compile:  # compile outside the timed steps and before any capture
                 start = time.perf_counter()
-                guide = _bucket(sync_every + 1, cfg.kv_bucket, self.guide_cap) if self.guided else 0
                 try:
-                    self._rolled_back_step((self._read_bucket(0), guide))
+                    self._rolled_back_step((self._read_bucket(0), self._guide_bucket(0)))
                 except torch._dynamo.exc.TorchDynamoException as err:  # compiling; other errors are not its
                     raise CompileStepError(
                         "compile_step (rollout_compile / upscale --compile): the first compiled decode step failed "
@@ -631,8 +630,7 @@ class StaticDecoder:
                     all_done, live = torch.stack([s["done"].all().long(), s["guide_slot"].max()]).tolist()
                     if all_done:
                         break
-                    if self.guided:  # slots grow by at most one a step until the next check
-                        guide_len = _bucket(live + sync_every + 1, cfg.kv_bucket, self.guide_cap)
+                    guide_len = self._guide_bucket(live)
                 key = (self._read_bucket(steps), guide_len)
                 if cfg.do_sample:  # text first, then codes: the order in which the reference path draws
                     s["text_noise"].exponential_(generator=generator)
@@ -662,7 +660,7 @@ class StaticDecoder:
         cache, attn, positions, logits = eng._prefill_prompts(prompt_ids, device)
         n_prompts, width = attn.shape
         rows = n_prompts * num_generations
-        self.shared = cfg.share_prompt_cache and num_generations > 1
+        self.shared = cfg.shares_prompt_cache(num_generations)
         # The conditional buffers' first written column: after the prompt, or 0 when they hold only generated tokens.
         self.first_column = 0 if self.shared else width
         # Buffers rounded up to whole buckets: every read is then a multiple of kv_bucket (aligned for the kernels).
@@ -672,10 +670,11 @@ class StaticDecoder:
         template_len = _bucket(int(eng.template_len.max()), cfg.kv_bucket, 1 << 62)
         self.guide_cap = template_len
         keys, values, prompt_keys, prompt_values = [], [], [], []
+        if self.shared:
+            self.pieces = prompt_pieces(n_prompts * cache.layers[0].keys.shape[1], width, self.units)
         for layer in cache.layers:
             if self.shared:  # the prompt once per prompt; the rows' buffers start empty
                 _, kv_heads, _, dim = layer.keys.shape
-                self.pieces = prompt_pieces(n_prompts * kv_heads, width, self.units)
                 prompt_keys.append(self._prompt_buffer(layer.keys))
                 prompt_values.append(self._prompt_buffer(layer.values))
                 keys.append(layer.keys.new_zeros((rows, kv_heads, total, dim)))
@@ -770,6 +769,13 @@ class StaticDecoder:
     def _read_bucket(self, steps: int) -> int:
         """Conditional columns read by the decode step after ``steps`` steps: the written ones, in whole buckets."""
         return _bucket(self.first_column + steps + 1, self.config.kv_bucket, self.kv_cap)
+
+    def _guide_bucket(self, live: int) -> int:
+        """Guidance slots read until the next host check, ``live`` the longest live image now (0 without guidance):
+        slots grow by at most one a step, so the next ``sync_every`` steps stay within live + sync_every + 1."""
+        if not self.guided:
+            return 0
+        return _bucket(live + self.config.sync_every + 1, self.config.kv_bucket, self.guide_cap)
 
     def _guide_buffer(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
         shape = list(buffer.shape)

@@ -109,7 +109,7 @@ def main(argv=None) -> Path:
         "rollouts: %s",
         engine := trainer.engine.resolved_engine(trainer.accelerator.device),
         engine == "static" and trainer.engine.config.resolved_compile(trainer.accelerator.device),
-        engine == "static" and trainer.engine.config.share_prompt_cache and training_args.num_generations > 1,
+        engine == "static" and trainer.engine.config.shares_prompt_cache(training_args.num_generations),
         trainer._merge_for_rollouts,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))

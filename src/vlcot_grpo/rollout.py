@@ -141,6 +141,11 @@ class RolloutConfig:
         if self.sync_every < 1 or self.kv_bucket < 1:
             raise ValueError("sync_every and kv_bucket must be at least 1")
 
+    def shares_prompt_cache(self, num_generations: int) -> bool:
+        """Whether the static engine keeps one prompt cache per prompt: ``share_prompt_cache``, where there is more
+        than one generation per prompt to share it."""
+        return self.share_prompt_cache and num_generations > 1
+
     def resolved_compile(self, device: torch.device) -> bool:
         """Whether the static engine compiles its decode steps on ``device``: ``compile_step``, unset resolved."""
         if self.compile_step is not None:
