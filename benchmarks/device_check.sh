@@ -22,6 +22,9 @@
 #             fuse_projections, with and without the shared cache, stock generate, and the whole paper-shape
 #             rollout with the fastest of those variants (<= 230 s, <= 80 s). Last plan's numbers:
 #             docs/benchmarks.md.
+#   defaults  (~300 s) the engine as it runs by default on CUDA (compiled, fused projections, shared prompt cache):
+#             greedy == reference at 1B in fp32, the whole 1B paper-shape rollout, then greedy == reference at 1B with
+#             each kernel
 #   baseline  the benchmarks of the table in docs/benchmarks.md: 7B (kernels compared, stock, the whole rollout
 #             ~106 s, LoRA merge check, LoRA GRPO step ~151 s; ~330 s in all), 1B (~70 s), tiny (~20 s).
 set -uo pipefail
@@ -42,9 +45,11 @@ PLAN=default
 case "${1:-}" in
     "") ;;
     baseline) PLAN=baseline ;;
+    defaults) PLAN=defaults ;;
     rehearse) SHRINK=("${TINY_CPU[@]}") ;;
     rehearse-baseline) SHRINK=("${TINY_CPU[@]}") PLAN=baseline ;;
-    *) echo "usage: $0 [prepare|baseline|rehearse|rehearse-baseline]" >&2 && exit 2 ;;
+    rehearse-defaults) SHRINK=("${TINY_CPU[@]}") PLAN=defaults ;;
+    *) echo "usage: $0 [prepare|baseline|defaults|rehearse|rehearse-baseline|rehearse-defaults]" >&2 && exit 2 ;;
 esac
 
 OUT=${OUT:-device_out}
@@ -92,6 +97,11 @@ if [ "$PLAN" = default ]; then
         ${T}greedy_equals_reference_preset -m gpu  # the new ones first
     bench 60 1b --preset 1b --stock-steps 32 --compare-attention 512 --compile \
         --compare-kernels sdpa+compile,sdpa+compile+shared
+elif [ "$PLAN" = defaults ]; then
+    T=tests/test_fast_rollout.py::test_gpu_
+    gpu_tests 120 ${T}defaults_equal_reference_1b -m gpu
+    bench 90 1b --preset 1b --stock-steps 16  # the library's defaults on CUDA
+    gpu_tests 80 "${T}greedy_equals_reference_preset[1b]" -m gpu
 else
     bench 340 7b --preset 7b --stock-steps 32 --compare-attention 512 --grpo-step --lora-merge-check 256
     bench 85 1b --preset 1b --stock-steps 64 --compare-attention 512

@@ -685,14 +685,14 @@ def main(argv=None) -> dict:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="static engine: fuse_projections (q/k/v and gate/up as one product each); default: as the fastest "
-        "--compare-kernels variant, else off",
+        "--compare-kernels variant, else as the library (on with CUDA graphs)",
     )
     parser.add_argument(
         "--share",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="static engine: share_prompt_cache (a prompt's cache held and read once for its G rows); default: as "
-        "the fastest --compare-kernels variant, else off",
+        "the fastest --compare-kernels variant, else as the library (on with sdpa and G > 1)",
     )
     parser.add_argument("--no-graphs", action="store_true", help="static engine without CUDA graphs")
     parser.add_argument(
@@ -806,9 +806,13 @@ def main(argv=None) -> dict:
         }
         best = max(rates, key=rates.get).split("+") if rates else [RolloutConfig.decode_attention]
         args.attention, args.sdpa_efficient = best[0], "efficient" in best
-        args.fuse = "fused" in best if args.fuse is None else args.fuse
-        args.share = "shared" in best if args.share is None else args.share
-    args.fuse, args.share = bool(args.fuse), bool(args.share)
+        if rates:
+            args.fuse = "fused" in best if args.fuse is None else args.fuse
+            args.share = "shared" in best if args.share is None else args.share
+    # not given and not decided by a comparison: as the library decides
+    library = RolloutConfig(decode_attention=args.attention, kv_bucket=args.kv_bucket, cuda_graphs=not args.no_graphs)
+    args.fuse = library.resolved_fuse(device) if args.fuse is None else args.fuse
+    args.share = library.shares_prompt_cache(args.group) if args.share is None else args.share
     results["attention_used"] = args.attention + ("+efficient" if getattr(args, "sdpa_efficient", False) else "")
     if args.profile_step:
         results["step_profile"] = {}

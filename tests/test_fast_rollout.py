@@ -2,10 +2,13 @@
 decoding, same sampled distribution, guidance-cache restarts, well-formed images. CPU tests run the decode step
 eagerly; the tests marked ``gpu`` check CUDA-graph replay and the larger presets on a device machine."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vlcot_grpo import fast_rollout
 from vlcot_grpo.fast_rollout import StaticDecoder
 from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import IMAGE_BLOCKS, encode_prompt, parse_completions
@@ -91,14 +94,15 @@ def _chain_hooks(backend, code_bias=None):
     return pre, hook
 
 
-#: decode attention variants by test id: the kernels, and "shared" = "sdpa" with share_prompt_cache
+#: decode attention variants by test id: the kernels, each with each row's own prompt cache, and "shared" = "sdpa"
+#: with share_prompt_cache (the default where there are several generations)
 KERNELS = ["sdpa", "matmul", "split", "varlen", "shared"]
 
 
 def _attention(kernel: str) -> dict:
     if kernel == "shared":
         return {"decode_attention": "sdpa", "share_prompt_cache": True}
-    return {"decode_attention": kernel}
+    return {"decode_attention": kernel, "share_prompt_cache": False}
 
 
 def _config(**kw):
@@ -498,15 +502,15 @@ def test_buckets_follow_length_and_live_image(tiny, hooks, photo):
     pre, hook = _chain_hooks(backend)
     hooks(hook, pre_embed=pre)
     prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<rough_image>"]]
-    engine = RolloutEngine(model, backend, _config(max_new_tokens=150, do_sample=False, guidance_scale=2.0))
-    decoder = StaticDecoder(engine, torch.device("cpu"))
+    config = _config(max_new_tokens=150, do_sample=False, guidance_scale=2.0, share_prompt_cache=False)
+    decoder = StaticDecoder(RolloutEngine(model, backend, config), torch.device("cpu"))
     batch = decoder.run([prompt], 2)
     width = len(prompt)
     conds = [c for c, _ in decoder.buckets_used]
     guides = [g for _, g in decoder.buckets_used]
     assert conds == [-(-(width + t + 1) // 16) * 16 for t in range(len(conds))]
     # short while writing the rough image, long for the final one; always whole buckets
-    assert max(guides) <= -(-int(engine.template_len.max()) // 16) * 16 and min(guides) < max(guides)
+    assert max(guides) <= -(-int(decoder.engine.template_len.max()) // 16) * 16 and min(guides) < max(guides)
     assert all(g % 16 == 0 for g in guides)
     assert all(batch.finished) and len(conds) < 150
 
@@ -843,6 +847,17 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
     assert not RolloutConfig(cuda_graphs=False).resolved_compile(torch.device("cuda"))
     assert RolloutConfig(compile_step=True).resolved_compile(torch.device("cpu"))
     assert not RolloutConfig(compile_step=False).resolved_compile(torch.device("cuda"))
+    # fuse_projections unset: likewise, with CUDA graphs only (its weight copy is not worth it on the CPU)
+    assert default.resolved_fuse(torch.device("cuda")) and not default.resolved_fuse(torch.device("cpu"))
+    assert not RolloutConfig(cuda_graphs=False).resolved_fuse(torch.device("cuda"))
+    assert RolloutConfig(fuse_projections=True).resolved_fuse(torch.device("cpu"))
+    assert not RolloutConfig(fuse_projections=False).resolved_fuse(torch.device("cuda"))
+    # share_prompt_cache unset: wherever it applies (sdpa, 16-aligned buckets, several generations), never an error
+    assert default.shares_prompt_cache(5) and not default.shares_prompt_cache(1)
+    assert not RolloutConfig(decode_attention="split").shares_prompt_cache(5)
+    assert not RolloutConfig(kv_bucket=24).shares_prompt_cache(5)
+    assert not RolloutConfig(share_prompt_cache=False).shares_prompt_cache(5)
+    assert RolloutConfig(share_prompt_cache=True).shares_prompt_cache(5)
     from vlcot_grpo.rollout import has_quantized_weights
 
     assert not has_quantized_weights(model)
@@ -854,9 +869,10 @@ def test_attention_implementation_restored_and_engine_choice(tiny, photo):
 
 
 def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch):
-    """VLCoTGRPOConfig.rollout_engine, rollout_compile and rollout_share_prompt_cache reach the trainer's engine; one
-    seeded LoRA GRPO step rolls out the same completions through the PEFT model with either engine, compiled or not,
-    sharing the prompt cache or not (all draw the same exponential race)."""
+    """VLCoTGRPOConfig.rollout_engine, rollout_compile, rollout_share_prompt_cache and rollout_fuse_projections reach
+    the trainer's engine; one seeded LoRA GRPO step rolls out the same completions through the PEFT model with either
+    engine, compiled or not, sharing the prompt cache or not, with fused projections or not (all draw the same
+    exponential race)."""
     pytest.importorskip("trl")
     import datasets
     import skimage.data
@@ -875,13 +891,28 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     seen, static_runs = {}, []
     run = StaticDecoder.run
     monkeypatch.setattr(StaticDecoder, "run", lambda self, *a, **k: static_runs.append(1) or run(self, *a, **k))
-    runs = (("reference", False, False), ("static", False, False), ("static", True, False), ("static", False, True))
-    for engine, compiled, shared in runs:
+    fused_counts, fuse = [], fast_rollout._fused_projections
+
+    @contextlib.contextmanager
+    def counted_fuse(model):
+        with fuse(model) as swapped:
+            fused_counts.append(swapped)
+            yield swapped
+
+    monkeypatch.setattr(fast_rollout, "_fused_projections", counted_fuse)
+    runs = (
+        ("reference", False, False, False),
+        ("static", False, False, False),
+        ("static", True, False, False),
+        ("static", False, True, True),
+    )
+    for engine, compiled, shared, fused in runs:
         args = VLCoTGRPOConfig(
             output_dir=str(tmp_path / f"{engine}{compiled}{shared}"),
             rollout_engine=engine,
             rollout_compile=compiled,
             rollout_share_prompt_cache=shared,
+            rollout_fuse_projections=fused,
             max_completion_length=120,
             num_generations=4,
             per_device_train_batch_size=4,
@@ -899,6 +930,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
         )
         config = args.rollout_config()
         assert (config.engine, config.compile_step, config.share_prompt_cache) == (engine, compiled, shared)
+        assert config.fuse_projections == fused
         trainer = VLCoTGRPOTrainer(
             model=Emu3ForConditionalGeneration.from_pretrained(tiny_path),
             reward_funcs=[lambda completion_ids, **kw: [len(c) / 100 for c in completion_ids]],
@@ -916,12 +948,14 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
         trainer.engine.generate = record
         trainer.train()
         assert all(layer._compiled_call_impl is None for layer in _decoder_layers(trainer.model))  # eager training
-        seen[engine, compiled, shared] = calls[0].completion_ids
+        seen[engine, compiled, shared, fused] = calls[0].completion_ids
     # a near-tie in one draw (float rounding differs between the attention paths) may change one row
     for other in runs[1:]:
         same = sum(x == y for x, y in zip(seen[other], seen[runs[0]]))
         assert len(seen[other]) == 4 and same >= 3
     assert static_runs == [1, 1, 1]
+    # the last run fused q/k/v and gate/up of every layer, its LoRA projections through their merged base layers
+    assert fused_counts == [5 * len(_decoder_layers(trainer.model))]
     with pytest.raises(ValueError):
         VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_engine="fast")
     compiled = VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_compile=True, use_cpu=True, report_to=[])
@@ -1087,6 +1121,26 @@ def test_gpu_greedy_equals_reference_preset(preset, bench):
             config = RolloutConfig(engine="static", **_attention(kernel), **kw)
             fast = RolloutEngine(model, backend, config).generate(prompts, 2)
             assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_defaults_equal_reference_1b(bench):
+    """fp32 on the GPU, 1B preset: the static engine as it runs by default on CUDA (CUDA graphs, compiled steps,
+    fused projections, the prompt cache shared by a prompt's generations) writes the reference engine's greedy
+    tokens, with and without guidance."""
+    model, backend = bench.build_preset("1b", torch.device("cuda"), torch.float32)
+    prompts = bench.make_prompts(backend, 2, lr_size=128)
+    sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
+    bench.add_chain_hooks(model, backend)
+    for guidance in (1.0, 3.0):
+        kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
+        ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
+        config = RolloutConfig(engine="static", **kw)
+        cuda = torch.device("cuda")
+        assert config.resolved_compile(cuda) and config.resolved_fuse(cuda) and config.shares_prompt_cache(2)
+        fast = RolloutEngine(model, backend, config).generate(prompts, 2)
+        assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, guidance
 
 
 @pytest.mark.gpu

@@ -58,8 +58,9 @@ def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
         "1",
         *extra,
     )
+    # on the CPU the static engine shares the prompt cache (its default) but fuses no projections (CUDA only)
     engine = "static (decode steps compiled: True" if extra else "reference (decode steps compiled: False"
-    engine += ", prompt cache shared: False)"
+    engine += f", prompt cache shared: {bool(extra)}, projections fused: False)"
     assert f"rollout engine: {engine}, LoRA adapters merged for rollouts: True" in log, log[-2000:]
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
@@ -71,10 +72,10 @@ def test_grpo_with_two_processes(tmp_path):
     """Two ranks (CPU, gloo): both wait while the main one builds the tiny model, each rolls out its own prompts
     with the static engine (the shared prompt cache on), and TRL gathers the rewards across ranks for the
     advantages; the run ends with the adapter and the reward plot written once."""
-    extra = ["--rollout_engine", "static", "--rollout_share_prompt_cache", "true", "--max_completion_length", "96"]
+    extra = ["--rollout_engine", "static", "--max_completion_length", "96"]  # the prompt cache shared by default
     log = launch(tmp_path, "cpu", "grpo", *extra, "--save_strategy", "no", processes=2)
     assert log.count("distributed: DistributedType.MULTI_CPU, processes: 2") == 2, log[-3000:]
-    assert "rollout engine: static (decode steps compiled: False, prompt cache shared: True)" in log, log[-3000:]
+    assert "rollout engine: static (decode steps compiled: False, prompt cache shared: True, " in log, log[-3000:]
     assert "'train_runtime'" in log, log[-3000:]
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()

@@ -104,12 +104,15 @@ def main(argv=None) -> Path:
         peft_config=peft_config_for(model_args, model),
     )
     log_distribution(trainer)
+    device, rollout = trainer.accelerator.device, trainer.engine.config
+    static = trainer.engine.resolved_engine(device) == "static"
     logging.getLogger("vlcot_grpo").info(
-        "rollout engine: %s (decode steps compiled: %s, prompt cache shared: %s), LoRA adapters merged for "
-        "rollouts: %s",
-        engine := trainer.engine.resolved_engine(trainer.accelerator.device),
-        engine == "static" and trainer.engine.config.resolved_compile(trainer.accelerator.device),
-        engine == "static" and trainer.engine.config.shares_prompt_cache(training_args.num_generations),
+        "rollout engine: %s (decode steps compiled: %s, prompt cache shared: %s, projections fused: %s), LoRA "
+        "adapters merged for rollouts: %s",
+        trainer.engine.resolved_engine(device),
+        static and rollout.resolved_compile(device),
+        static and rollout.shares_prompt_cache(training_args.num_generations),
+        static and rollout.resolved_fuse(device),
         trainer._merge_for_rollouts,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
