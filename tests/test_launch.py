@@ -44,8 +44,10 @@ def launch(tmp_path, zero: str, method: str, *extra, fails: bool = False, proces
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
     # ZeRO-3 also runs the static engine on the gathered weights, its decode steps compiled (DeepSpeed's hooks on
-    # every module) and the LoRA adapters merged for the rollout (the default)
-    extra = ["--rollout_engine", "static", "--rollout_compile", "true"] if zero == "zero3" else []
+    # every module), the LoRA adapters merged for the rollout (the default) and the projections fused (the default on
+    # CUDA, forced here: the swapped modules sit among DeepSpeed's hooked ones)
+    extra = ["--rollout_engine", "static", "--rollout_compile", "true", "--rollout_fuse_projections", "true"]
+    extra = extra if zero == "zero3" else []
     log = launch(
         tmp_path,
         zero,
@@ -58,9 +60,9 @@ def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
         "1",
         *extra,
     )
-    # on the CPU the static engine shares the prompt cache (its default) but fuses no projections (CUDA only)
+    # the static engine shares the prompt cache by default
     engine = "static (decode steps compiled: True" if extra else "reference (decode steps compiled: False"
-    engine += f", prompt cache shared: {bool(extra)}, projections fused: False)"
+    engine += f", prompt cache shared: {bool(extra)}, projections fused: {bool(extra)})"
     assert f"rollout engine: {engine}, LoRA adapters merged for rollouts: True" in log, log[-2000:]
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
