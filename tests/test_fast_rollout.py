@@ -1105,62 +1105,49 @@ def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel, small_pieces
         model.cpu()
 
 
+GPU_SIZES = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
+
+
+def _static_equals_reference(bench, preset, variants, device="cuda"):
+    """fp32: the static engine, once per ``variants`` entry (RolloutConfig keywords), writes the reference engine's
+    greedy tokens for two prompts with two generations each, with and without guidance (CUDA graphs on CUDA)."""
+    model, backend = bench.build_preset(preset, torch.device(device), torch.float32)
+    prompts = bench.make_prompts(backend, 2, lr_size=64 if preset == "tiny" else 128)
+    bench.add_chain_hooks(model, backend)
+    for guidance in (1.0, 3.0):
+        kw = {"stage_sizes": GPU_SIZES, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
+        ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
+        for variant in variants:
+            fast = RolloutEngine(model, backend, RolloutConfig(engine="static", **variant, **kw)).generate(prompts, 2)
+            assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, variant)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset", ["tiny", "1b"])
 def test_gpu_greedy_equals_reference_preset(preset, bench):
-    """fp32 on the GPU: the static engine (CUDA graphs) writes the reference engine's greedy tokens."""
-    model, backend = bench.build_preset(preset, torch.device("cuda"), torch.float32)
-    prompts = bench.make_prompts(backend, 2, lr_size=64 if preset == "tiny" else 128)
-    sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
-    bench.add_chain_hooks(model, backend)
-    for guidance in (1.0, 3.0):
-        kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
-        ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel in KERNELS:
-            config = RolloutConfig(engine="static", **_attention(kernel), **kw)
-            fast = RolloutEngine(model, backend, config).generate(prompts, 2)
-            assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
+    """The static engine with every kernel, and with the shared prompt cache, writes the reference's greedy tokens."""
+    _static_equals_reference(bench, preset, [_attention(kernel) for kernel in KERNELS])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_defaults_equal_reference_1b(bench):
-    """fp32 on the GPU, 1B preset: the static engine as it runs by default on CUDA (CUDA graphs, compiled steps,
-    fused projections, the prompt cache shared by a prompt's generations) writes the reference engine's greedy
-    tokens, with and without guidance."""
-    model, backend = bench.build_preset("1b", torch.device("cuda"), torch.float32)
-    prompts = bench.make_prompts(backend, 2, lr_size=128)
-    sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
-    bench.add_chain_hooks(model, backend)
-    for guidance in (1.0, 3.0):
-        kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
-        ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        config = RolloutConfig(engine="static", **kw)
-        cuda = torch.device("cuda")
-        assert config.resolved_compile(cuda) and config.resolved_fuse(cuda) and config.shares_prompt_cache(2)
-        fast = RolloutEngine(model, backend, config).generate(prompts, 2)
-        assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, guidance
+    """1B preset: the static engine as it runs by default on CUDA (CUDA graphs, compiled steps, fused projections,
+    the prompt cache shared by a prompt's generations) writes the reference engine's greedy tokens."""
+    default, cuda = RolloutConfig(), torch.device("cuda")
+    assert default.resolved_compile(cuda) and default.resolved_fuse(cuda) and default.shares_prompt_cache(2)
+    _static_equals_reference(bench, "1b", [{}])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_compiled_graphs_equal_reference(bench):
-    """fp32 on the GPU: the compiled step (Triton kernels) captured as CUDA graphs writes the reference engine's
-    greedy tokens, with and without guidance, with either attention kernel and with fused projections."""
-    model, backend = bench.build_preset("tiny", torch.device("cuda"), torch.float32)
-    prompts = bench.make_prompts(backend, 2, lr_size=64)
-    sizes = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
-    bench.add_chain_hooks(model, backend)
-    for guidance in (1.0, 3.0):
-        kw = {"stage_sizes": sizes, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
-        ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
-        for kernel, fused in (("sdpa", False), ("split", False), ("varlen", False), ("shared", False), ("sdpa", True)):
-            config = RolloutConfig(
-                engine="static", compile_step=True, fuse_projections=fused, **_attention(kernel), **kw
-            )
-            fast = RolloutEngine(model, backend, config).generate(prompts, 2)
-            assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished, (guidance, kernel)
+    """Tiny preset: the compiled step (Triton kernels) captured as CUDA graphs writes the reference engine's greedy
+    tokens with every kernel, with the shared prompt cache and with fused projections."""
+    variants = [_attention(kernel) for kernel in KERNELS if kernel != "matmul"]
+    variants.append({**_attention("sdpa"), "fuse_projections": True})
+    _static_equals_reference(bench, "tiny", [{"compile_step": True, **v} for v in variants])
 
 
 @pytest.mark.gpu
