@@ -740,6 +740,49 @@ def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(bench, monke
     assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))
 
 
+def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(bench, monkeypatch, caplog):
+    """fuse_projections unset is a best effort: where it resolves on (CUDA graphs; forced here on the CPU) and the
+    fused weight copies run out of memory (injected at the third copy), nothing is swapped, a warning says why, the
+    rollout runs unfused with the same tokens, and the engine's later calls do not try again. Set to true, the error
+    is raised and names the option; the model's modules are untouched either way."""
+    import logging
+
+    from vlcot_grpo import fast_rollout
+
+    model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
+    bench.add_chain_hooks(model, backend)
+    prompts = bench.make_prompts(backend, 1, 32)
+    kw = {"max_new_tokens": 30, "engine": "static", "guidance_scale": 3.0, "do_sample": False}
+    want = RolloutEngine(model, backend, _config(fuse_projections=False, **kw)).generate(prompts, 2)
+    before = {name: id(m) for name, m in model.named_modules()}
+    monkeypatch.setattr(RolloutConfig, "resolved_fuse", lambda self, device: self.fuse_projections is not False)
+    copies, concatenated = [], fast_rollout._concatenated
+
+    def third_copy_fails(linears):
+        copies.append(len(linears))
+        if len(copies) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
+        return concatenated(linears)
+
+    monkeypatch.setattr(fast_rollout, "_concatenated", third_copy_fails)
+    engine = RolloutEngine(model, backend, _config(**kw))
+    with caplog.at_level(logging.WARNING, logger="vlcot_grpo.fast_rollout"):
+        got = engine.generate(prompts, 2)
+    again = engine.generate(prompts, 2)
+    assert got.completion_ids == want.completion_ids == again.completion_ids
+    assert len(copies) == 3  # the second call did not try again
+    assert engine.fuse_failure == "OutOfMemoryError: CUDA out of memory. Tried to allocate 96.00 MiB"
+    warned = [r.message for r in caplog.records if r.name == "vlcot_grpo.fast_rollout"]
+    assert len(warned) == 1 and "fuse_projections was left unset" in warned[0] and engine.fuse_failure in warned[0]
+    copies.clear()
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        RolloutEngine(model, backend, _config(fuse_projections=True, **kw)).generate(prompts, 2)
+    assert (
+        "set it false" in "".join(raised.value.__notes__) and "rollout_fuse_projections" in raised.value.__notes__[0]
+    )
+    assert {name: id(m) for name, m in model.named_modules()} == before
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
     """Every aten op of a decode step (the model's forward included): none reads a value back to the host or builds
@@ -894,8 +937,8 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     fused_counts, fuse = [], fast_rollout._fused_projections
 
     @contextlib.contextmanager
-    def counted_fuse(model):
-        with fuse(model) as swapped:
+    def counted_fuse(model, *args):
+        with fuse(model, *args) as swapped:
             fused_counts.append(swapped)
             yield swapped
 

@@ -76,7 +76,8 @@ class VLCoTGRPOConfig(GRPOConfig):
         metadata={
             "help": "Static engine: q/k/v and gate/up as one matrix product each during the decode steps "
             "(RolloutConfig.fuse_projections), over a temporary copy of those weights (~9 GB at 7B; 1.04x on an "
-            "H100). Unset: on with CUDA graphs; set false if the rollout runs out of GPU memory."
+            "H100). Unset: on with CUDA graphs, and off (with a warning) from the first rollout where the copy does not "
+            "fit; true makes that an error."
         },
     )
     rollout_merge_adapters: bool = field(

@@ -82,6 +82,7 @@ steps only; prefill and training run the eager modules. The first step of a
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -95,6 +96,8 @@ from transformers import AttentionInterface
 from vlcot_grpo.models import CODE
 from vlcot_grpo.rollout import filter_scores
 from vlcot_grpo.vlcot import STAGES
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "vlcot_split"
 
@@ -523,11 +526,19 @@ def _plain_linear(module) -> torch.nn.Linear | None:
     return None
 
 
+def _concatenated(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for a group of linear maps of the same input: the copy ``fuse_projections`` costs."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return weight, bias
+
+
 @contextmanager
-def _fused_projections(model):
+def _fused_projections(model, on_out_of_memory: Callable[[Exception], None] | None = None):
     """Within: in each decoder layer, each group of ``FUSED_GROUPS`` that compute plain linear maps of one input
-    (``_plain_linear``) runs as one matrix product. Costs a copy of those weights while it lasts (~9 GB at 7B)."""
-    swapped = []
+    (``_plain_linear``) runs as one matrix product. Costs a copy of those weights while it lasts (~9 GB at 7B). If
+    the copies do not fit: with ``on_out_of_memory`` it is called and nothing is fused, else the error is raised."""
+    groups = []
     parents = [m for layer in _decoder_layers(model) for m in layer.modules()]  # not e.g. a VQ model's attention
     for parent in parents:
         for names in FUSED_GROUPS:
@@ -543,12 +554,20 @@ def _fused_projections(model):
                 continue
             if len({m.bias is None for m in linears}) != 1:
                 continue
-            weight = torch.cat([m.weight for m in linears])
-            bias = None if first_linear.bias is None else torch.cat([m.bias for m in linears])
-            first = _FusedFirst(weight, bias, [m.out_features for m in linears])
-            for i, (name, module) in enumerate(zip(names, modules)):
-                setattr(parent, name, first if i == 0 else _FusedRest(first, i - 1))
-                swapped.append((parent, name, module))
+            groups.append((parent, names, modules, linears))
+    try:  # every copy before any swap: running out of memory halfway leaves the model as it was
+        fused = [_FusedFirst(*_concatenated(linears), [m.out_features for m in linears]) for *_, linears in groups]
+    except torch.OutOfMemoryError as err:
+        if on_out_of_memory is None:
+            err.add_note("fuse_projections (rollout_fuse_projections): set it false to run without the copy")
+            raise
+        on_out_of_memory(err)
+        groups, fused = [], []
+    swapped = []
+    for (parent, names, modules, _), first in zip(groups, fused):
+        for i, (name, module) in enumerate(zip(names, modules)):
+            setattr(parent, name, first if i == 0 else _FusedRest(first, i - 1))
+            swapped.append((parent, name, module))
     try:
         yield len(swapped)
     finally:
@@ -587,6 +606,8 @@ class StaticDecoder:
         self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
         # after a failed compile (RolloutEngine.compile_failure) the engine's later calls run uncompiled
         self.compile = self.config.resolved_compile(self.device) and engine.compile_failure is None
+        # likewise after the fused weights did not fit where fuse_projections was left unset
+        self.fuse = self.config.resolved_fuse(self.device) and engine.fuse_failure is None
         self.varlen = self.config.decode_attention == "varlen"
         self.shared = False  # share_prompt_cache, decided in _setup (it needs num_generations > 1)
         self.sample = _compiled_sample_scores if self.compile else sample_scores
@@ -650,10 +671,20 @@ class StaticDecoder:
     def decoding(self):
         """The model as the decode steps need it: the split attention and, with ``compile_step``, compiled layers."""
         name = OPAQUE_ATTENTION_NAME if self.compile else ATTENTION_NAME
-        fused = _fused_projections(self.model) if self.config.resolved_fuse(self.device) else nullcontext()
+        # left unset, fusing is a best effort: without room for the copy the rollout runs unfused
+        on_out_of_memory = self._fusing_failed if self.config.fuse_projections is None else None
+        fused = _fused_projections(self.model, on_out_of_memory) if self.fuse else nullcontext()
         compiled = _compiled_layers(self.model) if self.compile else nullcontext()
         with _attention_implementation(self.model, name), fused, compiled:
             yield
+
+    def _fusing_failed(self, err: Exception) -> None:
+        self.engine.fuse_failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        logger.warning(
+            "fuse_projections was left unset and the fused copy of the q/k/v and gate/up weights does not fit (%s): "
+            "the decode steps run them unfused from now on",
+            self.engine.fuse_failure,
+        )
 
     # ----- setup -----------------------------------------------------------------------------------------------
     def _setup(self, prompt_ids, num_generations, device):

@@ -103,7 +103,8 @@ class RolloutConfig:
             "help": "Static engine: during the decode steps, run q/k/v and gate/up as one matrix product each over "
             "a temporary copy of their concatenated weights (~9 GB at 7B). Fewer, wider products for the few rows "
             "of a decode step: 1.04x the decode steps/s at 7B on an H100 (with share_prompt_cache). Unset: on with "
-            "CUDA graphs, off elsewhere; set false where those 9 GB are needed."
+            "CUDA graphs, off elsewhere, and off from the first rollout where the copy does not fit (a warning "
+            "says so); set false where those 9 GB are needed, true to make a failed copy an error."
         },
     )
     decode_attention: str = field(
@@ -215,6 +216,8 @@ class RolloutEngine:
         self.code_mask = backend.image_code_mask.clone()
         #: why compiling the decode steps failed, once it has: the static engine then runs them uncompiled
         self.compile_failure: str | None = None
+        #: why the fused projections did not fit, once they have not: the static engine then runs them unfused
+        self.fuse_failure: str | None = None
 
     # ----- public ------------------------------------------------------------------------------------------------
     @torch.no_grad()
