@@ -589,6 +589,12 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
+def _summary(err: Exception) -> str:
+    """ "Type: first line of the message", for a warning or an error that wraps ``err``."""
+    message = str(err)
+    return f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 class CompileStepError(RuntimeError):
     """The first compiled decode step failed (``compile_step``): inductor cannot build its kernels here."""
 
@@ -603,7 +609,7 @@ class StaticDecoder:
         self.device = torch.device(device)
         self.guided = self.config.guidance_scale != 1.0
         self.units = compute_units(self.device)  # the "split" attention kernel sizes its pieces by it
-        self.use_graphs = self.device.type == "cuda" and self.config.cuda_graphs
+        self.use_graphs = self.config.uses_cuda_graphs(self.device)
         # after a failed compile (RolloutEngine.compile_failure) the engine's later calls run uncompiled
         self.compile = self.config.resolved_compile(self.device) and engine.compile_failure is None
         # likewise after the fused weights did not fit where fuse_projections was left unset
@@ -643,7 +649,7 @@ class StaticDecoder:
                 except torch._dynamo.exc.TorchDynamoException as err:  # compiling; other errors are not its
                     raise CompileStepError(
                         "compile_step (rollout_compile / upscale --compile): the first compiled decode step failed "
-                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        f"({_summary(err)}); "
                         "the rollout runs without it when the option is off"
                     ) from err
                 self.compile_seconds = time.perf_counter() - start
@@ -679,7 +685,7 @@ class StaticDecoder:
             yield
 
     def _fusing_failed(self, err: Exception) -> None:
-        self.engine.fuse_failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.engine.fuse_failure = _summary(err)
         logger.warning(
             "fuse_projections was left unset and the fused copy of the q/k/v and gate/up weights does not fit (%s): "
             "the decode steps run them unfused from now on",
@@ -706,11 +712,10 @@ class StaticDecoder:
             self.pieces = prompt_pieces(n_prompts * cache.layers[0].keys.shape[1], width, self.units)
         for layer in cache.layers:
             if self.shared:  # the prompt once per prompt; the rows' buffers start empty
-                _, kv_heads, _, dim = layer.keys.shape
                 prompt_keys.append(self._prompt_buffer(layer.keys))
                 prompt_values.append(self._prompt_buffer(layer.values))
-                keys.append(layer.keys.new_zeros((rows, kv_heads, total, dim)))
-                values.append(layer.values.new_zeros((rows, kv_heads, total, dim)))
+                keys.append(layer.keys.new_zeros((rows, layer.keys.shape[1], total, layer.keys.shape[3])))
+                values.append(layer.values.new_zeros((rows, layer.values.shape[1], total, layer.values.shape[3])))
             else:  # each prompt's keys/values go to its num_generations rows without a repeated temporary
                 keys.append(self._buffer(layer.keys, n_prompts, num_generations, total))
                 values.append(self._buffer(layer.values, n_prompts, num_generations, total))

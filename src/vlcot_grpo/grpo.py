@@ -105,11 +105,12 @@ def main(argv=None) -> Path:
     )
     log_distribution(trainer)
     device, rollout = trainer.accelerator.device, trainer.engine.config
-    static = trainer.engine.resolved_engine(device) == "static"
+    engine = trainer.engine.resolved_engine(device)  # walks the parameters (quantized or not): once
+    static = engine == "static"
     logging.getLogger("vlcot_grpo").info(
         "rollout engine: %s (decode steps compiled: %s, prompt cache shared: %s, projections fused: %s), LoRA "
         "adapters merged for rollouts: %s",
-        trainer.engine.resolved_engine(device),
+        engine,
         static and rollout.resolved_compile(device),
         static and rollout.shares_prompt_cache(training_args.num_generations),
         static and rollout.resolved_fuse(device),

@@ -151,17 +151,18 @@ class RolloutConfig:
             return self.decode_attention == "sdpa" and self.kv_bucket % 16 == 0 and num_generations > 1
         return self.share_prompt_cache and num_generations > 1
 
+    def uses_cuda_graphs(self, device: torch.device) -> bool:
+        """Whether the static engine replays its decode steps as CUDA graphs on ``device``; ``compile_step`` and
+        ``fuse_projections`` left unset are on exactly there."""
+        return torch.device(device).type == "cuda" and self.cuda_graphs
+
     def resolved_fuse(self, device: torch.device) -> bool:
         """Whether the static engine fuses its projections on ``device``: ``fuse_projections``, unset resolved."""
-        if self.fuse_projections is not None:
-            return self.fuse_projections
-        return torch.device(device).type == "cuda" and self.cuda_graphs
+        return self.uses_cuda_graphs(device) if self.fuse_projections is None else self.fuse_projections
 
     def resolved_compile(self, device: torch.device) -> bool:
         """Whether the static engine compiles its decode steps on ``device``: ``compile_step``, unset resolved."""
-        if self.compile_step is not None:
-            return self.compile_step
-        return torch.device(device).type == "cuda" and self.cuda_graphs
+        return self.uses_cuda_graphs(device) if self.compile_step is None else self.compile_step
 
     def resolved_engine(self, device: torch.device, quantized: bool = False) -> str:
         """The engine that runs on ``device``: ``engine`` with ``"auto"`` resolved. ``quantized``: the model has
