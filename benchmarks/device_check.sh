@@ -17,8 +17,9 @@
 #             against the new one (shared prompt cache and fused projections too) over the same 512 steps, stock
 #             generate, the whole paper-shape rollout and a LoRA GRPO step (<= 300 s); the `gpu` tests but the two
 #             1B ones (<= 160 s); greedy == reference at 1B with the defaults (<= 90 s)
-#   kernels   (~500 s) run C: every decode attention kernel and option compared at 7B (with --attention-options)
-#             and at 1B, the whole rollout and GRPO step with the fastest, the `gpu` tests of the static engine
+#   kernels   (~500 s) run C (which had the since removed varlen kernel where split is now): every decode
+#             attention kernel and option compared at 7B (with --attention-options) and at 1B, the whole rollout and
+#             GRPO step with the fastest, the `gpu` tests of the static engine
 #   defaults  (~300 s) run D: greedy == reference at 1B with the defaults, the whole 1B rollout, greedy == reference
 #             at 1B with every kernel
 set -uo pipefail
@@ -84,10 +85,10 @@ if [ "$PLAN" = default ]; then
     gpu_tests 160 tests/test_logprobs.py tests/test_fast_rollout.py -m gpu -k "not 1b"
     gpu_tests 90 ${T}defaults_equal_reference_1b -m gpu
 elif [ "$PLAN" = kernels ]; then
-    KERNELS=sdpa+compile,sdpa+compile+shared,varlen+compile,sdpa+compile+shared+fused
+    KERNELS=sdpa+compile,sdpa+compile+shared,split+compile,sdpa+compile+shared+fused
     bench 370 7b --preset 7b --stock-steps 32 --compare-attention 512 --compile --attention-options \
         --compare-kernels $KERNELS --grpo-step
-    gpu_tests 150 ${T}shared_prompt_attention_equals_sdpa ${T}varlen_attention_equals_sdpa \
+    gpu_tests 150 ${T}shared_prompt_attention_equals_sdpa ${T}split_attention_equals_sdpa \
         ${T}graphs_equal_eager_tiny ${T}compiled_graphs_equal_reference ${T}memory_released \
         ${T}greedy_equals_reference_preset -m gpu
     bench 60 1b --preset 1b --stock-steps 32 --compare-attention 512 --compile \

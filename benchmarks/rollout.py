@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from vlcot_grpo.models import load_backend
 from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3
-from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
+from vlcot_grpo.rollout import DECODE_ATTENTION, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import STAGES
 
 PRESETS = {
@@ -311,12 +311,11 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
     prompts of different lengths. The engine's kernel (SDPA under an additive mask over a bucket: cuDNN on an H100)
     against kernels that take each row's start and length as device tensors instead of a mask (flash and
     memory-efficient attention in their variable-length form, on a (rows, positions, heads, dim) buffer). Those
-    would need neither the mask nor a CUDA graph per bucket, and read no position past the written one. Per option:
-    the useful KV bandwidth (TB/s) and the largest difference from SDPA on exact slices. The variable-length
-    kernels are CUDA-only (an error entry elsewhere)."""
+    would need neither the mask nor a CUDA graph per bucket, and read no position past the written one; the engine
+    had such a kernel ("varlen", flash) until it measured 0.87x SDPA at 7B on an H100. Per option: the useful KV
+    bandwidth (TB/s) and the largest difference from SDPA on exact slices. The variable-length kernels are
+    CUDA-only (an error entry elsewhere)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from vlcot_grpo.fast_rollout import _attend_varlen
 
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
@@ -363,11 +362,7 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
         q_starts = torch.arange(rows + 1, dtype=torch.int32, device=device)
         flat_k, flat_v = keys.view(rows * total, kv_heads, dim), values.view(rows * total, kv_heads, dim)
 
-        def engine_varlen():  # the engine's "varlen" kernel itself (flash in bf16/fp16)
-            out = _attend_varlen(query[:, :, None], keys, values, q_starts, starts, used, length, scale)
-            return out.reshape(rows, heads, dim)
-
-        def flash_varlen(**extra):  # with what the engine does not pass yet (num_splits)
+        def flash_varlen(**extra):  # num_splits where this torch has it
             return torch.ops.aten._flash_attention_forward(
                 query,
                 flat_k,
@@ -407,7 +402,7 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
         options = {
             "sdpa + mask (the engine's)": engine_sdpa,
             "sdpa + mask, memory-efficient kernel": engine_sdpa_efficient,
-            "flash varlen, seqused_k (the engine's varlen)": engine_varlen,
+            "flash varlen, seqused_k": flash_varlen,
             "memory-efficient varlen, seqlen_k": efficient_varlen,
         }
         if any(a.name == "num_splits" for a in flash_args):
@@ -659,7 +654,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--kv-bucket", type=int, default=RolloutConfig.kv_bucket)
     parser.add_argument(
         "--attention",
-        choices=["auto", "sdpa", "split", "varlen", "matmul"],
+        choices=["auto", *DECODE_ATTENTION],
         default="auto",
         help="static engine's decode attention; auto: the fastest in --compare-attention (among the compiled variants "
         "with --compile), else the config default",
@@ -669,7 +664,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--compare-kernels",
-        default="sdpa,matmul",
+        default="sdpa,split",
         help="what --compare-attention runs: kernels, each optionally with '+compile', '+fused' (fuse_projections), "
         "'+shared' (share_prompt_cache) and '+efficient' (CUDA: SDPA's memory-efficient kernel forced), e.g. "
         "sdpa+compile,sdpa+compile+shared",

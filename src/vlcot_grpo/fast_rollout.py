@@ -28,12 +28,12 @@ buffer and the last ``R`` to the guidance buffer; the custom ``cache`` object on
 heads are folded into the query length so keys/values are never repeated. The trade-off: two small attention calls
 per layer instead of one, and reads rounded up to a bucket (up to ``kv_bucket - 1`` unused positions per row, plus
 ``sync_every`` for guidance rows) in exchange for few graphs; nothing reads the full-length buffer for guidance rows.
-The kernel is ``decode_attention``: torch's SDPA (with a mask on an H100: cuDNN's kernel), "split" (SDPA on pieces
-of the cache merged by log-sum-exp, flash-decoding style) or two batched matrix products. On an H100 at the 7B preset
-SDPA was the fastest (docs/benchmarks.md: 65.9 against 44.9 decode steps/s for the matrix products; compiled, 78.1
-against 75.2 for "split") and streams the cache at ~80 % of the copy bandwidth. "varlen" instead stores the caches
-as (R, L, kv_heads, head_dim) and gives flash attention's variable-length form each row's first key and key count
-as device tensors: no mask, and nothing read past the written key (the bucket's tail is ~4 % of a 7B step's bytes).
+The kernel is ``decode_attention``: torch's SDPA (with a mask on an H100: cuDNN's kernel) or "split" (SDPA on pieces
+of the cache merged by log-sum-exp, flash-decoding style, for few rows: more thread blocks). On an H100 at the 7B
+preset SDPA was the fastest (docs/benchmarks.md: compiled, 78.1 against 75.2 decode steps/s for "split") and streams
+the cache at ~80 % of the copy bandwidth. Two more kernels were measured there and removed: two batched matrix
+products (0.68x SDPA) and flash attention's variable-length form with each row's key count as a device tensor (no
+mask, nothing read past the written key; 0.87x: it streams the cache at ~1.7 TB/s against cuDNN's ~2.6).
 The masks are additive (0 / -inf in the model's dtype), made once per step and shared by every layer: a boolean mask
 is converted inside every attention call.
 
@@ -110,7 +110,7 @@ class _SplitKV:
 
     keys: list[torch.Tensor]  # (R, kv_heads, L, head_dim) per layer
     values: list[torch.Tensor]
-    mask: torch.Tensor | None  # (R, L) bool: the conditional rows' valid columns (None: "varlen", shared prompts)
+    mask: torch.Tensor | None  # (R, L) bool: the conditional rows' valid columns (None with shared prompts)
     column: torch.Tensor  # (1,) long: the column this step writes
     rows: int
     read_len: int = 0  # conditional columns read this step (a bucket)
@@ -124,15 +124,6 @@ class _SplitKV:
     guide_bias: torch.Tensor | None = None  # (R, 1, 1, guide_read_len), set each step
     guide_read_len: int = 0
     kernel: str = "sdpa"
-    chunk: int = 0  # "matmul" kernel: positions per piece of the split reduction
-    # "varlen" kernel: buffers are (R, L, kv_heads, head_dim) and each row's keys are given by where they start in
-    # the flattened buffer and how many are used (int32, on the device) instead of by a mask.
-    positions_dim: int = 2  # the buffers' position dimension: 2, or 1 for "varlen"
-    query_starts: torch.Tensor | None = None  # (R + 1,): arange, each row's one query
-    starts: torch.Tensor | None = None  # (R + 1,): row r's first visible key, r * L + its left padding
-    used: torch.Tensor | None = None  # (R,): visible keys per row, set each step
-    guide_starts: torch.Tensor | None = None  # (R + 1,): r * L_img
-    guide_used: torch.Tensor | None = None  # (R,): the guidance row's slot + 1, set each step
     # share_prompt_cache: each prompt's keys/values once, read together by its ``generations`` rows; ``keys`` and
     # ``values`` then hold only the generated tokens and ``column`` is the decode step.
     prompt_keys: list[torch.Tensor] | None = None  # (P, kv_heads, W', head_dim) per layer, W' = W in whole pieces
@@ -145,15 +136,12 @@ class _SplitKV:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """transformers' cache hook: write this step's keys/values in place. Attention reads the buffers itself."""
-        r, dim = self.rows, self.positions_dim
-        keys, values = (
-            (key_states, value_states) if dim == 2 else (key_states.transpose(1, 2), value_states.transpose(1, 2))
-        )
-        self.keys[layer_idx].index_copy_(dim, self.column, keys[:r])
-        self.values[layer_idx].index_copy_(dim, self.column, values[:r])
+        r = self.rows
+        self.keys[layer_idx].index_copy_(2, self.column, key_states[:r])
+        self.values[layer_idx].index_copy_(2, self.column, value_states[:r])
         if self.guide_keys is not None:  # scatter, not advanced-index assignment: one kernel instead of several
-            self.guide_keys[layer_idx].scatter_(dim, self.guide_index, keys[r:])
-            self.guide_values[layer_idx].scatter_(dim, self.guide_index, values[r:])
+            self.guide_keys[layer_idx].scatter_(2, self.guide_index, key_states[r:])
+            self.guide_values[layer_idx].scatter_(2, self.guide_index, value_states[r:])
         return key_states, value_states
 
     def attend(self, query, layer: int, scaling, guide: bool):
@@ -161,46 +149,29 @@ class _SplitKV:
         keys = (self.guide_keys if guide else self.keys)[layer]
         values = (self.guide_values if guide else self.values)[layer]
         n = self.guide_read_len if guide else self.read_len
-        if self.kernel == "varlen":
-            starts, used = (self.guide_starts, self.guide_used) if guide else (self.starts, self.used)
-            return _attend_varlen(query, keys, values, self.query_starts, starts, used, n, scaling)
         bias = self.guide_bias if guide else self.bias
         keys, values = keys.narrow(2, 0, n), values.narrow(2, 0, n)
         if self.prompt_keys is not None and not guide:
             prompt = (self.prompt_keys[layer], self.prompt_values[layer], self.prompt_bias)
             return _attend_shared(query, *prompt, keys, values, bias, self.generations, scaling, self.merge)
-        return _attend(query, keys, values, bias, scaling, self.kernel, self.chunk)
+        return _attend(query, keys, values, bias, scaling, self.kernel)
 
 
-def _attend(query, keys, values, bias, scaling, kernel="sdpa", chunk=0):
+def _attend(query, keys, values, bias, scaling, kernel="sdpa"):
     """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under the additive mask
     ``bias`` (B, 1, 1, L).
 
     ``kernel``: "sdpa" (torch's fused attention; with a mask on an H100 that is cuDNN's kernel, one thread block per
     (row, head): few blocks for a decode step), "split" (the same kernel on pieces of the cache, merged by their
-    log-sum-exps, as flash-decoding does; ``bias`` is then ``split_bias``'s (B * Hkv, pieces, 1, L / pieces)) or
-    "matmul" (batched matrix products around a softmax; the probabilities-times-values product is split into
-    ``chunk``-long pieces summed afterwards). Which one streams the cache faster is a GPU measurement
-    (``benchmarks/rollout.py --compare-attention``)."""
+    log-sum-exps, as flash-decoding does; ``bias`` is then ``split_bias``'s (B * Hkv, pieces, 1, L / pieces)). Which
+    one streams the cache faster is a GPU measurement (``benchmarks/rollout.py --compare-attention``)."""
     b, heads, _, dim = query.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
+    kv_heads = keys.shape[1]
     # Query heads that share a key/value head become that head's "query positions": no repeat of the cache.
     q = query.reshape(b, kv_heads, heads // kv_heads, dim)
-    if kernel == "matmul":
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
-        probs = torch.softmax(scores + bias, dim=-1).to(values.dtype)
-        if chunk and length % chunk == 0 and length > chunk:
-            pieces = length // chunk
-            probs = probs.view(b, kv_heads, -1, pieces, chunk).transpose(2, 3)  # (B, Hkv, pieces, n_rep, chunk)
-            parts = torch.matmul(probs, values.view(b, kv_heads, pieces, chunk, values.shape[-1]))
-            out = parts.float().sum(2).to(values.dtype)
-        else:
-            out = torch.matmul(probs, values)
-    elif kernel == "split":
+    if kernel == "split":
         return _split_kv_attention(q, keys, values, bias, scaling).reshape(b, heads, 1, dim)
-    else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scaling)
-    return out.reshape(b, heads, 1, dim)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scaling).reshape(b, heads, 1, dim)
 
 
 # "split" (flash-decoding): one decode step has B x kv_heads (row, head) pairs, and SDPA gives each pair one thread
@@ -338,58 +309,6 @@ def _attend_shared(query, prompt_keys, prompt_values, prompt_bias, keys, values,
     # detached: the same data, no longer views; a compiled merge would otherwise guard on the sizes of their bases
     parts = (t.detach() for t in (prompt_out, prompt_lse, own_out, own_lse))
     return merge(*parts).reshape(r, heads, 1, dim)
-
-
-def _attend_varlen(query, keys, values, query_starts, starts, used, max_len: int, scaling):
-    """The "varlen" kernel: ``query`` (B, H, 1, D) against ``keys``/``values`` (B, L, Hkv, D), row ``b`` seeing the
-    ``used[b]`` keys that start at flat position ``starts[b]`` (both int32 on the device), none past ``max_len``.
-    ``query_starts``: arange(B + 1) int32, made once per rollout rather than in every call.
-    No mask, and nothing read past the last written key. On CUDA that is flash attention's variable-length form
-    (bf16/fp16; the memory-efficient kernel's for fp32); elsewhere masked SDPA with the same meaning."""
-    b, heads, _, dim = query.shape
-    length, kv_heads = keys.shape[1], keys.shape[2]
-    rep = heads // kv_heads
-    flat_k, flat_v = keys.view(b * length, kv_heads, dim), values.view(b * length, kv_heads, dim)
-    if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16):
-        out = torch.ops.aten._flash_attention_forward(
-            query.reshape(b, heads, dim),
-            flat_k,
-            flat_v,
-            query_starts,
-            starts,
-            1,
-            max_len,
-            0.0,
-            False,
-            False,
-            scale=scaling,
-            seqused_k=used,
-        )[0]
-        return out.view(b, heads, 1, dim)
-    if query.device.type == "cuda":  # the memory-efficient kernel has no grouped heads: they become query positions
-        q = query.reshape(b, kv_heads, rep, dim).transpose(1, 2).reshape(1, b * rep, kv_heads, dim)
-        out = torch.ops.aten._efficient_attention_forward(
-            q,
-            flat_k[None],
-            flat_v[None],
-            None,
-            query_starts * rep,
-            starts,
-            rep,
-            max_len,
-            0.0,
-            0,
-            scale=scaling,
-            seqlen_k=used,
-        )[0]
-        return out.view(b, rep, kv_heads, dim).transpose(1, 2).reshape(b, heads, 1, dim)
-    first = starts[:-1] - torch.arange(b, device=query.device) * length  # each row's left padding
-    position = torch.arange(max_len, device=query.device)
-    allowed = (position >= first[:, None]) & (position < (first + used)[:, None])
-    zero = torch.zeros((), dtype=keys.dtype, device=query.device)
-    bias = torch.where(allowed, zero, float("-inf"))[:, None, None, :]
-    k, v = keys.narrow(1, 0, max_len).transpose(1, 2), values.narrow(1, 0, max_len).transpose(1, 2)
-    return _attend(query, k, v, bias, scaling)
 
 
 def split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -614,7 +533,6 @@ class StaticDecoder:
         self.compile = self.config.resolved_compile(self.device) and engine.compile_failure is None
         # likewise after the fused weights did not fit where fuse_projections was left unset
         self.fuse = self.config.resolved_fuse(self.device) and engine.fuse_failure is None
-        self.varlen = self.config.decode_attention == "varlen"
         self.shared = False  # share_prompt_cache, decided in _setup (it needs num_generations > 1)
         self.sample = _compiled_sample_scores if self.compile else sample_scores
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -722,7 +640,7 @@ class StaticDecoder:
             layer.keys = layer.values = None  # free the prefill cache layer by layer
         del cache
         mask = None
-        if not self.shared and not self.varlen:  # the kernels that read a mask of the whole buffer
+        if not self.shared:  # the shared cache masks the prompt once (prompt_bias) and the rows' own tokens per step
             mask = torch.zeros((rows, total), dtype=torch.bool, device=device)
             mask[:, :width] = attn.bool().repeat_interleave(num_generations, 0)
         vocab = logits.shape[-1]
@@ -733,8 +651,6 @@ class StaticDecoder:
             column=torch.full((1,), self.first_column, dtype=torch.long, device=device),
             rows=rows,
             kernel=cfg.decode_attention,
-            chunk=cfg.kv_bucket,
-            positions_dim=1 if self.varlen else 2,
         )
         if self.shared:
             self.kv.prompt_keys, self.kv.prompt_values = prompt_keys, prompt_values
@@ -744,14 +660,6 @@ class StaticDecoder:
             self.kv.generations = num_generations
             self.kv.merge = _compiled_merge if self.compile else merge_shared_attention
             self.step_range = torch.arange(total, device=device)
-        if self.varlen:
-            self.pad = (~attn.bool()).sum(1).repeat_interleave(num_generations, 0)  # left padding per row
-            row = torch.arange(rows + 1, device=device)
-            self.kv.query_starts = row.int()
-            self.kv.starts = torch.cat([row[:-1] * total + self.pad, row[-1:] * total]).int()
-            self.kv.guide_starts = (row * template_len).int()
-            self.kv.used = torch.zeros(rows, dtype=torch.int32, device=device)
-            self.kv.guide_used = torch.zeros(rows, dtype=torch.int32, device=device)
         if self.guided:
             self.kv.guide_keys = [self._guide_buffer(k, template_len) for k in keys]
             self.kv.guide_values = [self._guide_buffer(v, template_len) for v in values]
@@ -778,20 +686,14 @@ class StaticDecoder:
         self.text_mask = eng.text_mask.to(device)
         self.code_mask = eng.code_mask.to(device)
         self.slot_range = torch.arange(template_len, device=device)
-        index_shape = list(keys[0].shape)
-        index_shape[self.kv.positions_dim] = 1
-        self.guide_index_shape = tuple(index_shape)
+        self.guide_index_shape = (rows, keys[0].shape[1], 1, keys[0].shape[3])
 
     def _buffer(self, prefilled, n_prompts: int, num_generations: int, total: int) -> torch.Tensor:
         """A static cache buffer for one layer, ``prefilled`` (prompts, kv_heads, width, dim) copied into each
-        prompt's rows: (rows, kv_heads, total, dim), or (rows, total, kv_heads, dim) for "varlen"."""
+        prompt's rows: (rows, kv_heads, total, dim)."""
         n, kv_heads, width, dim = prefilled.shape
-        if self.varlen:
-            buffer = prefilled.new_zeros((n * num_generations, total, kv_heads, dim))
-            buffer.view(n, num_generations, total, kv_heads, dim)[:, :, :width] = prefilled.transpose(1, 2)[:, None]
-        else:
-            buffer = prefilled.new_zeros((n * num_generations, kv_heads, total, dim))
-            buffer.view(n, num_generations, kv_heads, total, dim)[:, :, :, :width] = prefilled[:, None]
+        buffer = prefilled.new_zeros((n * num_generations, kv_heads, total, dim))
+        buffer.view(n, num_generations, kv_heads, total, dim)[:, :, :, :width] = prefilled[:, None]
         return buffer
 
     def _prompt_buffer(self, prefilled: torch.Tensor) -> torch.Tensor:
@@ -815,9 +717,8 @@ class StaticDecoder:
         return _bucket(live + self.config.sync_every + 1, self.config.kv_bucket, self.guide_cap)
 
     def _guide_buffer(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
-        shape = list(buffer.shape)
-        shape[self.kv.positions_dim] = length
-        return buffer.new_zeros(shape)
+        rows, kv_heads, _, dim = buffer.shape
+        return buffer.new_zeros((rows, kv_heads, length, dim))
 
     def _release(self):
         self.graphs.clear()
@@ -886,9 +787,7 @@ class StaticDecoder:
         # image; rows not inside a started image write slot 0, and their guidance logits are never used.
         s["positions"].add_(1)
         self.kv.read_len = read_len
-        if self.varlen:
-            self.kv.used.copy_(column + 1 - self.pad)
-        elif self.shared:  # the generated tokens so far; every row has as many (one mask row per row, as SDPA's),
+        if self.shared:  # the generated tokens so far; every row has as many (one mask row per row, as SDPA's),
             # never none: the step's own key is written before attention, so -inf is safe here
             allowed = self.step_range.narrow(0, 0, read_len) <= column
             self.kv.bias = self._additive(allowed.expand(self.rows, read_len))
@@ -902,12 +801,7 @@ class StaticDecoder:
             s["guide_slot"].copy_(slot)
             self.kv.guide_read_len = guide_read_len
             self.kv.guide_index = slot[:, None, None, None].expand(self.guide_index_shape)
-            if self.varlen:
-                self.kv.guide_used.copy_(slot + 1)
-            else:
-                self.kv.guide_bias = self._additive(
-                    self.slot_range.narrow(0, 0, guide_read_len)[None] <= slot[:, None]
-                )
+            self.kv.guide_bias = self._additive(self.slot_range.narrow(0, 0, guide_read_len)[None] <= slot[:, None])
             feed = torch.cat([token, token])
             positions = torch.cat([positions, slot])
         out = self.model(

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: The rollout engines (``RolloutConfig.engine``); "auto" is the static one on CUDA and the reference one elsewhere.
 ENGINES = ("auto", "reference", "static")
-DECODE_ATTENTION = ("sdpa", "split", "varlen", "matmul")
+DECODE_ATTENTION = ("sdpa", "split")
+# measured on an H100 at 7B, slower than sdpa, and removed (docs/benchmarks.md): named in the error for old configs
+REMOVED_ATTENTION = {"varlen": "0.87x sdpa", "matmul": "0.68x sdpa"}
 
 
 @dataclass
@@ -111,10 +113,9 @@ class RolloutConfig:
         default="sdpa",
         metadata={
             "help": "Static engine: attention kernel of a decode step, 'sdpa' (torch's fused kernel), 'split' (that "
-            "kernel on pieces of the cache merged afterwards, flash-decoding style: more thread blocks), 'varlen' "
-            "(flash attention given each row's length on the device: no mask, no read past the written key) or "
-            "'matmul' (two batched matrix products): same result, speed depends on the GPU and shape (on an H100 "
-            "at 7B: split 0.96x, varlen 0.87x sdpa).",
+            "kernel on pieces of the cache merged afterwards, flash-decoding style: more thread blocks for few "
+            "rows): same result, speed depends on the GPU and shape (on an H100 at the 7B paper shape: split 0.96x "
+            "sdpa).",
             "choices": list(DECODE_ATTENTION),
         },
     )
@@ -140,7 +141,13 @@ class RolloutConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be 'auto', 'reference' or 'static', got {self.engine!r}")
         if self.decode_attention not in DECODE_ATTENTION:
-            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
+            removed = REMOVED_ATTENTION.get(self.decode_attention)
+            why = (
+                f" ({self.decode_attention!r} was removed: {removed} on an H100, docs/benchmarks.md)"
+                if removed
+                else ""
+            )
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}{why}")
         if self.sync_every < 1 or self.kv_bucket < 1:
             raise ValueError("sync_every and kv_bucket must be at least 1")
 
