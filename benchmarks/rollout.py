@@ -317,6 +317,8 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
     CUDA-only (an error entry elsewhere)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from vlcot_grpo.fast_rollout import _attend, _summary
+
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -351,9 +353,9 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
         )
         q_fold = query.view(rows, kv_heads, rep, dim)
 
-        def engine_sdpa():
+        def engine_sdpa():  # the engine's own attention call
             k, v = keys_bhsd[:, :, :length], values_bhsd[:, :, :length]
-            return F.scaled_dot_product_attention(q_fold, k, v, attn_mask=bias, scale=scale).reshape(rows, heads, dim)
+            return _attend(query[:, :, None], k, v, bias, scale).reshape(rows, heads, dim)
 
         def engine_sdpa_efficient():
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
@@ -423,7 +425,7 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
                 seconds = (time.perf_counter() - start) / reps
                 timed[name] = {"us": seconds * 1e6, "tbs": useful / seconds / 1e12, "max_err": err}
             except Exception as err:
-                timed[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+                timed[name] = {"error": _summary(err)[:200]}
         return timed
 
     return {length: at(length) for length in lengths}

@@ -661,8 +661,8 @@ class StaticDecoder:
             self.kv.merge = _compiled_merge if self.compile else merge_shared_attention
             self.step_range = torch.arange(total, device=device)
         if self.guided:
-            self.kv.guide_keys = [self._guide_buffer(k, template_len) for k in keys]
-            self.kv.guide_values = [self._guide_buffer(v, template_len) for v in values]
+            self.kv.guide_keys = [k.new_zeros(k.shape[:2] + (template_len, k.shape[3])) for k in keys]
+            self.kv.guide_values = [v.new_zeros(v.shape[:2] + (template_len, v.shape[3])) for v in values]
         # Everything a step reads or writes, as fixed buffers: graphs replay on their addresses.
         self.state = {
             "stage": eng._initial_stage(prompt_ids, num_generations).to(device),
@@ -715,10 +715,6 @@ class StaticDecoder:
         if not self.guided:
             return 0
         return _bucket(live + self.config.sync_every + 1, self.config.kv_bucket, self.guide_cap)
-
-    def _guide_buffer(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
-        rows, kv_heads, _, dim = buffer.shape
-        return buffer.new_zeros((rows, kv_heads, length, dim))
 
     def _release(self):
         self.graphs.clear()
