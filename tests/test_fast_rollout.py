@@ -407,6 +407,10 @@ def test_seeded_samples_equal_reference(tiny, hooks, photo, guidance, shared):
     assert sum(same) >= len(same) - 1
     rows = [i for i, ok in enumerate(same) if ok]
     assert all(fast.sampled_mask[i] == ref.sampled_mask[i] and fast.finished[i] == ref.finished[i] for i in rows)
+    # the sampling log-probs and the entropy top-k they record agree too
+    assert all(fast.top_k[i] == ref.top_k[i] for i in rows) and any(max(fast.top_k[i]) > 0 for i in rows)
+    for i in rows:
+        torch.testing.assert_close(torch.tensor(fast.logprobs[i]), torch.tensor(ref.logprobs[i]), atol=1e-4, rtol=0)
     parses = parse_completions(backend, fast.completion_ids, GRIDS, decode_images=False)
     assert sum(len(p.blocks) for p in parses) >= 6 and len({len(c) for c in fast.completion_ids}) > 3
 

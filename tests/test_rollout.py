@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlcot_grpo.models import CODE
-from vlcot_grpo.rollout import RolloutConfig, RolloutEngine, _filter_top_k
+from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import IMAGE_BLOCKS, STAGES, encode_prompt, parse_completions
 
 SIZES = {"rough": (8, 8), "middle": (16, 16), "final": (32, 32)}
@@ -158,13 +158,6 @@ def test_prefill_shared_across_generations_matches_separate_prompts(tiny, photo)
     separate = engine.generate([prompt, prompt, prompt], 1).completion_ids
     short = engine.generate([prompt[5:], prompt], 1).completion_ids  # left padding must not change row 2
     assert shared == separate and short[1] == separate[0]
-
-
-def test_entropy_top_k_keeps_k_best():
-    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
-    kept = _filter_top_k(scores, torch.tensor([1, 3]), scores.shape[-1])
-    assert torch.isfinite(kept).sum(-1).tolist() == [1, 3]
-    assert torch.isfinite(kept[1]).tolist() == [False, True, True, True]
 
 
 def test_stage_token_counts(tiny, tag_happy, photo):

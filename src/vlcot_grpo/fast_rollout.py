@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from vlcot_grpo.models import CODE
-from vlcot_grpo.rollout import filter_scores
+from vlcot_grpo.sampling import code_scores, log_prob_of, text_scores
 from vlcot_grpo.vlcot import STAGES
 
 logger = logging.getLogger(__name__)
@@ -354,14 +354,42 @@ def _attention_implementation(model, name: str):
 
 
 # ----- sampling ------------------------------------------------------------------------------------------------------
-def sample_scores(scores, support, *, do_sample, temperature, top_k, top_p, noise):
-    """One token per row, as ``RolloutEngine._sample`` but without a host sync: exponential race on ``noise``."""
-    scores = scores.float().masked_fill(~support, float("-inf"))
+def sample_tokens(logits, uncond_logits, text_mask, code_mask, text_noise, code_noise, *, do_sample, **settings):
+    """This step's text token and image code per row, as ``RolloutEngine`` draws them (``vlcot_grpo.sampling``)
+    but without a host sync: an exponential race on the noise. Returns (text token, its sampling log-prob, code,
+    its sampling log-prob, the codes' top-k). ``settings``: ``sampler_settings(config)``."""
+    text = text_scores(
+        logits,
+        text_mask,
+        temperature=settings["text_temperature"],
+        top_k=settings["text_top_k"],
+        top_p=settings["text_top_p"],
+        min_p=settings["text_min_p"],
+    )
+    codes, k = code_scores(
+        logits,
+        uncond_logits,
+        code_mask,
+        guidance_scale=settings["guidance_scale"],
+        temperature=settings["image_temperature"],
+        top_k=settings["image_top_k"],
+    )
+    return (*_race(text, text_noise, do_sample), *_race(codes, code_noise, do_sample), k)
+
+
+def sampler_settings(config) -> dict:
+    """The ``RolloutConfig`` fields ``sample_tokens`` reads, as plain numbers (constants to ``torch.compile``)."""
+    names = ("guidance_scale", "text_temperature", "text_top_k", "text_top_p", "text_min_p")
+    return {name: getattr(config, name) for name in names + ("image_temperature", "image_top_k")}
+
+
+def _race(scores, noise, do_sample):
     if not do_sample:
-        return scores.argmax(-1)
-    scores = filter_scores(scores, temperature, top_k, top_p)
+        token = scores.argmax(-1)
+        return token, torch.zeros(token.shape, dtype=torch.float32, device=token.device)
     # an exact 0 from exponential_ would turn a zero probability into NaN, which argmax prefers
-    return (torch.softmax(scores, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+    token = (torch.softmax(scores, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+    return token, log_prob_of(scores, token)
 
 
 def _bucket(length: int, bucket: int, cap: int) -> int:
@@ -397,7 +425,7 @@ def _compiled_layers(model):
             layer._compiled_call_impl = impl
 
 
-_compiled_sample_scores = torch.compile(sample_scores, dynamic=True)
+_compiled_sample_tokens = torch.compile(sample_tokens, dynamic=True)
 
 
 # ----- fused projections (``fuse_projections``) ---------------------------------------------------------------------
@@ -534,7 +562,8 @@ class StaticDecoder:
         # likewise after the fused weights did not fit where fuse_projections was left unset
         self.fuse = self.config.resolved_fuse(self.device) and engine.fuse_failure is None
         self.shared = False  # share_prompt_cache, decided in _setup (it needs num_generations > 1)
-        self.sample = _compiled_sample_scores if self.compile else sample_scores
+        self.sample = _compiled_sample_tokens if self.compile else sample_tokens
+        self.sampler_settings = sampler_settings(self.config)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         #: (conditional bucket, guidance bucket) of every decode step run, for benchmarks and tests
@@ -546,7 +575,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def run(self, prompt_ids, num_generations: int = 1, generator: torch.Generator | None = None):
-        eng, cfg, device = self.engine, self.config, self.device
+        cfg, device = self.config, self.device
         max_new = cfg.max_new_tokens
         start = time.perf_counter()
         self._setup(prompt_ids, num_generations, device)
@@ -555,7 +584,7 @@ class StaticDecoder:
         self.prefill_seconds = time.perf_counter() - start
         s = self.state
         if max_new <= 0:
-            return eng._collect(prompt_ids, num_generations, s["tokens"][:, :0], s["sampled"][:, :0], s["done"])
+            return self._collect(prompt_ids, num_generations, 0)
         sync_every = cfg.sync_every
         guide_len = 0
         steps = 0
@@ -587,9 +616,22 @@ class StaticDecoder:
                     self._step(*key)
                 self.buckets_used.append(key)
                 steps += 1
-        batch = eng._collect(prompt_ids, num_generations, s["tokens"][:, :steps], s["sampled"][:, :steps], s["done"])
+        batch = self._collect(prompt_ids, num_generations, steps)
         self._release()
         return batch
+
+    def _collect(self, prompt_ids, num_generations: int, steps: int):
+        s = self.state
+        per_step = (s[name][:, :steps] for name in ("tokens", "sampled"))
+        return self.engine._collect(
+            prompt_ids,
+            num_generations,
+            *per_step,
+            s["done"],
+            s["lengths"],
+            s["logprobs"][:, :steps],
+            s["top_k"][:, :steps],
+        )
 
     @contextmanager
     def decoding(self):
@@ -671,13 +713,17 @@ class StaticDecoder:
             "restart": torch.full((rows,), self.first_column, dtype=torch.long, device=device),
             "positions": positions[:, -1].repeat_interleave(num_generations, 0).clone(),
             "step": torch.zeros(1, dtype=torch.long, device=device),
-            "logits": logits.float().repeat_interleave(num_generations, 0),
+            # cloned: a view of the prefill logits would make torch.compile guard on their base's sizes
+            "logits": logits.float().repeat_interleave(num_generations, 0).clone(),
             "uncond_logits": torch.zeros((rows, vocab), dtype=torch.float32, device=device),
             "guide_slot": torch.zeros(rows, dtype=torch.long, device=device),
             "text_noise": torch.ones((rows, vocab), dtype=torch.float32, device=device),
             "code_noise": torch.ones((rows, vocab), dtype=torch.float32, device=device),
             "tokens": torch.full((rows, max(cfg.max_new_tokens, 0)), eng.pad_id, dtype=torch.long, device=device),
             "sampled": torch.zeros((rows, max(cfg.max_new_tokens, 0)), dtype=torch.bool, device=device),
+            "logprobs": torch.zeros((rows, max(cfg.max_new_tokens, 0)), dtype=torch.float32, device=device),
+            "top_k": torch.zeros((rows, max(cfg.max_new_tokens, 0)), dtype=torch.long, device=device),
+            "lengths": torch.zeros(rows, dtype=torch.long, device=device),
         }
         self.kv.guide_slot = self.state["guide_slot"]
         self.templates = eng.templates.to(device)
@@ -734,33 +780,25 @@ class StaticDecoder:
         is_code = in_image & (forced == CODE)
         is_forced = in_image & ~is_code
 
-        logits = s["logits"]
-        text_tok = self.sample(
-            logits,
+        text_tok, text_lp, code_tok, code_lp, k = self.sample(
+            s["logits"],
+            s["uncond_logits"] if self.guided else None,
             self.text_mask,
-            do_sample=cfg.do_sample,
-            temperature=cfg.text_temperature,
-            top_k=cfg.text_top_k,
-            top_p=cfg.text_top_p,
-            noise=s["text_noise"],
-        )
-        code_scores = torch.log_softmax(logits, dim=-1)
-        if self.guided:
-            uncond = torch.log_softmax(s["uncond_logits"], dim=-1)
-            code_scores = uncond + cfg.guidance_scale * (code_scores - uncond)
-        code_tok = self.sample(
-            code_scores,
             self.code_mask,
+            s["text_noise"],
+            s["code_noise"],
             do_sample=cfg.do_sample,
-            temperature=cfg.image_temperature,
-            top_k=cfg.image_top_k,
-            top_p=1.0,
-            noise=s["code_noise"],
+            **self.sampler_settings,
         )
         token = torch.where(is_code, code_tok, torch.where(is_forced, forced, text_tok))
         token = torch.where(done, torch.full_like(token, eng.pad_id), token)
+        sampled = ~done & ~is_forced
         s["tokens"].index_copy_(1, s["step"], token[:, None])
-        s["sampled"].index_copy_(1, s["step"], (~done & ~is_forced)[:, None])
+        s["sampled"].index_copy_(1, s["step"], sampled[:, None])
+        logp = torch.where(sampled, torch.where(is_code, code_lp, text_lp), 0.0)
+        s["logprobs"].index_copy_(1, s["step"], logp[:, None])
+        s["top_k"].index_copy_(1, s["step"], torch.where(sampled & is_code, k, 0)[:, None])
+        s["lengths"].add_((~done).long())
 
         # The state machine, exactly as the reference path.
         starts_image = in_image & (tpos == 0)
@@ -856,7 +894,7 @@ class StaticDecoder:
         self._restore(*saved)
 
     def _snapshot(self):
-        keep = ("tokens", "sampled", "text_noise", "code_noise")  # written by the real step before being read
+        keep = ("tokens", "sampled", "logprobs", "top_k", "text_noise", "code_noise")  # written before being read
         return {name: t.clone() for name, t in self.state.items() if name not in keep}, self.kv.column.clone()
 
     def _restore(self, saved, saved_column):

@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from vlcot_grpo.models import CODE, ImageTokenBackend
+from vlcot_grpo.sampling import code_scores, log_prob_of, text_scores
 from vlcot_grpo.vlcot import STAGES
 
 logger = logging.getLogger(__name__)
@@ -50,19 +51,28 @@ class RolloutConfig:
     max_new_tokens: int = field(default=7000, metadata={"help": "Length limit of a completion, in tokens."})
     do_sample: bool = field(default=True, metadata={"help": "Sample (True) or take the argmax (False)."})
     text_temperature: float = field(default=0.9, metadata={"help": "Temperature of text tokens."})
-    text_top_k: int = field(default=0, metadata={"help": "Top-k of text tokens (0 = off)."})
+    text_top_k: int = field(
+        default=0, metadata={"help": "Top-k of text tokens (0 = off, 1 = greedy text, as the paper's RL rollouts)."}
+    )
     text_top_p: float = field(default=1.0, metadata={"help": "Nucleus top-p of text tokens (1.0 = off)."})
+    text_min_p: float = field(
+        default=0.0, metadata={"help": "Min-p of text tokens: drop those below min_p times the best one (0 = off)."}
+    )
     image_temperature: float = field(default=0.9, metadata={"help": "Temperature of image codes."})
     image_top_k: int = field(
         default=0,
         metadata={
-            "help": "Top-k of image codes: 0 = off, > 0 fixed, -1 = the paper's entropy-dependent k = 1 + 1999 "
-            "sigmoid(H - 5), H the entropy (nats) of the guided code distribution, clipped to [0, 10]."
+            "help": "Top-k of image codes: 0 = off, > 0 fixed, -1 = the paper's entropy-dependent k = round(1 + "
+            "1999 sigmoid(H - 5)), H the entropy (nats) of the guided code distribution before temperature, "
+            "clipped to [0, 10]. Order: guidance, entropy, top-k, temperature (vlcot_grpo.sampling)."
         },
     )
     guidance_scale: float = field(
         default=1.0,
-        metadata={"help": "Classifier-free guidance on image codes, transformers' convention (1.0 = off)."},
+        metadata={
+            "help": "Classifier-free guidance on image codes, transformers' convention: u + s (c - u) on "
+            "log-probs, 1.0 = off; the unconditional branch sees only the current image (the paper's 0.8 is 0.8)."
+        },
     )
     engine: str = field(
         default="auto",
@@ -151,6 +161,19 @@ class RolloutConfig:
             raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}{why}")
         if self.sync_every < 1 or self.kv_bucket < 1:
             raise ValueError("sync_every and kv_bucket must be at least 1")
+        if self.text_top_k < 0 or self.image_top_k < -1:
+            raise ValueError(
+                f"text_top_k must be >= 0 and image_top_k >= -1, got {self.text_top_k} and {self.image_top_k}"
+            )
+        if not 0.0 < self.text_top_p <= 1.0 or not 0.0 <= self.text_min_p < 1.0:
+            raise ValueError(
+                f"text_top_p must be in (0, 1] and text_min_p in [0, 1), got {self.text_top_p}, {self.text_min_p}"
+            )
+        if self.text_temperature <= 0 or self.image_temperature <= 0:
+            raise ValueError(
+                f"temperatures must be positive (do_sample=False is greedy), got text {self.text_temperature}, "
+                f"image {self.image_temperature}"
+            )
 
     def shares_prompt_cache(self, num_generations: int) -> bool:
         """Whether the static engine keeps one prompt cache per prompt: ``share_prompt_cache`` (unset: wherever the
@@ -197,6 +220,11 @@ class RolloutBatch:
     finished: list[bool]
     #: tokens generated per stage block and for text, for logging
     stage_tokens: dict[str, list[int]]
+    #: log-prob of each token under the distribution it was drawn from (vlcot_grpo.sampling); 0.0 where forced
+    #: and everywhere under greedy decoding
+    logprobs: list[list[float]] = field(default_factory=list)
+    #: the top-k the sampler kept at each image-code position (0: no top-k, and at every other position)
+    top_k: list[list[int]] = field(default_factory=list)
 
 
 class RolloutEngine:
@@ -273,6 +301,7 @@ class RolloutEngine:
 
         cache, attn, positions, last_logits = self._prefill(prompt_ids, num_generations, device)
         prompt_len = attn.shape[1]
+        uncond_logits = None
         if guided:  # unconditional rows: same cache tensor, no context until their first image start
             self._add_unconditional_rows(cache)
             attn = torch.cat([attn, torch.zeros_like(attn)])
@@ -284,8 +313,9 @@ class RolloutEngine:
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)
         restart = torch.full((n_rows,), prompt_len, dtype=torch.long, device=device)  # uncond context start
         stage.copy_(self._initial_stage(prompt_ids, num_generations))
+        lengths = torch.zeros(n_rows, dtype=torch.long, device=device)  # tokens written before each row ended
 
-        out_tokens, out_sampled = [], []
+        out_tokens, out_sampled, out_logps, out_k = [], [], [], []
         for step in range(cfg.max_new_tokens):
             in_image = stage >= 0
             safe_stage = stage.clamp(min=0)
@@ -293,20 +323,18 @@ class RolloutEngine:
             is_code = in_image & (forced == CODE)
             is_forced = in_image & ~is_code
 
-            text_tok = self._sample(
-                last_logits, text_mask, cfg.text_temperature, cfg.text_top_k, cfg.text_top_p, generator
-            )
-            code_scores = torch.log_softmax(last_logits.float(), dim=-1)
-            if guided:
-                uncond = torch.log_softmax(uncond_logits.float(), dim=-1)
-                code_scores = uncond + cfg.guidance_scale * (code_scores - uncond)
-            code_tok = self._sample(code_scores, code_mask, cfg.image_temperature, cfg.image_top_k, 1.0, generator)
+            text, codes, k = self._scores(last_logits, uncond_logits, text_mask, code_mask)
+            text_tok, text_lp = self._draw(text, generator)  # text first, then codes: the static engine's order
+            code_tok, code_lp = self._draw(codes, generator)
 
             token = torch.where(is_code, code_tok, torch.where(is_forced, forced, text_tok))
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             sampled = ~done & ~is_forced
             out_tokens.append(token)
             out_sampled.append(sampled)
+            out_logps.append(torch.where(sampled, torch.where(is_code, code_lp, text_lp), 0.0))
+            out_k.append(torch.where(sampled & is_code, k, 0))
+            lengths += (~done).long()
 
             # Advance the state machine.
             cur_pos = prompt_len + step  # sequence index of `token`
@@ -337,9 +365,20 @@ class RolloutEngine:
             last_logits = logits[:n_rows]
             if guided:
                 uncond_logits = logits[n_rows:]
-        tokens = torch.stack(out_tokens, 1) if out_tokens else torch.zeros(n_rows, 0, dtype=torch.long)
-        sampled = torch.stack(out_sampled, 1) if out_sampled else torch.zeros_like(tokens, dtype=torch.bool)
-        return self._collect(prompt_ids, num_generations, tokens, sampled, done)
+
+        def stacked(steps, dtype):
+            return torch.stack(steps, 1) if steps else torch.zeros(n_rows, 0, dtype=dtype)
+
+        return self._collect(
+            prompt_ids,
+            num_generations,
+            stacked(out_tokens, torch.long),
+            stacked(out_sampled, torch.bool),
+            done,
+            lengths,
+            stacked(out_logps, torch.float32),
+            stacked(out_k, torch.long),
+        )
 
     # ----- pieces ------------------------------------------------------------------------------------------------
     def _initial_stage(self, prompt_ids, num_generations) -> torch.Tensor:
@@ -395,32 +434,62 @@ class RolloutEngine:
         )
         return out.logits[:, -1]
 
-    def _sample(self, scores, support, temperature, top_k, top_p, generator) -> torch.Tensor:
-        """One token per row from ``scores`` restricted to ``support``, with temperature, top-k (-1 = entropy) and top-p."""
-        scores = scores.float().masked_fill(~support, float("-inf"))
-        if not self.config.do_sample:
-            return scores.argmax(-1)
-        probs = torch.softmax(filter_scores(scores, temperature, top_k, top_p), -1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    def _scores(self, logits, uncond_logits, text_mask, code_mask):
+        """What this step's text token and image code are drawn from (vlcot_grpo.sampling), and the codes' top-k."""
+        cfg = self.config
+        text = text_scores(
+            logits,
+            text_mask,
+            temperature=cfg.text_temperature,
+            top_k=cfg.text_top_k,
+            top_p=cfg.text_top_p,
+            min_p=cfg.text_min_p,
+        )
+        codes, k = code_scores(
+            logits,
+            uncond_logits,
+            code_mask,
+            guidance_scale=cfg.guidance_scale,
+            temperature=cfg.image_temperature,
+            top_k=cfg.image_top_k,
+        )
+        return text, codes, k
 
-    def _collect(self, prompt_ids, num_generations, tokens, sampled, done) -> RolloutBatch:
-        """``tokens`` / ``sampled``: (rows, steps) as generated; rows are cut after their last non-padding token."""
-        tokens, sampled = tokens.cpu(), sampled.cpu()
-        completions, masks = [], []
-        for row in range(tokens.shape[0]):
-            ids = tokens[row].tolist()
-            keep = len(ids)
-            while keep and ids[keep - 1] == self.pad_id and not sampled[row, keep - 1]:
-                keep -= 1
-            completions.append(ids[:keep])
-            masks.append(sampled[row, :keep].long().tolist())
+    def _draw(self, scores, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row from softmax(``scores``) (its argmax without sampling) and its sampling log-prob."""
+        if not self.config.do_sample:
+            token = scores.argmax(-1)
+            return token, torch.zeros(token.shape, dtype=torch.float32, device=token.device)
+        token = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
+        return token, log_prob_of(scores, token)
+
+    def _collect(self, prompt_ids, num_generations, tokens, sampled, done, lengths, logprobs, top_k) -> RolloutBatch:
+        """(rows, steps) tensors as generated; row ``i`` is cut after its ``lengths[i]`` written tokens. A row that
+        ended by closing the chain in text (``</final_image>`` written as text) gets a forced EOS, so that it reads
+        as terminated, not truncated (TRL's ``mask_truncated_completions`` looks for EOS)."""
+        tokens, sampled, logprobs, top_k = tokens.cpu(), sampled.cpu(), logprobs.cpu(), top_k.cpu()
+        lengths, finished = lengths.cpu().tolist(), done.cpu().tolist()
+        completions, masks, logps, ks = [], [], [], []
+        for row, keep in enumerate(lengths):
+            ids = tokens[row, :keep].tolist()
+            mask = sampled[row, :keep].long().tolist()
+            lp = logprobs[row, :keep].tolist()
+            k = top_k[row, :keep].tolist()
+            if finished[row] and ids and ids[-1] == self.final_close_id and self.eos_id >= 0:
+                ids, mask, lp, k = ids + [self.eos_id], mask + [0], lp + [0.0], k + [0]
+            completions.append(ids)
+            masks.append(mask)
+            logps.append(lp)
+            ks.append(k)
         stage_tokens = self._count_stage_tokens(completions, self._initial_stage(prompt_ids, num_generations).tolist())
         return RolloutBatch(
             prompt_ids=[p for p in prompt_ids for _ in range(num_generations)],
             completion_ids=completions,
             sampled_mask=masks,
-            finished=done.cpu().tolist(),
+            finished=finished,
             stage_tokens=stage_tokens,
+            logprobs=logps,
+            top_k=ks,
         )
 
     def _count_stage_tokens(self, completions, initial_stages) -> dict[str, list[int]]:
@@ -440,37 +509,3 @@ class RolloutEngine:
                 end = ids.index(c, start + 1) if c in ids[start + 1 :] else len(ids)
                 counts[s].append(end - start - 1)
         return counts
-
-
-#: k = 1 + 1999 sigmoid(H - 5) never exceeds this
-ENTROPY_TOP_K_MAX = 2000
-
-
-def filter_scores(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Scores already restricted to their support (-inf elsewhere), at ``temperature``, with top-k (-1 = the paper's
-    entropy-dependent k) and top-p applied: what both engines draw from."""
-    scores = scores / max(temperature, 1e-6)
-    if top_k == -1:
-        probs = torch.softmax(scores, -1)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).clamp(0, 10)
-        scores = _filter_top_k(scores, (1 + 1999 * torch.sigmoid(entropy - 5)).long(), ENTROPY_TOP_K_MAX)
-    elif top_k > 0:
-        scores = _filter_top_k(scores, torch.full_like(scores[:, 0], top_k, dtype=torch.long), top_k)
-    if top_p < 1.0:
-        scores = _filter_top_p(scores, top_p)
-    return scores
-
-
-def _filter_top_k(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
-    """Keep the ``k[i]`` best scores of row ``i`` (ties at the threshold kept), with ``topk`` instead of a sort."""
-    k_max = min(k_max, scores.shape[-1])
-    best = scores.topk(k_max, dim=-1).values
-    kth = best.gather(-1, (k.clamp(1, k_max) - 1)[:, None])
-    return scores.masked_fill(scores < kth, float("-inf"))
-
-
-def _filter_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_scores, order = scores.sort(-1, descending=True)
-    probs = torch.softmax(sorted_scores, -1)
-    drop = probs.cumsum(-1) - probs > top_p
-    return scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
