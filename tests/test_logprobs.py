@@ -147,3 +147,70 @@ def test_gpu_peak_memory_and_values_bf16():
         del out
     assert peaks["chunked"] < 0.5 * peaks["plain"], peaks
     torch.testing.assert_close(values["chunked"], values["plain"], atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_logps_equal_the_sampler_written_out():
+    """``sampled_logps`` (chunked, checkpointed) against the sampler written out position by position: guidance from
+    each target's unconditional row, top-k with the given k, temperatures, text top-k; values and gradients."""
+    from vlcot_grpo.logprobs import sampled_logps
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 9, VOCAB, generator=gen) * 3).requires_grad_(True)
+    uncond = (torch.randn(3, 4, VOCAB, generator=gen) * 3).requires_grad_(True)
+    codes, text = CODES.nonzero().squeeze(-1), TEXT.nonzero().squeeze(-1)
+    targets = torch.stack([codes[torch.randint(30, (9,), generator=gen)] for _ in range(2)])
+    targets[:, 6:] = text[:3]  # text targets at the end of each row
+    targets[1, 5] = 47  # a forced layout token: outside both supports, finite all the same
+    top_k = torch.tensor([[5, 0, 3, 30, 1, 8, 0, 0, 0], [2, 4, 6, 0, 9, 0, 0, 0, 0]])
+    index = torch.full((2, 9), -1)
+    index[0, :4] = torch.arange(4)  # row 0's first four codes: guided by unconditional row 0
+    index[1, 1:5] = torch.arange(8, 12)  # row 1: by unconditional row 2
+    settings = dict(
+        guidance_scale=2.5,
+        image_temperature=0.8,
+        image_top_k=-1,
+        text_temperature=0.6,
+        text_top_k=2,
+        text_top_p=1.0,
+        text_min_p=0.0,
+    )
+    ours, _ = sampled_logps(
+        logits,
+        targets,
+        code_mask=CODES,
+        text_mask=TEXT,
+        settings=settings,
+        top_k=top_k,
+        uncond_logits=uncond,
+        uncond_index=index,
+        chunk_tokens=4,
+    )
+    flat = uncond.reshape(-1, VOCAB)
+    expected = torch.zeros(2, 9)
+    for b in range(2):
+        for t in range(9):
+            target = int(targets[b, t])
+            row = torch.log_softmax(logits[b, t], -1)
+            if CODES[target]:
+                if index[b, t] >= 0:
+                    u = torch.log_softmax(flat[index[b, t]], -1)
+                    row = u + 2.5 * (row - u)
+                row = row.masked_fill(~CODES, float("-inf"))
+                k = int(top_k[b, t])
+                if k:  # the target stays in the support even where it is not among the k best
+                    drop = (row < row.topk(k).values[-1]) & (torch.arange(VOCAB) != target)
+                    row = row.masked_fill(drop, float("-inf"))
+                row = row / 0.8
+            else:
+                allowed = TEXT.clone()
+                allowed[target] = True
+                row = logits[b, t].masked_fill(~allowed, float("-inf"))
+                kth = row[TEXT].topk(2).values[-1]
+                row = row.masked_fill((row < kth) & (torch.arange(VOCAB) != target), float("-inf")) / 0.6
+            expected[b, t] = torch.log_softmax(row, -1)[target]
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(ours.sum(), (logits, uncond))
+    want = torch.autograd.grad(expected.sum(), (logits, uncond))
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert uncond.grad is None and want[1].abs().sum() > 0  # the unconditional branch is trained too

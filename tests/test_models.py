@@ -128,18 +128,16 @@ def test_ensure_reuses_and_rebuilds(tmp_path):
     assert (path / "model.safetensors").stat().st_mtime_ns != stamp
 
 
-def test_forward_of_a_few_thousand_tokens_is_fast(tiny):
-    import time
-
+def test_forward_of_a_few_thousand_tokens_stays_small(tiny):
+    """The tests' model is small enough for paper-length sequences on a CPU (its speed is not a test's business:
+    benchmarks/rollout.py --preset tiny measures it)."""
     model, tokenizer, _ = tiny
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert model.config.text_config._attn_implementation == "sdpa"  # no (T, T) attention matrix per head
     ids = torch.randint(0, len(tokenizer), (1, 3000))
-    timings = []
     with torch.no_grad():
-        for _ in range(3):
-            start = time.perf_counter()
-            model(input_ids=ids)
-            timings.append(time.perf_counter() - start)
-    assert min(timings) < 1.0, timings  # ~0.1 s on an idle 2-core machine
+        logits = model(input_ids=ids, logits_to_keep=1).logits
+    assert logits.shape == (1, 1, model.config.text_config.vocab_size) and torch.isfinite(logits).all()
 
 
 def test_tokenizer_is_character_level_with_single_token_tags(tiny):

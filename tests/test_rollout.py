@@ -97,6 +97,47 @@ def test_rows_finish_at_final_image_with_eos(tiny, photo):
         assert ids[-2:] == [backend.tag_ids["</final_image>"], backend.eos_token_id] and mask[-2:] == [0, 0]
 
 
+@pytest.mark.parametrize("engine_name", ["reference", "static"])
+def test_a_chain_ends_with_eos_when_pad_is_eos(tiny, photo, engine_name):
+    """Many real tokenizers pad with their EOS: the final image's forced EOS stays (it is no padding)."""
+    from copy import deepcopy
+
+    from vlcot_grpo.models import load_backend
+
+    model, tokenizer, _ = tiny
+    tokenizer = deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    backend = load_backend(model, tokenizer)
+    config = RolloutConfig(stage_sizes=SIZES, max_new_tokens=400, engine=engine_name)
+    batch = RolloutEngine(model, backend, config).generate(
+        [_prompt(backend, photo, [backend.tag_ids["<final_image>"]])], 2
+    )
+    for ids, finished in zip(batch.completion_ids, batch.finished):
+        assert finished and ids[-2:] == [backend.tag_ids["</final_image>"], backend.eos_token_id]
+
+
+@pytest.mark.parametrize("engine_name", ["reference", "static"])
+def test_a_chain_closed_in_text_gets_a_forced_eos(tiny, photo, engine_name):
+    """``</final_image>`` written as text ends the row; the engine adds EOS (forced, mask 0), so the completion reads
+    as terminated, not truncated, to TRL's mask_truncated_completions."""
+    model, _, backend = tiny
+    close = backend.tag_ids["</final_image>"]
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., close] += 100.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        config = RolloutConfig(stage_sizes=SIZES, max_new_tokens=20, engine=engine_name)
+        batch = RolloutEngine(model, backend, config).generate([_prompt(backend, photo)], 2)
+    finally:
+        handle.remove()
+    for ids, mask, logps, finished in zip(batch.completion_ids, batch.sampled_mask, batch.logprobs, batch.finished):
+        assert finished and ids == [close, backend.eos_token_id] and mask == [1, 0] and logps[1] == 0.0
+
+
 def test_length_limit_truncates(tiny, photo):
     _, _, backend = tiny
     engine = RolloutEngine(tiny[0], backend, RolloutConfig(stage_sizes=SIZES, max_new_tokens=10))

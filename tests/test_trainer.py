@@ -181,7 +181,7 @@ def test_forced_tokens_are_out_of_the_loss(tiny_path, dataset, tmp_path):
 @pytest.mark.parametrize("support", ["restricted", "full"])
 def test_logps_equal_manual_forward_over_the_same_support(tiny_path, dataset, tmp_path, support):
     model, tokenizer = _load(tiny_path)
-    args = _args(tmp_path, logprob_support=support, temperature=0.7, image_temperature=1.3)
+    args = _args(tmp_path, logprob_support=support, sampler_correction="none", temperature=0.7, image_temperature=1.3)
     trainer = VLCoTGRPOTrainer(
         model=model, reward_funcs=[Recorder()], args=args, train_dataset=dataset, processing_class=tokenizer
     )

@@ -6,14 +6,30 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from vlcot_grpo.logprobs import IMPORTANCE_MODES
 from vlcot_grpo.rollout import ENGINES, RolloutConfig
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, stage_sizes_of
+
+#: the choices of VLCoTGRPOConfig.sampler_correction
+SAMPLER_CORRECTIONS = ("guided", "importance", "none")
+
+#: GRPOConfig generation fields the VLCoT rollout does not honour, with the value that means "unused"
+UNSUPPORTED_GENERATION = {
+    "repetition_penalty": 1.0,
+    "generation_kwargs": None,
+    "cache_implementation": None,
+    "use_vllm": False,
+    "use_transformers_paged": False,
+    "chat_template_kwargs": None,
+}
 
 
 @dataclass
 class VLCoTGRPOConfig(GRPOConfig):
-    """GRPO settings for VLCoT rollouts. Text sampling uses GRPOConfig's ``temperature``, ``top_k`` and ``top_p``;
-    ``max_completion_length`` bounds a whole completion (text and all three images)."""
+    """GRPO settings for VLCoT rollouts. Text sampling uses GRPOConfig's ``temperature``, ``top_k`` (1 = the paper's
+    greedy text), ``top_p`` and ``min_p``; ``repetition_penalty``, ``generation_kwargs``, ``cache_implementation``
+    and vLLM are refused at start (the VLCoT engine does not use them). ``max_completion_length`` bounds a whole
+    completion (text and all three images)."""
 
     lr_size: int = field(
         default=512,
@@ -33,15 +49,39 @@ class VLCoTGRPOConfig(GRPOConfig):
         default=1.0,
         metadata={
             "help": "Classifier-free guidance for image codes in transformers' convention: guided = u + s (c - u)"
-            " on log-probs, 1.0 = off. The unconditional branch sees only the current image's tokens."
+            " on log-probs, 1.0 = off (the paper's RL code: 0.8). The unconditional branch sees only the current "
+            "image's tokens."
         },
     )
     image_temperature: float = field(default=0.9, metadata={"help": "Sampling temperature of image codes."})
     image_top_k: int = field(
         default=-1,
         metadata={
-            "help": "Top-k for image codes: 0 = off, > 0 fixed, -1 = entropy-dependent "
-            "k = 1 + 1999 sigmoid(H - 5) as in the paper."
+            "help": "Top-k for image codes: 0 = off, > 0 fixed, -1 = the paper's entropy-dependent "
+            "k = round(1 + 1999 sigmoid(H - 5)), H the entropy of the guided code distribution before temperature, "
+            "clipped to [0, 10]. Order: guidance, entropy, top-k, temperature."
+        },
+    )
+    sampler_correction: str = field(
+        default="guided",
+        metadata={
+            "help": "How the loss accounts for codes drawn with guidance and top-k. 'guided' (default): the trained "
+            "log-probs are those of the distribution sampled (guidance, with the unconditional branch run over each "
+            "image's tokens in the log-prob pass; top-k with the sampled k; the text filters), so GRPO is on-policy. "
+            "'importance': the conditional log-probs (logprob_support), corrected by truncated importance weights "
+            "against the sampling log-probs (vllm_importance_sampling_mode / _clip_min / _clip_max, as TRL does for "
+            "vLLM rollouts). 'none': the conditional log-probs uncorrected (the paper).",
+            "choices": list(SAMPLER_CORRECTIONS),
+        },
+    )
+    vllm_importance_sampling_mode: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "sampler_correction 'importance' (and vLLM in TRL): 'token_truncate' (default here: per-token "
+            "weights clipped to [clip_min, clip_max]), 'token_mask' (weights outside set to 0), 'sequence_truncate' "
+            "or 'sequence_mask' (one weight per completion, the product over its tokens: with thousands of guided "
+            "codes it is almost always outside the bounds).",
+            "choices": list(IMPORTANCE_MODES),
         },
     )
     rollout_engine: str = field(
@@ -92,10 +132,10 @@ class VLCoTGRPOConfig(GRPOConfig):
     logprob_support: str = field(
         default="restricted",
         metadata={
-            "help": "How trained log-probs are normalised. 'restricted' (default): image-code positions over the "
-            "image codes, text positions over the text vocabulary, each at its own temperature — the support the "
-            "sampler chose from. 'full': over the whole vocabulary. Neither includes guidance or top-k: those shape "
-            "sampling only, so the policy gradient is that of the unguided model (as in the paper).",
+            "help": "sampler_correction 'importance' or 'none': how the conditional log-probs are normalised. "
+            "'restricted' (default): image-code positions over the image codes, text positions over the text "
+            "vocabulary, each at its own temperature. 'full': over the whole vocabulary. 'guided' scores the "
+            "sampled distribution itself and needs 'restricted'.",
             "choices": ["restricted", "full"],
         },
     )
@@ -114,6 +154,25 @@ class VLCoTGRPOConfig(GRPOConfig):
             raise ValueError(f"rollout_engine must be 'auto', 'static' or 'reference', got {self.rollout_engine!r}")
         if self.logprob_support not in ("restricted", "full"):
             raise ValueError(f"logprob_support must be 'restricted' or 'full', got {self.logprob_support!r}")
+        if self.sampler_correction not in SAMPLER_CORRECTIONS:
+            raise ValueError(
+                f"sampler_correction must be one of {SAMPLER_CORRECTIONS}, got {self.sampler_correction!r}"
+            )
+        if self.sampler_correction == "guided" and self.logprob_support == "full":
+            raise ValueError(
+                "logprob_support: 'full' does not apply to sampler_correction: 'guided' (it scores the sampled "
+                "distribution, whose support is the sampler's); use 'restricted', or sampler_correction 'none'"
+            )
+        if self.sampler_correction == "importance" and self.loss_type == "vespo":
+            raise ValueError("sampler_correction: 'importance' does not combine with loss_type: 'vespo'")
+        for name, unused in UNSUPPORTED_GENERATION.items():
+            value = getattr(self, name, unused)
+            if value != unused and not (unused is None and value in ({}, "")):
+                raise ValueError(
+                    f"{name}={value!r} is not honoured by the VLCoT rollout engine (it samples text with "
+                    f"temperature, top_k, top_p and min_p, and image codes with image_temperature, image_top_k and "
+                    f"guidance_scale); remove it or set it to {unused!r}"
+                )
         for name in ("lr_size", "rough_size", "middle_size", "final_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -130,6 +189,7 @@ class VLCoTGRPOConfig(GRPOConfig):
             text_temperature=self.temperature,
             text_top_k=self.top_k or 0,
             text_top_p=self.top_p,
+            text_min_p=self.min_p or 0.0,
             image_temperature=self.image_temperature,
             image_top_k=self.image_top_k,
             guidance_scale=self.guidance_scale,

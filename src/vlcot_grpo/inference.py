@@ -93,7 +93,10 @@ def upscale_main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=7000)
     parser.add_argument("--greedy", action="store_true", help="Argmax decoding instead of sampling.")
     parser.add_argument("--temperature", type=float, default=0.9, help="Text and image temperature.")
-    parser.add_argument("--image-top-k", type=int, default=-1, help="0 off, > 0 fixed, -1 entropy-dependent.")
+    parser.add_argument(
+        "--image-top-k", type=int, default=-1, help="0 off, > 0 fixed, -1 the paper's entropy-dependent k."
+    )
+    parser.add_argument("--text-top-k", type=int, default=0, help="Text top-k: 0 off, 1 greedy text (the paper's).")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance (1.0 = off).")
     parser.add_argument(
         "--engine",
@@ -124,6 +127,7 @@ def upscale_main(argv=None) -> int:
         text_temperature=args.temperature,
         image_temperature=args.temperature,
         image_top_k=args.image_top_k,
+        text_top_k=args.text_top_k,
         guidance_scale=args.guidance_scale,
         engine=args.engine,
         compile_step=args.compile,

@@ -1,4 +1,6 @@
-"""Per-token log-probs of a completion under the sampler's support and temperatures, in bounded memory.
+"""Per-token log-probs of a completion, in bounded memory: under the sampler's support and temperatures
+(``completion_logps``), or under the very distribution each token was drawn from, guidance and top-k included
+(``sampled_logps``); and the importance weights that correct the first for where it is not the second.
 
 A paper-shape GRPO batch is 5 rows x ~5.5k completion positions x the whole vocabulary. One float32 copy of those
 logits is ~8 GB at a 74k vocabulary (~20 GB at Emu3's 184k), and a plain log-softmax with a support mask keeps
@@ -9,8 +11,12 @@ recomputes one chunk at a time. Kept apart from the trainer so the benchmark mea
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from vlcot_grpo.sampling import code_scores, text_scores
 
 
 def completion_logps(
@@ -67,3 +73,121 @@ def _chunk_logps(logits, targets, code_mask, text_mask, text_temperature, image_
     if not entropy:
         return logps, None
     return logps, -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1)
+
+
+def sampled_logps(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    code_mask: torch.Tensor,
+    text_mask: torch.Tensor,
+    settings: dict,
+    top_k: torch.Tensor,
+    uncond_logits: torch.Tensor | None = None,
+    uncond_index: torch.Tensor | None = None,
+    compute_entropy: bool = False,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``logits`` (B, T, V) predicting ``targets`` (B, T) -> log-probs (B, T) under the distribution the rollout
+    drew each token from (``vlcot_grpo.sampling``, ``settings`` = ``fast_rollout.sampler_settings``) and,
+    optionally, its entropies.
+
+    Image-code targets: guided by ``uncond_logits`` (S, L, V), the unconditional branch's logits over each image
+    (``uncond_index`` (B, T): the flat index ``s * L + l`` of the row that predicts the target, -1 = none), then
+    top-k with the sampled ``top_k`` (B, T) (0 = none) and the image temperature. Other targets: the text filters and
+    temperature. The target always stays in its support, so a forced layout token (which the loss masks out) or a
+    code that float rounding moved past the k-th best keeps a finite value."""
+    code_mask, text_mask = code_mask.to(logits.device), text_mask.to(logits.device)
+    flat_uncond = None if uncond_logits is None else uncond_logits.reshape(-1, uncond_logits.shape[-1])
+    with_grad = torch.is_grad_enabled() and (
+        logits.requires_grad or (flat_uncond is not None and flat_uncond.requires_grad)
+    )
+    step = max(1, chunk_tokens)
+    logps, entropies = [], []
+    for row in range(logits.shape[0]):
+        for start in range(0, logits.shape[1], step):
+            piece = slice(start, start + step)
+            index = None if uncond_index is None else uncond_index[row, piece]
+            args = (logits[row, piece], targets[row, piece], top_k[row, piece], flat_uncond, index)
+            settings_args = (code_mask, text_mask, settings, compute_entropy)
+            if with_grad:
+                lp, ent = checkpoint(_chunk_sampled, *args, *settings_args, use_reentrant=False)
+            else:
+                lp, ent = _chunk_sampled(*args, *settings_args)
+            logps.append(lp)
+            entropies.append(ent)
+    shape = targets.shape
+    logps_out = torch.cat(logps).view(shape) if logps else logits.new_zeros(shape, dtype=torch.float32)
+    if not compute_entropy:
+        return logps_out, None
+    return logps_out, (torch.cat(entropies).view(shape) if entropies else torch.zeros_like(logps_out))
+
+
+def _chunk_sampled(logits, targets, top_k, flat_uncond, index, code_mask, text_mask, settings, entropy):
+    """One chunk of ``sampled_logps``: ``logits`` (N, V), ``targets`` / ``top_k`` / ``index`` (N,)."""
+    is_code = code_mask[targets]
+    uncond = None
+    if flat_uncond is not None and settings["guidance_scale"] != 1.0:
+        # rows without an unconditional row (text) use their own logits: u = c leaves them unguided
+        gathered = flat_uncond[index.clamp(min=0)]
+        uncond = torch.where((index >= 0)[:, None], gathered, logits.to(gathered.dtype))
+    codes, _ = code_scores(
+        logits,
+        uncond,
+        code_mask,
+        guidance_scale=settings["guidance_scale"],
+        temperature=settings["image_temperature"],
+        top_k=settings["image_top_k"],
+        k=top_k,
+        keep=targets,
+    )
+    text = text_scores(
+        logits,
+        text_mask,
+        temperature=settings["text_temperature"],
+        top_k=settings["text_top_k"],
+        top_p=settings["text_top_p"],
+        min_p=settings["text_min_p"],
+        keep=targets,
+    )
+    log_probs = torch.log_softmax(torch.where(is_code[:, None], codes, text), dim=-1)
+    logps = log_probs.gather(1, targets[:, None]).squeeze(1)
+    if not entropy:
+        return logps, None
+    return logps, -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1)
+
+
+#: TRL's importance-sampling modes (GRPOConfig.vllm_importance_sampling_mode)
+IMPORTANCE_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_weights(
+    trained_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_truncate",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights exp(trained - sampling) of the sampled tokens, as TRL computes them for vLLM
+    rollouts: per token (B, T) or per sequence (B, 1, the product over the row's ``mask``ed tokens); ``*_truncate``
+    clips them to [clip_min, clip_max], ``*_mask`` sets those outside to 0. Returns (weights, fraction clipped or
+    masked among the tokens or sequences). Masked-out tokens weigh 1 (the loss ignores them)."""
+    if mode not in IMPORTANCE_MODES:
+        raise ValueError(f"importance sampling mode must be one of {IMPORTANCE_MODES}, got {mode!r}")
+    mask = mask.bool()
+    diff = ((trained_logps - sampling_logps) * mask).nan_to_num(nan=0.0)
+    sequence = mode.startswith("sequence")
+    log_w = diff.sum(-1, keepdim=True) if sequence else diff
+    low = -math.inf if clip_min is None else math.log(clip_min) if clip_min > 0 else -math.inf
+    high = math.inf if clip_max is None else math.log(clip_max)
+    outside = (log_w < low) | (log_w > high)
+    counted = torch.ones_like(outside) if sequence else mask
+    fraction = (outside & counted).sum() / counted.sum().clamp(min=1)
+    if mode.endswith("truncate"):
+        weights = log_w.clamp(low, high).exp()
+    else:
+        weights = log_w.exp().masked_fill(outside, 0.0)
+    if not sequence:
+        weights = weights.masked_fill(~mask, 1.0)
+    return weights, fraction

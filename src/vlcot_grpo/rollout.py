@@ -380,6 +380,24 @@ class RolloutEngine:
             stacked(out_k, torch.long),
         )
 
+    def image_positions(self, completion_ids: list[int], last_prompt_id: int) -> list[int]:
+        """Each completion token's index in the image being written (0 = its image-start token), -1 outside images,
+        as the state machine walks them: the position the unconditional branch gives the token. ``last_prompt_id``:
+        a prompt that ends with an image-opening tag starts inside that image."""
+        opens, lengths = self.open_ids.tolist(), self.template_len.tolist()
+        stage = opens.index(last_prompt_id) if last_prompt_id in opens else -1
+        out, tpos = [], 0
+        for token in completion_ids:
+            if stage < 0:
+                out.append(-1)
+                stage = opens.index(token) if token in opens else -1
+                continue
+            out.append(tpos)
+            tpos += 1
+            if tpos >= lengths[stage]:
+                stage, tpos = -1, 0
+        return out
+
     # ----- pieces ------------------------------------------------------------------------------------------------
     def _initial_stage(self, prompt_ids, num_generations) -> torch.Tensor:
         """-1 per row, or the stage whose image-opening tag ends the row's prompt (that row starts in image mode)."""

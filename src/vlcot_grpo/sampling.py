@@ -61,12 +61,15 @@ def code_scores(
     temperature: float,
     top_k: int,
     k: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scores image codes are drawn from (softmax them), and the top-k of each row (0: none).
 
     ``top_k``: 0 = off, > 0 fixed, -1 = the entropy rule. ``k`` (rows,), when given, replaces the rule's k: the
-    trained log-probs keep the support that was sampled (0 in a row: no top-k there)."""
-    scores = guided(logits, uncond_logits, guidance_scale).masked_fill(~code_mask, float("-inf"))
+    trained log-probs keep the support that was sampled (0 in a row: no top-k there). ``keep`` (rows,): a token
+    per row that stays in the support whatever the filters say (the trained log-probs' target)."""
+    scores = guided(logits, uncond_logits, guidance_scale)
+    scores, protect = _support(scores, code_mask, keep)
     if k is None:
         if top_k == -1:
             k = entropy_top_k(scores)
@@ -74,7 +77,7 @@ def code_scores(
             k = torch.full(scores.shape[:1], max(top_k, 0), dtype=torch.long, device=scores.device)
     bound = top_k_bound(top_k)
     if bound:
-        scores = keep_top_k(scores, k, bound)
+        scores = keep_top_k(scores, k, bound, protect)
     return scores / max(temperature, 1e-6), k
 
 
@@ -86,41 +89,55 @@ def text_scores(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scores text tokens are drawn from (softmax them)."""
-    scores = logits.float().masked_fill(~text_mask, float("-inf"))
+    """The scores text tokens are drawn from (softmax them). ``keep``: as in ``code_scores``."""
+    scores, protect = _support(logits.float(), text_mask, keep)
     if top_k > 0:
-        scores = keep_top_k(scores, torch.full(scores.shape[:1], top_k, device=scores.device), top_k)
+        scores = keep_top_k(scores, torch.full(scores.shape[:1], top_k, device=scores.device), top_k, protect)
     scores = scores / max(temperature, 1e-6)
     if top_p < 1.0:
-        scores = keep_top_p(scores, top_p)
+        scores = keep_top_p(scores, top_p, protect)
     if min_p > 0.0:
-        scores = keep_min_p(scores, min_p)
+        scores = keep_min_p(scores, min_p, protect)
     return scores
 
 
-def keep_top_k(scores: torch.Tensor, k: torch.Tensor, bound: int) -> torch.Tensor:
+def _support(scores, mask, keep):
+    """``scores`` outside ``mask`` set to -inf, except each row's ``keep`` token; and the (rows, vocab) mask of those
+    kept tokens (None without ``keep``), which no filter drops."""
+    if keep is None:
+        return scores.masked_fill(~mask, float("-inf")), None
+    protect = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, keep[:, None], True)
+    return scores.masked_fill(~mask & ~protect, float("-inf")), protect
+
+
+def _dropped(drop, protect):
+    return drop if protect is None else drop & ~protect
+
+
+def keep_top_k(scores: torch.Tensor, k: torch.Tensor, bound: int, protect: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the ``k[i]`` best scores of row ``i`` (ties with the k-th kept; ``k[i]`` 0: the whole row), with
-    ``topk`` of the largest possible k instead of a sort."""
+    ``topk`` of the largest possible k instead of a sort. ``protect``: entries never dropped."""
     bound = min(bound, scores.shape[-1])
     best = scores.topk(bound, dim=-1).values
     kth = best.gather(-1, (k.clamp(1, bound) - 1)[:, None])
-    return scores.masked_fill((scores < kth) & (k > 0)[:, None], float("-inf"))
+    return scores.masked_fill(_dropped((scores < kth) & (k > 0)[:, None], protect), float("-inf"))
 
 
-def keep_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def keep_top_p(scores: torch.Tensor, top_p: float, protect: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the smallest set of best tokens whose probabilities add up to ``top_p`` (the best one always)."""
     sorted_scores, order = scores.sort(-1, descending=True)
     probs = torch.softmax(sorted_scores, -1)
-    drop = probs.cumsum(-1) - probs > top_p
-    return scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs > top_p)
+    return scores.masked_fill(_dropped(drop, protect), float("-inf"))
 
 
-def keep_min_p(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+def keep_min_p(scores: torch.Tensor, min_p: float, protect: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the tokens at least ``min_p`` times as probable as the best one."""
     log_probs = torch.log_softmax(scores, -1)
     threshold = log_probs.max(-1, keepdim=True).values + torch.log(torch.tensor(min_p, device=scores.device))
-    return scores.masked_fill(log_probs < threshold, float("-inf"))
+    return scores.masked_fill(_dropped(log_probs < threshold, protect), float("-inf"))
 
 
 def log_prob_of(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,11 @@ It extends rather than forks. What it changes, and why:
 * generation goes through TRL's ``rollout_func`` hook to the ``RolloutEngine`` (text + forced-layout images), and
   the engine's "sampled vs forced" mask goes back as ``env_mask`` so forced tokens never enter the loss;
 * rewards get the parsed chain (``vlcot``), its texts and decoded stage images as extra keyword arguments;
-* per-token log-probs are normalised over the support the sampler chose from (``logprob_support``);
+* the rollout returns each token's sampling log-prob, and the trained log-probs follow ``sampler_correction``:
+  ``guided`` scores the very distribution sampled (an unconditional pass over each image's tokens for guidance,
+  the sampled top-k, the text filters), ``importance`` corrects the conditional log-probs by truncated importance
+  weights (folded into per-token advantages), ``none`` leaves them uncorrected; the gap between the two log-probs
+  is logged every step;
 * logging adds the format-valid rate, tokens per stage, rollout vs training time and sample pictures;
 * with ``rollout_merge_adapters`` (the default) the LoRA adapters are merged into the base weights for the rollout
   only (``vlcot_grpo.adapters.merged_adapters``), and the exact base weights come back afterwards; quantized bases
@@ -29,7 +33,8 @@ from trl.models import unwrap_model_for_generation  # noqa: E402
 
 from vlcot_grpo.adapters import merged_adapters, quantized_base  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
-from vlcot_grpo.logprobs import completion_logps  # noqa: E402
+from vlcot_grpo.fast_rollout import sampler_settings  # noqa: E402
+from vlcot_grpo.logprobs import completion_logps, importance_weights, sampled_logps  # noqa: E402
 from vlcot_grpo.models import load_backend  # noqa: E402
 from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
 from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E402
@@ -73,6 +78,10 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         self._code_mask = self.backend.image_code_mask.to(self.accelerator.device)
         self._text_mask = self.backend.text_token_mask.to(self.accelerator.device)
         self._batch_inputs: list[dict] | None = None
+        #: what the rows about to be scored were sampled with (top-k per token, and in the loss their sampling
+        #: log-probs and masks): set by the rollout for the scoring TRL does right after it, and by _compute_loss
+        self._scoring: dict | None = None
+        self._sampler_settings = sampler_settings(rollout_config)
         self._rollout_seconds = 0.0
         self._merge_buffers: dict = {}  # host copies of the base weights for rollout_merge_adapters, reused
         self._merge_for_rollouts = args.rollout_merge_adapters
@@ -90,9 +99,54 @@ class VLCoTGRPOTrainer(GRPOTrainer):
     # ----- generation ------------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         self._batch_inputs = inputs  # the rollout needs each row's LR image, which TRL's hook does not pass
-        output = super()._generate_and_score_completions(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            width = output["completion_ids"].size(1)
+            output["sampling_top_k"] = _padded(self._scoring["sampling_top_k"], width, output["completion_ids"])
+            if self.args.sampler_correction == "importance":
+                self._importance_correct(output)
+        finally:
+            self._scoring = None
         self._maybe_log_pictures(inputs)
         return output
+
+    def _importance_correct(self, output: dict) -> None:
+        """Weights exp(conditional - sampling) per token or sequence, truncated as TRL does for vLLM, folded into
+        per-token advantages: every GRPO loss here is linear in a non-negative per-token weight on the advantage."""
+        mode = "train" if self.model.training else "eval"
+        mask = output["completion_mask"] * output.get("tool_mask", 1)
+        old = output.get("old_per_token_logps")
+        if old is None:  # TRL skips it when the policy has not moved since sampling; the weights need it
+            ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+            with torch.no_grad():
+                old, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, ids, attention, output["completion_ids"].size(1), batch_size=size
+                )
+        weights, clipped = importance_weights(
+            old,
+            output["sampling_per_token_logps"],
+            mask,
+            self.args.vllm_importance_sampling_mode,
+            self.args.vllm_importance_sampling_clip_min,
+            self.args.vllm_importance_sampling_clip_max,
+        )
+        advantages = output["advantages"]
+        output["advantages"] = (advantages[:, None] if advantages.dim() == 1 else advantages) * weights
+        metrics = self._metrics[mode]
+        per_token = weights.expand_as(mask)[mask.bool()]
+        metrics["sampling/importance_weight/mean"].append(self.accelerator.gather(per_token.mean()).mean().item())
+        metrics["sampling/importance_weight/clipped_fraction"].append(
+            self.accelerator.gather(clipped.float()).mean().item()
+        )
+
+    def _compute_loss(self, model, inputs):
+        self._scoring = inputs  # the rows the log-prob pass scores: their sampled top-k, log-probs and masks
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._scoring = None
 
     def _rollout(self, prompts: list, trainer) -> dict:
         start = time.perf_counter()
@@ -123,6 +177,7 @@ class VLCoTGRPOTrainer(GRPOTrainer):
             self.engine.model = unwrapped
             batch = self.engine.generate(prompt_ids, size if uniform else 1)
             parses = parse_completions(self.backend, batch.completion_ids, self.stage_grids)
+        self._scoring = {"sampling_top_k": batch.top_k}
         self._rollout_seconds = time.perf_counter() - start
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
@@ -131,10 +186,13 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         for stage in STAGES:
             metrics[f"vlcot/tokens_{stage}_image"].append(sum(batch.stage_tokens[stage]) / len(parses))
         metrics["timing/rollout_seconds"].append(self._rollout_seconds)
+        kept = [k for row in batch.top_k for k in row if k > 0]
+        if kept:  # the mean top-k at image-code positions: the entropy rule's k tracks the codes' uncertainty
+            metrics["vlcot/image_top_k"].append(sum(kept) / len(kept))
         return {
             "prompt_ids": batch.prompt_ids,
             "completion_ids": batch.completion_ids,
-            "logprobs": None,
+            "logprobs": batch.logprobs,  # TRL keeps them as sampling_per_token_logps
             "env_mask": batch.sampled_mask,  # TRL multiplies this into the loss mask: forced tokens get 0
             "vlcot": parses,
             "stage_texts": [p.texts for p in parses],
@@ -153,8 +211,14 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         compute_aux_loss=False,
         **unused_multimodal_kwargs,
     ):
-        """Log-probs of the completion tokens under the sampler's support and temperatures (see logprob_support)."""
+        """Log-probs of the completion tokens: under the sampled distribution (sampler_correction 'guided') or the
+        conditional one over the sampler's support and temperatures (see logprob_support)."""
         batch_size = batch_size or input_ids.size(0)
+        guided = self.args.sampler_correction == "guided"
+        if guided:
+            if self._scoring is None or len(self._scoring["sampling_top_k"]) != input_ids.size(0):
+                raise RuntimeError("sampler_correction 'guided': log-probs asked for rows the rollout did not sample")
+            top_k = _padded(self._scoring["sampling_top_k"], logits_to_keep, input_ids)
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start : start + batch_size]
@@ -164,21 +228,91 @@ class VLCoTGRPOTrainer(GRPOTrainer):
                 logits = model(
                     input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep + 1
                 ).logits
-            logps, entropy = completion_logps(  # chunked, so that memory stays bounded
-                logits[:, :-1],
-                ids[:, -logits_to_keep:],
-                code_mask=self._code_mask,
-                text_mask=self._text_mask,
-                text_temperature=self.temperature,
-                image_temperature=self.args.image_temperature,
-                restricted=self.args.logprob_support == "restricted",
-                compute_entropy=compute_entropy,
-            )
+            targets = ids[:, -logits_to_keep:]
+            if guided:
+                uncond_logits, uncond_index = self._unconditional_logits(model, ids, mask, logits_to_keep)
+                logps, entropy = sampled_logps(  # chunked, so that memory stays bounded
+                    logits[:, :-1],
+                    targets,
+                    code_mask=self._code_mask,
+                    text_mask=self._text_mask,
+                    settings=self._sampler_settings,
+                    top_k=top_k[start : start + batch_size],
+                    uncond_logits=uncond_logits,
+                    uncond_index=uncond_index,
+                    compute_entropy=compute_entropy,
+                )
+            else:
+                logps, entropy = completion_logps(  # chunked, so that memory stays bounded
+                    logits[:, :-1],
+                    targets,
+                    code_mask=self._code_mask,
+                    text_mask=self._text_mask,
+                    text_temperature=self.temperature,
+                    image_temperature=self.args.image_temperature,
+                    restricted=self.args.logprob_support == "restricted",
+                    compute_entropy=compute_entropy,
+                )
             all_logps.append(logps)
             if compute_entropy:
                 all_entropies.append(entropy)
         entropies = torch.cat(all_entropies) if compute_entropy else None
-        return torch.cat(all_logps), entropies, None
+        logps = torch.cat(all_logps)
+        self._log_sampling_gap(logps)
+        return logps, entropies, None
+
+    def _unconditional_logits(self, model, ids, mask, logits_to_keep):
+        """The guidance branch over each image of each row, as the rollout ran it: one row per image holding its
+        tokens from the image-start token on, positions from 0. Returns (logits (S, L, V), index (B, T)): the flat
+        row ``s * L + l`` whose logits guided each completion target, -1 for targets outside images. Without
+        guidance: (None, None). Every call runs one forward pass (a stand-in row where no image is open), so that
+        ZeRO-3 ranks gather the same parameters."""
+        if self._sampler_settings["guidance_scale"] == 1.0:
+            return None, None
+        rows, width = ids.size(0), logits_to_keep
+        completions, lengths = ids[:, -width:].tolist(), mask[:, -width:].sum(-1).tolist()
+        last_prompt = ids[:, -width - 1].tolist()
+        segments, targets = [], []  # token lists; (row, first target column, count) per segment
+        for row in range(rows):
+            tokens = completions[row][: lengths[row]]
+            positions = self.engine.image_positions(tokens, last_prompt[row])
+            starts = [i for i, p in enumerate(positions) if p == 0]
+            for start in starts:
+                end = start + 1
+                while end < len(positions) and positions[end] == end - start:
+                    end += 1
+                if end - start > 1:  # the tokens before the image's last one each predict the next
+                    segments.append(tokens[start : end - 1])
+                    targets.append((row, start + 1, end - start - 1))
+        if not segments:
+            segments = [[self.engine.pad_id]]  # nothing guided in these rows: a stand-in keeps the forward count
+        span = max(len(t) for t in segments)
+        uncond_ids = torch.full((len(segments), span), self.engine.pad_id, dtype=torch.long)
+        uncond_mask = torch.zeros((len(segments), span), dtype=torch.long)
+        for i, tokens in enumerate(segments):
+            uncond_ids[i, : len(tokens)] = torch.tensor(tokens)
+            uncond_mask[i, : len(tokens)] = 1
+        uncond_ids, uncond_mask = uncond_ids.to(ids.device), uncond_mask.to(ids.device)
+        positions = torch.arange(span, device=ids.device).expand(len(segments), span)
+        with self.accelerator.autocast():
+            logits = model(input_ids=uncond_ids, attention_mask=uncond_mask, position_ids=positions).logits
+        index = torch.full((rows, width), -1, dtype=torch.long, device=ids.device)
+        for i, (row, first, count) in enumerate(targets):
+            index[row, first : first + count] = torch.arange(i * span, i * span + count, device=ids.device)
+        return logits, index
+
+    def _log_sampling_gap(self, logps: torch.Tensor) -> None:
+        """In the loss: mean and max |sampling - trained| log-prob over the sampled tokens."""
+        inputs = self._scoring
+        if inputs is None or "sampling_per_token_logps" not in inputs:
+            return
+        mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).bool()
+        gap = (inputs["sampling_per_token_logps"] - logps.detach()).abs()[mask]
+        mean = gap.mean() if gap.numel() else gap.new_zeros(())
+        top = gap.max() if gap.numel() else gap.new_zeros(())
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["sampling/logp_gap/mean"].append(self.accelerator.gather(mean).mean().item())
+        self._metrics[mode]["sampling/logp_gap/max"].append(self.accelerator.gather(top).max().item())
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch):
@@ -200,6 +334,18 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         # the deque holds the last gathered batch; the main process owns its first rows
         rewards = {name: list(values)[: len(inputs)] for name, values in self._logs["rewards"].items()}
         log_pictures(self, inputs[: self.args.image_log_samples], rewards, Path(self.args.output_dir) / "samples")
+
+
+def _padded(rows, width: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-row lists (or a (B, T) tensor) as a (B, width) long tensor on ``like``'s device: cut or padded with 0."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows[:, :width]
+        return torch.nn.functional.pad(rows, (0, width - rows.size(1))).to(like.device)
+    out = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, values in enumerate(rows):
+        values = values[:width]
+        out[i, : len(values)] = torch.tensor(values, dtype=torch.long)
+    return out.to(like.device)
 
 
 def _consecutive_groups(inputs: list[dict]) -> list[list[int]]:
