@@ -8,8 +8,9 @@ Emu3-shaped, grouped-query attention) and ``7b`` (7.08 B, Lumina-mGPT/Chameleon-
 32 heads, vocabulary 73728, as in ../shared/REFERENCE.md section 2; built as an Emu3 model of that size).
 
 The paper's rollout shape is the default: G = 5 samples of one 512x512 LR prompt (~4.2k tokens), rough / middle /
-final images of 128 / 256 / 512 pixels, guidance 3.0 in transformers' convention (the paper's "0.8" is another
-convention; 3.0 is recipes/emu3/grpo/config_paper.yaml), image temperature 0.9, entropy-dependent top-k. Random
+final images of 128 / 256 / 512 pixels, guidance 3.0 in transformers' convention (the paper's RL code uses 0.8 in
+the same convention; any value other than 1.0 runs the same guidance rows, so the speed is the same), image
+temperature 0.9, the paper's entropy-dependent top-k (``vlcot_grpo.sampling``). Random
 weights would rarely write a whole chain, so logit hooks force it: the prompt ends with ``<rough_image>`` and each
 closing tag is followed by the next stage's opening tag (about 5.5k completion tokens, as in the paper).
 
@@ -248,6 +249,8 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         "completion_tokens_mean": sum(len(c) for c in batch.completion_ids) / len(batch.completion_ids),
         "stage_tokens_mean": {s: sum(v) / len(v) for s, v in batch.stage_tokens.items()},
         "finished": sum(batch.finished),
+        # the mean top-k kept at image-code positions: the paper's rule follows the codes' entropy
+        "image_top_k_mean": _mean([k for row in batch.top_k for k in row if k > 0]),
         "seconds_total": total,
         "peak_gb": peak_gb(device),
     }
@@ -519,14 +522,15 @@ def add_lora(model, backend):
 
 
 def grpo_step(peft_model, backend, prompts, args, device) -> dict:
-    """A LoRA GRPO step at the same shape, computed the way ``VLCoTGRPOTrainer`` computes it with its defaults:
-    rollout (static engine, adapters merged for it and the exact base weights restored, the host buffers already
-    allocated as they are after the trainer's first step; ``--grpo-unmerged``: through the PEFT layers), then all
-    rows in one batch (prompts left-padded, completions right-padded) through ``vlcot_grpo.logprobs.completion_logps``:
-    once without grad (the old policy's log-probs, which TRL computes when a batch is reused) and once with grad and
-    gradient checkpointing for the clipped-ratio loss and its backward."""
+    """A LoRA GRPO step at the same shape, computed the way ``VLCoTGRPOTrainer`` computes it: rollout (static
+    engine, adapters merged for it and the exact base weights restored, the host buffers already allocated as they
+    are after the trainer's first step; ``--grpo-unmerged``: through the PEFT layers), then all rows in one batch
+    (prompts left-padded, completions right-padded) scored once without grad (the old policy's log-probs, which TRL
+    computes when a batch is reused) and once with grad and gradient checkpointing for the clipped-ratio loss and
+    its backward. Both scorings run for each ``sampler_correction`` in ``--corrections``: 'none' (and 'importance':
+    ``logprobs.completion_logps``) and 'guided' (``logprobs.sampled_logps`` with the unconditional rows of
+    ``logprobs.guidance_rows`` in a second forward pass, where guidance is on)."""
     from vlcot_grpo.adapters import merged_adapters
-    from vlcot_grpo.logprobs import completion_logps
 
     model = peft_model.get_base_model()
     out = {"rollout_merged": not args.grpo_unmerged}
@@ -544,50 +548,100 @@ def grpo_step(peft_model, backend, prompts, args, device) -> dict:
         out["rollout_seconds"] = time.perf_counter() - start
         out["rollout_peak_gb"] = peak_gb(device)
         ids, mask, sampled, length = _training_batch(batch, backend, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
-        def logps(compute_entropy=False):  # TRL's loss asks for entropies too
-            logits = peft_model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1
-            ).logits
-            return completion_logps(
-                logits[:, :-1],
-                ids[:, -length:],
-                code_mask=backend.image_code_mask,
-                text_mask=backend.text_token_mask,
-                text_temperature=0.9,
-                image_temperature=0.9,
-                compute_entropy=compute_entropy,
-            )[0]
-
-        reset_peak(device)
-        sync(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            old = logps()
-        sync(device)
-        out["logprob_seconds"] = time.perf_counter() - start
-        peft_model.train()
+        out["batch"] = list(ids.shape)
+        scorer = _Scorer(peft_model, backend, batch, ids, mask, length, rollout_config(args, "static"), device)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         advantages = torch.randn(ids.shape[0], 1, device=device)
-        sync(device)
-        start = time.perf_counter()
-        ratio = torch.exp(logps(compute_entropy=True) - old)
-        per_token = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
-        loss = (per_token * sampled).sum() / sampled.sum().clamp(min=1)
-        loss.backward()
-        sync(device)
-        out["train_seconds"] = time.perf_counter() - start
-        out["step_seconds"] = out["rollout_seconds"] + out["logprob_seconds"] + out["train_seconds"]
-        out["step_over_rollout"] = out["step_seconds"] / out["rollout_seconds"]
-        out["train_peak_gb"] = peak_gb(device)
-        out["peak_gb"] = max(out["rollout_peak_gb"], out["train_peak_gb"])
-        out["batch"] = list(ids.shape)
+        for correction in args.corrections.split(","):
+            part = {}
+            peft_model.eval()
+            reset_peak(device)
+            sync(device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                old = scorer(correction)
+            sync(device)
+            part["logprob_seconds"] = time.perf_counter() - start
+            peft_model.train()
+            reset_peak(device)
+            sync(device)
+            start = time.perf_counter()
+            ratio = torch.exp(scorer(correction, compute_entropy=True) - old)
+            per_token = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+            loss = (per_token * sampled).sum() / sampled.sum().clamp(min=1)
+            loss.backward()
+            sync(device)
+            part["train_seconds"] = time.perf_counter() - start
+            part["train_peak_gb"] = peak_gb(device)
+            part["step_seconds"] = out["rollout_seconds"] + part["logprob_seconds"] + part["train_seconds"]
+            part["step_over_rollout"] = part["step_seconds"] / out["rollout_seconds"]
+            part["peak_gb"] = max(out["rollout_peak_gb"], part["train_peak_gb"])
+            if correction == "guided":
+                part["guidance_rows"] = list(scorer.rows.input_ids.shape) if scorer.rows is not None else None
+            out[correction] = part
+            peft_model.zero_grad(set_to_none=True)
+        if "none" in out and "guided" in out:
+            out["guided_over_none_train"] = out["guided"]["train_seconds"] / out["none"]["train_seconds"]
+            out["guided_over_none_peak"] = out["guided"]["train_peak_gb"] / max(out["none"]["train_peak_gb"], 1e-9)
     finally:
         model.gradient_checkpointing_disable()
         peft_model.eval()
     return out
+
+
+class _Scorer:
+    """The trainer's log-prob pass over one rollout batch, for a given sampler_correction."""
+
+    def __init__(self, peft_model, backend, batch, ids, mask, length, config, device):
+        from vlcot_grpo.fast_rollout import sampler_settings
+
+        self.model, self.backend, self.ids, self.mask, self.length = peft_model, backend, ids, mask, length
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.engine = RolloutEngine(peft_model, backend, config)
+        self.settings = sampler_settings(config)
+        self.top_k = torch.zeros((ids.shape[0], length), dtype=torch.long)
+        for i, row in enumerate(batch.top_k):
+            self.top_k[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        self.top_k = self.top_k.to(device)
+        self.rows = None
+
+    def __call__(self, correction: str, compute_entropy: bool = False):
+        from vlcot_grpo.logprobs import completion_logps, guidance_rows, sampled_logps
+
+        logits = self.model(
+            input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, logits_to_keep=self.length + 1
+        ).logits
+        targets = self.ids[:, -self.length :]
+        masks = {"code_mask": self.backend.image_code_mask, "text_mask": self.backend.text_token_mask}
+        if correction != "guided":
+            return completion_logps(
+                logits[:, :-1],
+                targets,
+                text_temperature=0.9,
+                image_temperature=0.9,
+                **masks,
+                compute_entropy=compute_entropy,
+            )[0]
+        uncond, index = None, None
+        if self.settings["guidance_scale"] != 1.0:
+            self.rows = guidance_rows(self.engine, self.ids, self.mask, self.length)
+            uncond = self.model(
+                input_ids=self.rows.input_ids,
+                attention_mask=self.rows.attention_mask,
+                position_ids=self.rows.positions,
+            ).logits
+            index = self.rows.index
+        return sampled_logps(
+            logits[:, :-1],
+            targets,
+            settings=self.settings,
+            top_k=self.top_k,
+            uncond_logits=uncond,
+            uncond_index=index,
+            compute_entropy=compute_entropy,
+            **masks,
+        )[0]
 
 
 def _training_batch(batch, backend, device):
@@ -634,6 +688,10 @@ def lora_merge_check(peft_model, backend, prompts, args, device) -> dict:
 
 
 # ----- main --------------------------------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="7b")
@@ -711,6 +769,12 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--lora-merge-check", type=int, default=0, help="with --grpo-step, before it: rollout N tokens merged/not"
+    )
+    parser.add_argument(
+        "--corrections",
+        default="none,guided",
+        help="--grpo-step scores the batch for each sampler_correction listed: 'none' (also importance's pass) and "
+        "'guided' (the sampled distribution, an unconditional pass over the images where guidance is on)",
     )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

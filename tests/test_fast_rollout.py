@@ -1076,9 +1076,13 @@ def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     assert results["gemm_bandwidth"]["q+k+v fused"]["tbs"] > 0
     step = results["grpo_step"]
     assert step["rollout_merged"]  # as the trainer rolls out by default
-    assert step["step_seconds"] == pytest.approx(
-        step["rollout_seconds"] + step["logprob_seconds"] + step["train_seconds"]
-    )
+    for correction in ("none", "guided"):  # both log-prob passes, each timed as the trainer runs it
+        part = step[correction]
+        assert part["step_seconds"] == pytest.approx(
+            step["rollout_seconds"] + part["logprob_seconds"] + part["train_seconds"]
+        )
+    rows = step["guided"]["guidance_rows"]  # the unconditional pass: one row per image of each of the G rows
+    assert rows[0] >= 3 * 2 and step["guided_over_none_train"] > 0
     merge = results["lora_rollout_steps_per_s"]
     assert merge["unmerged"] > 0 and merge["merged"] > 0
     assert merge["first_merge_and_restore_seconds"] >= 0 and merge["merge_and_restore_seconds"] >= 0

@@ -94,7 +94,7 @@ def test_guided_trains_the_log_probs_that_were_sampled(tiny_path, dataset, tmp_p
     """fp32 on the CPU: the loss's log-probs equal the rollout's sampling log-probs for every sampled token."""
     trainer = _trainer(tiny_path, dataset, tmp_path, guidance_scale=guidance, image_top_k=top_k, top_k=20)
     trainer.train()
-    gap = _logged(trainer, "sampling/logp_gap/max")
+    gap = _logged(trainer, "sampling/sampling_logp_difference/max")
     assert gap and gap[0] < 2e-4
     assert _logged(trainer, "vlcot/tokens_rough_image")[0] > 0  # images were written, so codes were scored
     if top_k == -1:
@@ -105,7 +105,7 @@ def test_none_leaves_the_gap_that_guided_closes(tiny_path, dataset, tmp_path):
     """The paper's choice: the conditional log-probs are not what guidance and top-k sampled from."""
     trainer = _trainer(tiny_path, dataset, tmp_path, guidance_scale=3.0, image_top_k=-1, sampler_correction="none")
     trainer.train()
-    assert _logged(trainer, "sampling/logp_gap/mean")[0] > 0.1
+    assert _logged(trainer, "sampling/sampling_logp_difference/mean")[0] > 0.1
 
 
 def test_importance_weights_fold_into_the_advantages(tiny_path, dataset, tmp_path):

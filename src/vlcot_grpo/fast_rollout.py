@@ -50,13 +50,15 @@ about a quarter fewer bytes per step over a paper-shape rollout and holds ~8.5 G
 second attention call and the merge in every layer. On an H100 the saving wins: 1.19x the compiled decode steps/s
 at 7B and 1.23x at 1B over the same 512 steps (docs/benchmarks.md).
 
-Sampling and state. Text and code candidates are computed for every row every step (fixed shapes): temperature,
-fixed or entropy-dependent top-k (``topk`` with the largest k the rule can give, instead of a full sort), top-p for
-text, guidance on log-softmaxed scores, then a draw by the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, which
+Sampling and state. Text and code candidates are computed for every row every step (fixed shapes) by
+``vlcot_grpo.sampling``, as the reference path computes them (guidance, entropy, top-k, temperature for codes; top-k,
+temperature, top-p, min-p for text; ``topk`` with the largest k the rule can give instead of a full sort), then
+drawn by the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, which
 samples from ``p`` exactly and is what ``torch.multinomial`` itself computes for one sample (after a validity check
 that reads the device: the per-token sync this avoids). The noise is drawn from the caller's generator into two
 static buffers (text, then codes, as the reference path draws) before each step, outside any graph, so any
-generator works and, where ``torch.multinomial`` is that race, a seeded run repeats the reference path's samples
+generator works and, where ``torch.multinomial`` is that race, a seeded run repeats the reference path's samples (and
+their sampling log-probs and top-k, kept in two more static buffers)
 (up to float rounding of the logits, which differs between the attention paths and can flip a near-tie). Forced
 layout tokens, image-code masking and the stage state machine are in-place tensor ops; the host reads the device
 only every ``sync_every`` steps ("every row done?" and the longest live image, in one transfer). Steps run after the

@@ -12,6 +12,7 @@ recomputes one chunk at a time. Kept apart from the trainer so the benchmark mea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -121,6 +122,50 @@ def sampled_logps(
     if not compute_entropy:
         return logps_out, None
     return logps_out, (torch.cat(entropies).view(shape) if entropies else torch.zeros_like(logps_out))
+
+
+@dataclass
+class GuidanceRows:
+    """The unconditional branch's rows for a training batch: one per image, its tokens from the image-start token
+    on (right-padded), positions from 0, as the rollout ran them; ``index`` (B, T): the flat row ``s * L + l`` of
+    those rows' logits (S, L, V) that guided each completion target, -1 for targets outside images."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    index: torch.Tensor
+
+
+def guidance_rows(engine, ids: torch.Tensor, mask: torch.Tensor, width: int) -> GuidanceRows:
+    """``ids`` / ``mask`` (B, P + width): left-padded prompts then right-padded completions of ``width`` tokens, as
+    TRL batches them; ``engine``: the ``RolloutEngine`` that wrote them (its state machine places the images). A
+    batch without any image gets one stand-in row, so that a forward pass over it always runs."""
+    completions, lengths = ids[:, -width:].tolist(), mask[:, -width:].sum(-1).tolist()
+    last_prompt = ids[:, -width - 1].tolist()
+    segments, targets = [], []  # each row's tokens; (batch row, first target column, targets) per row
+    for row, (tokens, length) in enumerate(zip(completions, lengths)):
+        tokens = tokens[:length]
+        positions = engine.image_positions(tokens, last_prompt[row])
+        for start in (i for i, p in enumerate(positions) if p == 0):
+            end = start + 1
+            while end < len(positions) and positions[end] == end - start:
+                end += 1
+            if end - start > 1:  # every token but the image's last one predicts the next
+                segments.append(tokens[start : end - 1])
+                targets.append((row, start + 1, end - start - 1))
+    segments = segments or [[engine.pad_id]]
+    span = max(len(t) for t in segments)
+    input_ids = torch.full((len(segments), span), engine.pad_id, dtype=torch.long)
+    attention = torch.zeros((len(segments), span), dtype=torch.long)
+    for i, tokens in enumerate(segments):
+        input_ids[i, : len(tokens)] = torch.tensor(tokens)
+        attention[i, : len(tokens)] = 1
+    index = torch.full((len(completions), width), -1, dtype=torch.long)
+    for i, (row, first, count) in enumerate(targets):
+        index[row, first : first + count] = torch.arange(i * span, i * span + count)
+    device = ids.device
+    positions = torch.arange(span, device=device).expand(len(segments), span)
+    return GuidanceRows(input_ids.to(device), attention.to(device), positions, index.to(device))
 
 
 def _chunk_sampled(logits, targets, top_k, flat_uncond, index, code_mask, text_mask, settings, entropy):

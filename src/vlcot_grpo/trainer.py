@@ -34,7 +34,7 @@ from trl.models import unwrap_model_for_generation  # noqa: E402
 from vlcot_grpo.adapters import merged_adapters, quantized_base  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
 from vlcot_grpo.fast_rollout import sampler_settings  # noqa: E402
-from vlcot_grpo.logprobs import completion_logps, importance_weights, sampled_logps  # noqa: E402
+from vlcot_grpo.logprobs import completion_logps, guidance_rows, importance_weights, sampled_logps  # noqa: E402
 from vlcot_grpo.models import load_backend  # noqa: E402
 from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
 from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E402
@@ -136,8 +136,10 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         output["advantages"] = (advantages[:, None] if advantages.dim() == 1 else advantages) * weights
         metrics = self._metrics[mode]
         per_token = weights.expand_as(mask)[mask.bool()]
-        metrics["sampling/importance_weight/mean"].append(self.accelerator.gather(per_token.mean()).mean().item())
-        metrics["sampling/importance_weight/clipped_fraction"].append(
+        metrics["sampling/importance_sampling_ratio/mean"].append(
+            self.accelerator.gather(per_token.mean()).mean().item()
+        )
+        metrics["sampling/importance_sampling_ratio/clipped_fraction"].append(
             self.accelerator.gather(clipped.float()).mean().item()
         )
 
@@ -262,44 +264,15 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         return logps, entropies, None
 
     def _unconditional_logits(self, model, ids, mask, logits_to_keep):
-        """The guidance branch over each image of each row, as the rollout ran it: one row per image holding its
-        tokens from the image-start token on, positions from 0. Returns (logits (S, L, V), index (B, T)): the flat
-        row ``s * L + l`` whose logits guided each completion target, -1 for targets outside images. Without
-        guidance: (None, None). Every call runs one forward pass (a stand-in row where no image is open), so that
-        ZeRO-3 ranks gather the same parameters."""
+        """The guidance branch's logits over the images of these rows (``logprobs.guidance_rows``) and the index of
+        the row that guided each target; (None, None) without guidance. One forward pass per call, whatever the
+        rows hold, so that ZeRO-3 ranks gather the same parameters."""
         if self._sampler_settings["guidance_scale"] == 1.0:
             return None, None
-        rows, width = ids.size(0), logits_to_keep
-        completions, lengths = ids[:, -width:].tolist(), mask[:, -width:].sum(-1).tolist()
-        last_prompt = ids[:, -width - 1].tolist()
-        segments, targets = [], []  # token lists; (row, first target column, count) per segment
-        for row in range(rows):
-            tokens = completions[row][: lengths[row]]
-            positions = self.engine.image_positions(tokens, last_prompt[row])
-            starts = [i for i, p in enumerate(positions) if p == 0]
-            for start in starts:
-                end = start + 1
-                while end < len(positions) and positions[end] == end - start:
-                    end += 1
-                if end - start > 1:  # the tokens before the image's last one each predict the next
-                    segments.append(tokens[start : end - 1])
-                    targets.append((row, start + 1, end - start - 1))
-        if not segments:
-            segments = [[self.engine.pad_id]]  # nothing guided in these rows: a stand-in keeps the forward count
-        span = max(len(t) for t in segments)
-        uncond_ids = torch.full((len(segments), span), self.engine.pad_id, dtype=torch.long)
-        uncond_mask = torch.zeros((len(segments), span), dtype=torch.long)
-        for i, tokens in enumerate(segments):
-            uncond_ids[i, : len(tokens)] = torch.tensor(tokens)
-            uncond_mask[i, : len(tokens)] = 1
-        uncond_ids, uncond_mask = uncond_ids.to(ids.device), uncond_mask.to(ids.device)
-        positions = torch.arange(span, device=ids.device).expand(len(segments), span)
+        rows = guidance_rows(self.engine, ids, mask, logits_to_keep)
         with self.accelerator.autocast():
-            logits = model(input_ids=uncond_ids, attention_mask=uncond_mask, position_ids=positions).logits
-        index = torch.full((rows, width), -1, dtype=torch.long, device=ids.device)
-        for i, (row, first, count) in enumerate(targets):
-            index[row, first : first + count] = torch.arange(i * span, i * span + count, device=ids.device)
-        return logits, index
+            logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.positions)
+        return logits.logits, rows.index
 
     def _log_sampling_gap(self, logps: torch.Tensor) -> None:
         """In the loss: mean and max |sampling - trained| log-prob over the sampled tokens."""
@@ -311,8 +284,10 @@ class VLCoTGRPOTrainer(GRPOTrainer):
         mean = gap.mean() if gap.numel() else gap.new_zeros(())
         top = gap.max() if gap.numel() else gap.new_zeros(())
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["sampling/logp_gap/mean"].append(self.accelerator.gather(mean).mean().item())
-        self._metrics[mode]["sampling/logp_gap/max"].append(self.accelerator.gather(top).max().item())
+        self._metrics[mode]["sampling/sampling_logp_difference/mean"].append(
+            self.accelerator.gather(mean).mean().item()
+        )
+        self._metrics[mode]["sampling/sampling_logp_difference/max"].append(self.accelerator.gather(top).max().item())
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch):
