@@ -88,3 +88,34 @@ def test_garbage_never_raises(tiny):
     batch = [torch.randint(0, backend.vocab_size, (n,), generator=g) for n in (0, 1, 50, 500)]
     for parse in parse_completions(backend, batch, GRIDS):
         assert not parse.complete and parse.problems
+
+
+def test_the_parser_never_raises_on_random_and_adversarial_ids(tiny):
+    """A property-style fuzz: thousands of sequences mixing tags, codes, text, layout tokens, out-of-range ids
+    (negative, 2**32 and beyond) and absurd image headers; every one parses to problems, never an exception."""
+    import random
+
+    from vlcot_grpo.vlcot import BLOCKS, close_tag, open_tag
+
+    _, tokenizer, backend = tiny
+    rng = random.Random(0)
+    tags = [backend.tag_ids[open_tag(b)] for b in BLOCKS] + [backend.tag_ids[close_tag(b)] for b in BLOCKS]
+    codes = backend.code_token_ids.tolist()
+    layout = backend.layout_token_ids
+    text = backend.encode_text("a cat 12*34 on a rock")
+    weird = [-1, -(2**40), 2**31, 2**32, 2**32 + 5, 2**63 - 1, backend.vocab_size, len(tokenizer) + 3]
+    absurd = backend.encode_text("99999999*99999999") + backend.encode_text("0*5") + backend.encode_text("7*")
+    pools = [tags, codes, layout, text, weird, absurd]
+    grids = {"rough": (2, 2), "middle": (4, 4), "final": (8, 8)}
+    for trial in range(3000):
+        ids = []
+        for _ in range(rng.randint(0, 60)):
+            pool = rng.choice(pools)
+            ids.append(rng.choice(pool))
+        if trial % 3 == 0:  # an image opened with a real header start, then anything
+            template = backend.image_template(rng.randint(1, 3), rng.randint(1, 3)).tolist()
+            ids = [backend.tag_ids["<rough_image>"]] + template[: rng.randint(1, 4)] + absurd + ids
+        parse = parse_completions(backend, [ids], grids if trial % 2 else None, decode_images=trial % 100 == 0)[0]
+        assert isinstance(parse.problems, list)
+        if any(not 0 <= i < backend.vocab_size for i in ids):
+            assert parse.problems or not parse.blocks

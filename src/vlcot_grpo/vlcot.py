@@ -189,6 +189,10 @@ def _parse_one(backend, ids, opener, closer, ignore, stage_grids) -> VLCoTParse:
             if result.error:
                 parse.problems.append(f"<{block.name}> malformed: {result.error}")
         else:
+            vocab = backend.vocab_size
+            invalid = sum(not 0 <= t < vocab for t in content)
+            if invalid:  # decode_text leaves them out
+                parse.problems.append(f"<{block.name}> holds {invalid} out-of-vocabulary ids")
             block.text = backend.decode_text(content).strip()
             if not block.text:
                 block.error = "empty"

@@ -234,6 +234,12 @@ class ImageTokenBackend(ABC):
                 error=f"size tokens announce a {grid[0]}x{grid[1]} grid, expected {expected_grid[0]}x{expected_grid[1]}"
             )
         rows, cols = grid
+        if rows * (cols + len(self._row_end())) > len(ids):  # checked before the template is built: an absurd
+            # header (99999999*99999999) must not allocate it
+            return ImageParse(
+                error=f"truncated image: size tokens announce a {rows}x{cols} grid, but the image has only "
+                f"{len(ids)} tokens"
+            )
         template = self.image_template(rows, cols).tolist()
         prefix_len = len(self._image_prefix(rows, cols))
         row_len = cols + len(self._row_end())
@@ -270,7 +276,10 @@ class ImageTokenBackend(ABC):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode_text(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        """Text of ``ids``; ids outside the vocabulary are left out (the tokenizer raises on ids below 0 or from
+        2**32 on, and a model's output can hold anything)."""
+        ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        return self.tokenizer.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
 
     @property
     def bos_token_ids(self) -> list[int]:
