@@ -50,7 +50,13 @@ class GuardedReward:
             values = self.reward(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
         except Exception as err:
             index = self._first_failing_sample(prompts, completions, completion_ids, kwargs)
-            where = f"on sample {index}" if index is not None else f"on a batch of {n} (but on no single sample)"
+            if index is not None:
+                where = f"on sample {index}"
+            else:  # no sample fails alone: name the one whose joining the batch makes it fail
+                joined = self._first_failing_prefix(prompts, completions, completion_ids, kwargs)
+                where = f"on a batch of {n} (but on no single sample)"
+                if joined is not None:
+                    where += f"; it first fails when sample {joined} joins samples 0-{joined - 1}"
             raise RewardError(f"reward {self.__name__!r} raised {where}: {type(err).__name__}: {err}") from err
         return self._checked(values, n, kwargs)
 
@@ -97,25 +103,40 @@ class GuardedReward:
     def _first_failing_sample(self, prompts, completions, completion_ids, kwargs) -> int | None:
         """Index of the first sample on which the reward raises when called alone; ``None`` if none does."""
         n = len(completions)
-        for i in range(n):
-            one = {key: _pick(value, i, n) for key, value in kwargs.items()}
-            one["log_metric"] = _no_log  # the diagnosis must not pollute the training logs
-            try:
-                self.reward(
-                    prompts=_pick(prompts, i, n),
-                    completions=_pick(completions, i, n),
-                    completion_ids=_pick(completion_ids, i, n),
-                    **one,
-                )
-            except Exception:
-                return i
-        return None
+        return next(
+            (i for i in range(n) if self._raises(slice(i, i + 1), prompts, completions, completion_ids, kwargs)), None
+        )
+
+    def _first_failing_prefix(self, prompts, completions, completion_ids, kwargs) -> int | None:
+        """The first ``i`` such that samples 0..i together make the reward raise (a batch-only failure)."""
+        n = len(completions)
+        return next(
+            (i for i in range(1, n) if self._raises(slice(0, i + 1), prompts, completions, completion_ids, kwargs)),
+            None,
+        )
+
+    def _raises(self, rows: slice, prompts, completions, completion_ids, kwargs) -> bool:
+        n = len(completions)
+        part = {key: _pick(value, rows, n) for key, value in kwargs.items()}
+        part["log_metric"] = _no_log  # the diagnosis must not pollute the training logs
+        try:
+            self.reward(
+                prompts=_pick(prompts, rows, n),
+                completions=_pick(completions, rows, n),
+                completion_ids=_pick(completion_ids, rows, n),
+                **part,
+            )
+        except Exception:
+            return True
+        return False
 
 
-def _pick(value, i: int, n: int):
-    """Sample ``i`` of a per-sample column (a list/tuple of length ``n``), as a one-element list; else unchanged."""
+def _pick(value, rows: slice, n: int):
+    """``rows`` of a per-sample column (a list, tuple, tensor or array of length ``n``); anything else unchanged."""
     if isinstance(value, (list, tuple)) and len(value) == n:
-        return [value[i]]
+        return list(value[rows])
+    if hasattr(value, "shape") and getattr(value, "ndim", 0) >= 1 and len(value) == n:
+        return value[rows]
     return value
 
 

@@ -73,3 +73,12 @@ def test_length_limit_below_a_complete_chain_is_refused(tmp_path):
         ValueError, match=r"max_completion_length=40 cannot hold a complete VLCoT chain.*take \d+ tokens"
     ):
         grpo.main(_argv(tmp_path, "--max_completion_length", "40", "--max_steps", "1"))
+
+
+def test_the_dataset_is_checked_before_the_model_loads(tmp_path):
+    """A wrong dataset path fails first, in seconds, and names the dataset (the model path is wrong too here)."""
+    argv = _argv(tmp_path, "--dataset_name", str(tmp_path / "no-data"), "--build_tiny_model", "false")
+    with pytest.raises(FileNotFoundError, match="dataset_name .*no-data"):
+        grpo.main(argv)
+    with pytest.raises(FileNotFoundError, match="no such folder"):  # then the model, with a message of its own
+        grpo.main(_argv(tmp_path, "--model_name_or_path", str(tmp_path / "a" / "b"), "--build_tiny_model", "false"))

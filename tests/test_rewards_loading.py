@@ -210,3 +210,28 @@ def test_guard_keeps_the_name_forwards_prepare_and_accepts_tensors():
     assert call(guarded, ["a", "b"]) == [1.0, 1.0]
     guard_reward(fails_on_the_word_boom).prepare("cpu")  # no prepare on the inner reward: nothing to do
     assert guard_reward(guarded, "renamed").reward is inner  # never wrapped twice
+
+
+def test_a_failure_that_needs_its_batch_names_the_sample_that_joins_it():
+    """Sample 2 fails only in a batch of three or more (a reward that reads a batch-level statistic, say): no sample
+    fails alone, but the report names sample 2."""
+
+    def breaks_after_two(prompts, completions, completion_ids, **kwargs):
+        if len(completions) > 2 and completions[2] == "x":
+            raise RuntimeError("third")
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"no single sample\); it first fails when sample 2 joins samples 0-1"):
+        call(guard_reward(breaks_after_two, "batchy"), ["a", "b", "x", "d"])
+
+
+def test_tensor_columns_are_split_per_sample_when_diagnosing():
+    import torch
+
+    def reads_a_tensor_column(prompts, completions, completion_ids, scores, **kwargs):
+        if (scores < 0).any():
+            raise ValueError("negative score")
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match="on sample 2"):
+        call(guard_reward(reads_a_tensor_column, "t"), ["a", "b", "c"], scores=torch.tensor([1.0, 2.0, -1.0]))

@@ -86,3 +86,43 @@ def test_missing_split_is_named(tmp_path):
     with pytest.raises(KeyError, match="no split 'train'; it has \\['test'\\]"):
         load_train_dataset(SharedScriptArguments(dataset_name=str(folder)), _Args(prompt_template=DEFAULT_PROMPT))
     assert json.loads((folder / "dataset_dict.json").read_text())["splits"] == ["test"]
+
+
+def test_resume_last_skips_a_half_written_checkpoint(tmp_path, caplog):
+    """A run killed while saving checkpoint-4 leaves it without trainer_state.json (written last): 'last' takes
+    checkpoint-2 and names checkpoint-4."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from vlcot_grpo.script_utils import resume_checkpoint
+
+    for step, complete in ((2, True), (4, False), (10, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 10)
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 1')  # cut off mid-write
+    args = SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="vlcot_grpo"):
+        assert resume_checkpoint(args) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-10" in caplog.text and "checkpoint-4" in caplog.text and "incomplete" in caplog.text
+    with pytest.raises(ValueError, match="checkpoint-4 is incomplete"):
+        resume_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-4"), output_dir=""))
+
+
+@pytest.mark.parametrize(
+    "path,message",
+    [
+        ("outputs/emu3/sft", "no such folder .a local path"),
+        ("./model", "no such folder"),
+        ("org/name", "HF_HUB_OFFLINE"),
+    ],
+)
+def test_a_missing_model_folder_is_named_as_such(path, message, monkeypatch):
+    from vlcot_grpo.script_utils import check_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=message):
+        check_model_path(path)

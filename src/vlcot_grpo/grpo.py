@@ -91,10 +91,12 @@ def main(argv=None) -> Path:
     from vlcot_grpo.plots import plot_rewards
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
-    model, tokenizer = load_policy(model_args, training_args, script_args)
-    check_completion_budget(model, tokenizer, training_args)
+    # what can be checked without the model first: a bad dataset, reward or checkpoint path fails in seconds
     dataset = load_train_dataset(script_args, training_args)
     rewards = build_rewards(script_args, training_args)
+    resume = resume_checkpoint(training_args)
+    model, tokenizer = load_policy(model_args, training_args, script_args)
+    check_completion_budget(model, tokenizer, training_args)
     trainer = VLCoTGRPOTrainer(
         model=model,
         reward_funcs=rewards,
@@ -116,7 +118,7 @@ def main(argv=None) -> Path:
         static and rollout.resolved_fuse(device),
         trainer._merge_for_rollouts,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=resume)
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:

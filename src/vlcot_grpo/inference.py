@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vlcot_grpo.data.dataset import ACCEPTED_FORMATS, BadImageError, open_rgb_image
 from vlcot_grpo.models import load_backend, load_model
 from vlcot_grpo.rollout import ENGINES, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES, VLCoTParse, encode_prompt, parse_completions
@@ -135,14 +136,16 @@ def upscale_main(argv=None) -> int:
     from vlcot_grpo.pictures import sample_picture
 
     failures = 0
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start : start + args.batch_size]
-        images = []
-        for f in chunk:
-            try:
-                images.append(Image.open(f).convert("RGB"))
-            except OSError as err:
-                raise OSError(f"cannot read input image {f}: {err}") from None
+    readable, skipped = [], []
+    for f in files:  # opened once up front (accepted formats only): a bad file is named and left out, not fatal
+        try:
+            readable.append((f, open_rgb_image(f)))
+        except (BadImageError, OSError) as err:
+            skipped.append(f)
+            logger.warning("skipping input %s: %s", f, err)
+    for start in range(0, len(readable), args.batch_size):
+        chunk, images = zip(*readable[start : start + args.batch_size])
+        chunk, images = list(chunk), list(images)
         for path, image, result in zip(
             chunk,
             images,
@@ -159,8 +162,13 @@ def upscale_main(argv=None) -> int:
                 logger.warning("%s: no well-formed final image: %s", path, "; ".join(result.problems))
             sample_picture(image, result.parse.images, result.parse.texts, {}).save(out / f"{path.stem}_chain.png")
             (out / f"{path.stem}.json").write_text(json.dumps(record, indent=2))
-    print(f"upscaled {len(files) - failures} of {len(files)} images into {out}")
-    return 1 if failures else 0
+    print(f"upscaled {len(readable) - failures} of {len(files)} images into {out}")
+    if skipped:
+        print(
+            f"skipped {len(skipped)} unreadable inputs (accepted formats: {', '.join(ACCEPTED_FORMATS)}): "
+            + ", ".join(str(f) for f in skipped)
+        )
+    return 1 if failures or skipped else 0
 
 
 def evaluate_pairs(sr_dir: Path, hr_dir: Path, metrics: list[str], device: str = "cpu") -> dict:
@@ -174,18 +182,26 @@ def evaluate_pairs(sr_dir: Path, hr_dir: Path, metrics: list[str], device: str =
     if not pairs:
         raise FileNotFoundError(f"no SR image in {sr_dir} has an HR image of the same name in {hr_dir}")
     per_image: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
     created = {name: pyiqa.create_metric(name, device=device) for name in metrics}
     for stem in pairs:
-        sr = Image.open(sr_files[stem]).convert("RGB")
-        hr = Image.open(hr_files[stem]).convert("RGB").resize(sr.size, Image.Resampling.BICUBIC)
+        try:  # accepted formats only; a file that fails is named in the result, never silently left out
+            sr = open_rgb_image(sr_files[stem])
+            hr = open_rgb_image(hr_files[stem]).resize(sr.size, Image.Resampling.BICUBIC)
+        except (BadImageError, OSError) as err:
+            failed[stem] = str(err)
+            continue
         sr_t, hr_t = to_tensor(sr)[None].to(device), to_tensor(hr)[None].to(device)
         scores = {}
         for name, metric in created.items():
             value = metric(sr_t, hr_t) if metric.metric_mode == "FR" else metric(sr_t)
             scores[name] = float(value.item())
         per_image[stem] = scores
+    if not per_image:
+        raise ValueError(f"no SR/HR pair could be read: {failed}")
     mean = {name: sum(s[name] for s in per_image.values()) / len(per_image) for name in metrics}
-    return {"mean": mean, "per_image": per_image, "missing_hr": sorted(set(sr_files) - set(hr_files))}
+    missing = sorted(set(sr_files) - set(hr_files))
+    return {"mean": mean, "per_image": per_image, "missing_hr": missing, "failed": failed}
 
 
 def evaluate_main(argv=None) -> int:
@@ -201,6 +217,8 @@ def evaluate_main(argv=None) -> int:
         print(f"{name:>12}: {value:.4f}  (mean over {len(result['per_image'])} images)")
     if result["missing_hr"]:
         print(f"no HR image for: {', '.join(result['missing_hr'])}")
+    for stem, why in result["failed"].items():
+        print(f"not scored: {stem}: {why}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0

@@ -58,6 +58,7 @@ def load_policy(model_args, training_args, data_args):
         raise ValueError("model_name_or_path is required (a checkpoint folder or hub id)")
     if data_args.build_tiny_model:
         _ensure_tiny_model(path, data_args.tiny_model_spec, training_args)
+    check_model_path(path)
     dtype = model_args.dtype
     if dtype not in (None, "auto"):
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
@@ -69,6 +70,26 @@ def load_policy(model_args, training_args, data_args):
     model = load_model(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def check_model_path(path: str) -> None:
+    """A ``model_name_or_path`` that is no local folder gets a message saying so, not the Hub's "Repo id must be in
+    the form 'repo_name' or 'namespace/repo_name'" (or, offline, a failed download)."""
+    import os
+
+    if Path(path).is_dir():
+        return
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if Path(path).exists():
+        raise NotADirectoryError(f"model_name_or_path {path!r} is a file; it must be a checkpoint folder or a Hub id")
+    if looks_local:
+        raise FileNotFoundError(f"model_name_or_path {path!r}: no such folder (a local path, not a Hub id)")
+    if offline:
+        raise FileNotFoundError(
+            f"model_name_or_path {path!r}: no such local folder, and HF_HUB_OFFLINE is set, so it is not fetched as a "
+            "Hub id either"
+        )
 
 
 def _ensure_tiny_model(path: str, spec_fields, training_args) -> None:
@@ -151,18 +172,50 @@ def log_distribution(trainer) -> None:
 
 
 def resume_checkpoint(training_args) -> str | None:
-    """``resume_from_checkpoint`` resolved: a path, or ``true``/``last`` = the newest checkpoint in output_dir."""
+    """``resume_from_checkpoint`` resolved: a path, or ``true``/``last`` = the newest *complete* checkpoint in
+    output_dir (``checkpoint_is_complete``); newer incomplete ones are skipped with a warning naming them."""
     value = training_args.resume_from_checkpoint
     if value in (None, "", "false", "False"):
         return None
     if str(value).lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
         out = Path(training_args.output_dir)
-        last = get_last_checkpoint(str(out)) if out.exists() else None
-        if last is None:
-            logger.warning("resume_from_checkpoint=%s but %s has no checkpoint: starting fresh", value, out)
-        return last
+        found = (
+            sorted(
+                (p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                key=lambda p: int(p.name.split("-")[-1]),
+                reverse=True,
+            )
+            if out.is_dir()
+            else []
+        )
+        for checkpoint in found:
+            if checkpoint_is_complete(checkpoint):
+                return str(checkpoint)
+            logger.warning(
+                "resume_from_checkpoint=%s: skipping %s, which is incomplete (no readable %s: the run was probably "
+                "stopped while saving it)",
+                value,
+                checkpoint,
+                TRAINER_STATE,
+            )
+        logger.warning("resume_from_checkpoint=%s but %s has no complete checkpoint: starting fresh", value, out)
+        return None
     if not Path(value).exists():
         raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
+    if not checkpoint_is_complete(Path(value)):
+        raise ValueError(f"resume_from_checkpoint: {value} is incomplete (no readable {TRAINER_STATE})")
     return value
+
+
+#: transformers' Trainer writes this last when it saves a checkpoint (after the weights, optimizer, scheduler and
+#: RNG states), so a checkpoint is complete when it is there and parses
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint whose save finished: its trainer state is there and is valid JSON."""
+    try:
+        json.loads((folder / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True

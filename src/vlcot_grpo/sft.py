@@ -26,7 +26,7 @@ import datasets
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from vlcot_grpo.models import load_backend, load_model
+from vlcot_grpo.models import load_backend, load_checkpoint_weights, load_model
 from vlcot_grpo.script_utils import (
     SharedScriptArguments,
     load_policy,
@@ -181,6 +181,11 @@ class VLCoTSFTTrainer(SFTTrainer):
             batch_size=args.trace_batch_size,
         )
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # a full model's checkpoint through from_pretrained (see load_checkpoint_weights); adapters as transformers
+        if not load_checkpoint_weights(model if model is not None else self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     # ----- the image-weighted loss -----------------------------------------------------------------------------
     def token_weights(self, labels: torch.Tensor) -> torch.Tensor:
         """Per-token loss weights for next-token ``labels`` (-100 = no loss): image codes get ``image_loss_weight``,
@@ -325,16 +330,19 @@ def main(argv=None) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     script_args, training_args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # what can be checked without the model first: a bad dataset or checkpoint path fails in seconds
+    dataset = load_train_dataset(script_args, training_args)
+    resume = resume_checkpoint(training_args)
     model, tokenizer = load_policy(model_args, training_args, script_args)
     trainer = VLCoTSFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=load_train_dataset(script_args, training_args),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model),
     )
     log_distribution(trainer)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=resume)
     output_dir = save_for_grpo(trainer, tokenizer, model_args.model_name_or_path)
     if trainer.accelerator.is_main_process:
         print(f"SFT done. GRPO loads: model_name_or_path: {output_dir}")

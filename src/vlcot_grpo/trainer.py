@@ -35,7 +35,7 @@ from vlcot_grpo.adapters import merged_adapters, quantized_base  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
 from vlcot_grpo.fast_rollout import sampler_settings  # noqa: E402
 from vlcot_grpo.logprobs import completion_logps, guidance_rows, importance_weights, sampled_logps  # noqa: E402
-from vlcot_grpo.models import load_backend  # noqa: E402
+from vlcot_grpo.models import load_backend, load_checkpoint_weights  # noqa: E402
 from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
 from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E402
 
@@ -288,6 +288,11 @@ class VLCoTGRPOTrainer(GRPOTrainer):
             self.accelerator.gather(mean).mean().item()
         )
         self._metrics[mode]["sampling/sampling_logp_difference/max"].append(self.accelerator.gather(top).max().item())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # a full model's checkpoint through from_pretrained (see load_checkpoint_weights); adapters as transformers
+        if not load_checkpoint_weights(model if model is not None else self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -68,14 +69,98 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+#: written into every dataset folder prepare-data saves: how it was made, and the mark that --overwrite may replace it
+MARKER_FILE = "prepare_data.json"
+#: what Dataset.save_to_disk writes (a folder of only these was written by an older prepare-data)
+_DATASET_FILES = ("dataset_info.json", "state.json")
+
+
+def _previous(out: Path) -> Path:
+    """Where --overwrite keeps the old dataset while the new one is swapped in."""
+    return out.parent / f".{out.name}.previous"
+
+
+def is_prepared_dataset(folder: Path) -> bool:
+    """Whether ``folder`` holds a dataset prepare-data wrote (its marker, or only ``save_to_disk``'s files)."""
+    if (folder / MARKER_FILE).is_file():
+        return True
+    names = [p.name for p in folder.iterdir()]
+    expected = set(_DATASET_FILES) | {MARKER_FILE}
+    return all(n in expected or (n.startswith("data-") and n.endswith(".arrow")) for n in names) and all(
+        n in names for n in _DATASET_FILES
+    )
+
+
+def _check_out(hr_dir: Path, out: Path, overwrite: bool) -> str | None:
+    """Why ``--out`` may not be written, or None."""
+    hr, target = hr_dir.resolve(), out.resolve()
+    if target == hr or hr in target.parents:
+        return f"--out {out} is the --hr-dir folder or inside it: the dataset would be written among the photos"
+    if target in hr.parents:
+        return f"--out {out} contains --hr-dir {hr_dir}: --overwrite would delete the photos"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            return f"--out {out} exists and is not empty; pass --overwrite to replace it"
+        if not is_prepared_dataset(out):
+            return (
+                f"--out {out} is not a dataset written by prepare-data (no {MARKER_FILE}, and other files than "
+                "Dataset.save_to_disk's): refusing to replace it; choose another folder or empty this one yourself"
+            )
+    return None
+
+
+def recover_interrupted(out: Path) -> str | None:
+    """Finish what an interrupted ``--overwrite`` left: the old dataset back in place if the new one never arrived,
+    leftovers removed. Returns a sentence saying what was done, or None."""
+    previous, said = _previous(out), None
+    if previous.is_dir():
+        if out.exists():
+            shutil.rmtree(previous)  # the new dataset arrived; only the clean-up was cut short
+        else:
+            os.replace(previous, out)
+            said = f"an earlier --overwrite of {out} was interrupted; its previous dataset is back in place"
+    for partial in out.parent.glob(f".{out.name}.new-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    return said
+
+
+def save_atomically(dataset, out: Path, marker: dict) -> None:
+    """Write ``dataset`` next to ``out`` and swap it in, so that at every moment ``out`` holds the old or the new
+    dataset complete, or (for the instant between the two renames) the old one waits complete at
+    ``.NAME.previous``, which ``recover_interrupted`` (run by every prepare-data) puts back."""
+    staging = out.parent / f".{out.name}.new-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    dataset.save_to_disk(str(staging))
+    (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True))
+    if out.exists():
+        os.replace(out, _previous(out))
+        os.replace(staging, out)
+        shutil.rmtree(_previous(out))
+    else:
+        os.replace(staging, out)
+
+
 def run_prepare_data(args: argparse.Namespace) -> int:
     """Build and save the dataset; print the summary. Returns the process exit code (0 = success)."""
     hr_dir = Path(args.hr_dir)
     if not hr_dir.is_dir():
         return _fail(f"--hr-dir {hr_dir} is not a folder", 2)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        return _fail(f"--out {out} exists and is not empty; pass --overwrite to replace it", 2)
+    if args.lr_size is None and args.hr_size % args.scale:
+        return _fail(
+            f"--hr-size {args.hr_size} is not a multiple of --scale {args.scale} (the LR image would be "
+            f"{args.hr_size / args.scale:.2f} pixels); choose sizes that divide, or set --lr-size",
+            2,
+        )
+    recovered = recover_interrupted(out)
+    if recovered:
+        print(f"prepare-data: {recovered}", file=sys.stderr)
+    problem = _check_out(hr_dir, out, args.overwrite)
+    if problem:
+        return _fail(problem, 2)
 
     prompt = None
     if args.prompt_file:
@@ -116,9 +201,9 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     print(summary.format())
     if len(dataset) == 0:
         return _fail(f"no usable images in {hr_dir}; nothing saved")
-    if out.exists() and args.overwrite:
-        shutil.rmtree(out)
-    dataset.save_to_disk(str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    marker = {"hr_dir": str(hr_dir.resolve()), "samples": len(dataset), "arguments": vars(args)}
+    save_atomically(dataset, out, json.loads(json.dumps(marker, default=str)))
     print(f"saved {len(dataset)} samples with columns {dataset.column_names} to {out}")
     return 0
 

@@ -79,9 +79,12 @@ CACHE_FORMAT_VERSION = 1
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2"}
 )
+#: The image formats opened, by PIL format name: only their decoders run, whatever a file's extension says (PIL
+#: would otherwise pick any of its plugins from the bytes, EPS through Ghostscript included).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "JPEG2000")
 #: Name of the folder-wide annotation file: {"file name": {"tags": [...], "caption": "..."} or [tags]}.
 FOLDER_ANNOTATIONS_FILE = "tags.json"
-SKIP_REASONS: tuple[str, ...] = ("corrupt", "not_an_image", "too_small", "too_large", "duplicate")
+SKIP_REASONS: tuple[str, ...] = ("corrupt", "not_an_image", "too_small", "too_large", "duplicate", "not_a_file")
 #: PNG compression of the cached images: level 1 is ~3x faster than the default 6 and only ~10 % larger on photos.
 _PNG_COMPRESS_LEVEL = 1
 _STAGES = ("rough", "middle", "final")
@@ -220,15 +223,21 @@ def read_rgb_image(
         with warnings.catch_warnings():
             # We check the size ourselves right below, with a clearer message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as error:
         raise BadImageError(
             source, "too_large", f"refused by PIL as a possible decompression bomb ({error})"
         ) from None
     except UnidentifiedImageError:
+        accepted = ", ".join(ACCEPTED_FORMATS)
         if has_image_extension:
-            raise BadImageError(source, "corrupt", "cannot be decoded as an image (corrupt file?)") from None
-        raise BadImageError(source, "not_an_image", "not an image file") from None
+            raise BadImageError(
+                source,
+                "corrupt",
+                f"cannot be decoded as an image of an accepted format ({accepted}): corrupt, or "
+                "another format under an image file name?",
+            ) from None
+        raise BadImageError(source, "not_an_image", f"not an image file of an accepted format ({accepted})") from None
     width, height = image.size
     if width * height > limit:
         raise BadImageError(
@@ -251,6 +260,12 @@ def read_rgb_image(
             source, "corrupt", f"cannot be decoded ({type(error).__name__}: {error}); truncated or corrupt file?"
         ) from None
     return to_rgb8(image)
+
+
+def open_rgb_image(path: str | Path, max_image_pixels: int | None = None) -> Image.Image:
+    """The image file at ``path`` as 8-bit RGB, through ``read_rgb_image`` (accepted formats only); raises
+    :class:`BadImageError` naming the file, or OSError when it cannot be read."""
+    return read_rgb_image(Path(path).read_bytes(), str(path), max_image_pixels)
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -321,6 +336,7 @@ class _Item:
     path: str | None = None
     data: bytes | None = None
     read_error: str | None = None  # set when the file could not even be read (permissions, I/O error)
+    read_reason: str = "corrupt"  # the skip reason that goes with read_error
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -440,15 +456,23 @@ def _folder_annotations(folder: Path, image_path: Path, folder_files: dict[Path,
 
 
 def _folder_items(folder: Path) -> Iterator[tuple[_Item, _Annotation]]:
-    """Every non-hidden, non-JSON file under ``folder``, sorted by relative path."""
+    """Every non-hidden, non-JSON file under ``folder``, sorted by relative path; a dangling link, or a folder named
+    like an image, comes as an item that cannot be read (so that the summary names it)."""
     annotation_tables: dict[Path, Any] = {}
-    paths = sorted(
-        (path for path in folder.rglob("*") if path.is_file()), key=lambda path: path.relative_to(folder).as_posix()
-    )
+    paths = sorted(folder.rglob("*"), key=lambda path: path.relative_to(folder).as_posix())
     for path in paths:
         relative = path.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() == ".json":
             continue  # hidden files and annotation sidecars
+        if not path.is_file():
+            if path.is_dir() and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue  # an ordinary subfolder: its files are listed on their own
+            what = "a folder named like an image file" if path.is_dir() else "not a regular file (a dangling link?)"
+            yield (
+                _Item(relative.as_posix(), "", path=str(path), read_error=what, read_reason="not_a_file"),
+                _Annotation(),
+            )
+            continue
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -665,7 +689,7 @@ def build_vlcot_dataset_with_summary(
     first_with_hash: dict[str, str] = {}
     for item, annotation in inputs:
         if item.read_error is not None:
-            skip(item.source, "corrupt", f"cannot read the file ({item.read_error})")
+            skip(item.source, item.read_reason, f"cannot read the file ({item.read_error})")
         elif item.content_hash in first_with_hash:
             skip(item.source, "duplicate", f"same content as {first_with_hash[item.content_hash]}")
         else:

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from vlcot_grpo.data.dataset import StageSizes, build_vlcot_dataset
+from vlcot_grpo.data.dataset import StageSizes, build_vlcot_dataset, read_rgb_image
 
 ANNOTATIONS_FILE = "demo_annotations.json"
 
@@ -58,7 +58,7 @@ def load_demo_image(name: str) -> Image.Image:
     """One demo photo by name (e.g. "chelsea") as an RGB PIL image."""
     for entry in demo_annotations():
         if entry["name"] == name:
-            return Image.open(io.BytesIO(load_demo_image_bytes(entry["loader"]))).convert("RGB")
+            return read_rgb_image(load_demo_image_bytes(entry["loader"]), entry["loader"])
     raise KeyError(f"no demo image {name!r}; available: {[entry['name'] for entry in demo_annotations()]}")
 
 

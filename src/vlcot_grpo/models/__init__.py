@@ -24,6 +24,25 @@ def load_model(path: str, **from_pretrained_kwargs):
         return BACKENDS[model_type].model_class.from_pretrained(path, **from_pretrained_kwargs)
 
 
+def load_checkpoint_weights(model, folder: str) -> bool:
+    """Load a Trainer checkpoint's full model weights into ``model`` through ``from_pretrained``; False (nothing
+    done) for a PEFT model or a folder without a ``config.json``.
+
+    Why not transformers' ``Trainer._load_from_checkpoint``: transformers 5 saves some families (Emu3 among them)
+    under their original checkpoint key names (``text_model.model.layers...``), and the Trainer loads a checkpoint
+    with a plain non-strict ``load_state_dict``, which then silently loads none of the language model: a resumed
+    full fine-tune went on from the base weights. ``from_pretrained`` maps the names back; the load is strict."""
+    from pathlib import Path
+
+    if hasattr(model, "peft_config") or not (Path(folder) / "config.json").is_file():
+        return False
+    reference = next(model.parameters())
+    with without_zero3_init():
+        saved = type(model).from_pretrained(folder, dtype=reference.dtype)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    return True
+
+
 def load_backend(model, tokenizer) -> ImageTokenBackend:
     """The backend for ``model`` (a transformers model, possibly wrapped by PEFT or DeepSpeed)."""
     model_type = getattr(unwrap_model(model).config, "model_type", None)
@@ -42,6 +61,7 @@ __all__ = [
     "ImageParse",
     "ImageTokenBackend",
     "load_backend",
+    "load_checkpoint_weights",
     "load_model",
     "unwrap_model",
 ]
