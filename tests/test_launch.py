@@ -1,12 +1,14 @@
-"""GRPO and SFT through `accelerate launch`: real DeepSpeed ZeRO on the CPU (one process), and GRPO on two CPU
-processes. Slow: `make test-slow`."""
+"""GRPO and SFT through `accelerate launch`: real DeepSpeed ZeRO on the CPU (one and two ranks, with kill and resume),
+and GRPO on two CPU processes over gloo. Slow: `make test-slow`."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,8 +18,9 @@ SMALL = ["--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_
 
 def launch(tmp_path, zero: str, method: str, *extra, fails: bool = False, processes: int = 1) -> str:
     """Run `accelerate launch -m vlcot_grpo.<method>` on the tiny demo recipe; returns the log, fails on an error
-    (or, ``fails``, on a run that does not fail). ``zero``: a DeepSpeed config of accelerate_configs/ (one process:
-    accelerate does not run DeepSpeed on several CPU processes), or "cpu": ``processes`` CPU processes over gloo."""
+    (or, ``fails``, on a run that does not fail). ``zero``: a DeepSpeed config of accelerate_configs/ on
+    ``processes`` CPU ranks (DeepSpeed's shared-memory communication op, built on first use), or "cpu":
+    ``processes`` CPU processes over gloo without DeepSpeed."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     accelerate = Path(sys.executable).with_name("accelerate")
     if zero == "cpu":  # accelerate's multi-GPU launcher starts the processes; use_cpu makes them gloo CPU ranks
@@ -25,8 +28,8 @@ def launch(tmp_path, zero: str, method: str, *extra, fails: bool = False, proces
         device = ["--use_cpu", "true"]
     else:
         config = str(ROOT / "accelerate_configs" / f"{zero}.yaml")
-        where = ["--config_file", config, "--num_processes", "1", "--mixed_precision", "no"]
-        device = ["--use_cpu", "false"]
+        where = ["--config_file", config, "--num_processes", str(processes), "--mixed_precision", "no"]
+        device = ["--use_cpu", "false" if processes == 1 else "true"]
     cmd = [
         str(accelerate), "launch", *where,
         "-m", f"vlcot_grpo.{method}", "--config", str(ROOT / "recipes" / "tiny-emu3" / method / "config_demo.yaml"),
@@ -98,3 +101,55 @@ def test_sft_under_accelerate_launch_with_deepspeed(tmp_path, zero):
     assert "format-valid rate of 1 greedy rollouts" in log, log[-2000:]
     assert AutoConfig.from_pretrained(tmp_path / "out").model_type == "emu3"  # a full model GRPO can load
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (checkpoint / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(checkpoint / name))
+
+
+def _kill_after_checkpoint_2(out: Path) -> dict:
+    """The disk as a kill while checkpoint-4 was being saved leaves it: its trainer state (written last) missing,
+    no final model. Returns the uninterrupted run's checkpoint-4 weights to compare the resumed run with."""
+    want = _weights(out / "checkpoint-4")
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    for final in ("adapter_model.safetensors", "model.safetensors", "rewards.png"):
+        (out / final).unlink(missing_ok=True)
+    return want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "zero,lora", [("zero3", True), ("zero3", False), ("zero2", True)], ids=["z3-lora", "z3-full", "z2-lora"]
+)
+def test_grpo_on_two_deepspeed_ranks_resumes_exactly(tmp_path, zero, lora):
+    """Two DeepSpeed ranks on the CPU: each rolls out its own prompts with the static engine (ZeRO-3: on weights
+    gathered once per rollout) to its own length; killed while saving checkpoint-4 and resumed from 'last' (which
+    skips the half-written checkpoint-4), the run ends with the uninterrupted run's weights."""
+    steps = ["--max_steps", "4", "--save_steps", "2", "--image_log_steps", "0", "--max_completion_length", "200"]
+    extra = [*steps, "--rollout_engine", "static", "--use_peft", str(lora).lower(), "--learning_rate", "1e-3"]
+    log = launch(tmp_path, zero, "grpo", *extra, processes=2)
+    assert log.count("distributed: DistributedType.DEEPSPEED, processes: 2, deepspeed: True") == 2, log[-3000:]
+    lengths = re.findall(r"rank (\d): rolled out \d+ completions, the longest (\d+) tokens", log)
+    by_rank = {rank: [int(n) for r, n in lengths if r == rank] for rank in ("0", "1")}
+    assert all(len(v) == 4 for v in by_rank.values()), lengths
+    assert by_rank["0"] != by_rank["1"], by_rank  # the ranks decoded different numbers of steps, and did not hang
+    want = _kill_after_checkpoint_2(tmp_path / "out")
+    log = launch(tmp_path, zero, "grpo", *extra, "--resume_from_checkpoint", "last", processes=2)
+    assert "skipping" in log and "checkpoint-4, which is incomplete" in log, log[-3000:]
+    got = _weights(tmp_path / "out" / "checkpoint-4")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero3", "zero2"])
+def test_sft_on_two_deepspeed_ranks_resumes_exactly(tmp_path, zero):
+    extra = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--format_check_samples", "0"]
+    launch(tmp_path, zero, "sft", *extra, processes=2)
+    want = _kill_after_checkpoint_2(tmp_path / "out")
+    log = launch(tmp_path, zero, "sft", *extra, "--resume_from_checkpoint", "last", processes=2)
+    assert "checkpoint-4, which is incomplete" in log, log[-3000:]
+    got = _weights(tmp_path / "out" / "checkpoint-4")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

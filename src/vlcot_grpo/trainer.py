@@ -181,6 +181,14 @@ class VLCoTGRPOTrainer(GRPOTrainer):
             parses = parse_completions(self.backend, batch.completion_ids, self.stage_grids)
         self._scoring = {"sampling_top_k": batch.top_k}
         self._rollout_seconds = time.perf_counter() - start
+        # per rank (each rolls out its own prompts, to its own length): the metrics below are the main rank's
+        logger.info(
+            "rank %d: rolled out %d completions, the longest %d tokens, in %.1f s",
+            self.accelerator.process_index,
+            len(batch.completion_ids),
+            max(len(c) for c in batch.completion_ids),
+            self._rollout_seconds,
+        )
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         metrics["vlcot/format_valid_rate"].append(sum(p.complete for p in parses) / len(parses))
