@@ -594,7 +594,7 @@ class _Scorer:
     """The trainer's log-prob pass over one rollout batch, for a given sampler_correction."""
 
     def __init__(self, peft_model, backend, batch, ids, mask, length, config, device):
-        from vlcot_grpo.fast_rollout import sampler_settings
+        from vlcot_grpo.sampling import sampler_settings
 
         self.model, self.backend, self.ids, self.mask, self.length = peft_model, backend, ids, mask, length
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from vlcot_grpo.models import CODE
-from vlcot_grpo.sampling import code_scores, log_prob_of, text_scores
+from vlcot_grpo.sampling import log_prob_of, sampler_settings, step_scores
 from vlcot_grpo.vlcot import STAGES
 
 logger = logging.getLogger(__name__)
@@ -356,33 +356,12 @@ def _attention_implementation(model, name: str):
 
 
 # ----- sampling ------------------------------------------------------------------------------------------------------
-def sample_tokens(logits, uncond_logits, text_mask, code_mask, text_noise, code_noise, *, do_sample, **settings):
-    """This step's text token and image code per row, as ``RolloutEngine`` draws them (``vlcot_grpo.sampling``)
+def sample_tokens(logits, uncond_logits, text_mask, code_mask, text_noise, code_noise, *, do_sample, settings):
+    """This step's text token and image code per row, as ``RolloutEngine`` draws them (``sampling.step_scores``)
     but without a host sync: an exponential race on the noise. Returns (text token, its sampling log-prob, code,
-    its sampling log-prob, the codes' top-k). ``settings``: ``sampler_settings(config)``."""
-    text = text_scores(
-        logits,
-        text_mask,
-        temperature=settings["text_temperature"],
-        top_k=settings["text_top_k"],
-        top_p=settings["text_top_p"],
-        min_p=settings["text_min_p"],
-    )
-    codes, k = code_scores(
-        logits,
-        uncond_logits,
-        code_mask,
-        guidance_scale=settings["guidance_scale"],
-        temperature=settings["image_temperature"],
-        top_k=settings["image_top_k"],
-    )
+    its sampling log-prob, the codes' top-k)."""
+    text, codes, k = step_scores(logits, uncond_logits, text_mask, code_mask, settings)
     return (*_race(text, text_noise, do_sample), *_race(codes, code_noise, do_sample), k)
-
-
-def sampler_settings(config) -> dict:
-    """The ``RolloutConfig`` fields ``sample_tokens`` reads, as plain numbers (constants to ``torch.compile``)."""
-    names = ("guidance_scale", "text_temperature", "text_top_k", "text_top_p", "text_min_p")
-    return {name: getattr(config, name) for name in names + ("image_temperature", "image_top_k")}
 
 
 def _race(scores, noise, do_sample):
@@ -790,7 +769,7 @@ class StaticDecoder:
             s["text_noise"],
             s["code_noise"],
             do_sample=cfg.do_sample,
-            **self.sampler_settings,
+            settings=self.sampler_settings,
         )
         token = torch.where(is_code, code_tok, torch.where(is_forced, forced, text_tok))
         token = torch.where(done, torch.full_like(token, eng.pad_id), token)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from vlcot_grpo.sampling import code_scores, text_scores
+from vlcot_grpo.sampling import step_scores
 
 
 def completion_logps(
@@ -40,17 +40,25 @@ def completion_logps(
     code_mask = code_mask.to(logits.device)
     text_mask = text_mask.to(logits.device)
     settings = (code_mask, text_mask, float(text_temperature), float(image_temperature), restricted, compute_entropy)
-    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _chunked(_chunk_logps, logits, targets, (), settings, compute_entropy, chunk_tokens, logits.requires_grad)
+
+
+def _chunked(fn, logits, targets, per_position, shared, compute_entropy, chunk_tokens, with_grad):
+    """``fn(logits piece, targets piece, *per_position pieces, *shared)`` over pieces of ``chunk_tokens`` positions,
+    each under activation checkpointing when gradients flow; the pieces' (log-probs, entropies) joined to (B, T).
+    Row by row, then along the row: every piece is a view of ``logits`` (flattening a sliced batch would copy it);
+    a ``per_position`` entry is a (B, T) tensor cut the same way, or None."""
+    with_grad = torch.is_grad_enabled() and with_grad
     step = max(1, chunk_tokens)
     logps, entropies = [], []
-    # row by row, then along the row: every piece is a view of ``logits`` (flattening a sliced batch would copy it)
     for row in range(logits.shape[0]):
         for start in range(0, logits.shape[1], step):
-            piece = (logits[row, start : start + step], targets[row, start : start + step])
+            cut = slice(start, start + step)
+            pieces = [logits[row, cut], targets[row, cut]] + [None if t is None else t[row, cut] for t in per_position]
             if with_grad:
-                lp, ent = checkpoint(_chunk_logps, *piece, *settings, use_reentrant=False)
+                lp, ent = checkpoint(fn, *pieces, *shared, use_reentrant=False)
             else:
-                lp, ent = _chunk_logps(*piece, *settings)
+                lp, ent = fn(*pieces, *shared)
             logps.append(lp)
             entropies.append(ent)
     shape = targets.shape
@@ -100,28 +108,11 @@ def sampled_logps(
     code that float rounding moved past the k-th best keeps a finite value."""
     code_mask, text_mask = code_mask.to(logits.device), text_mask.to(logits.device)
     flat_uncond = None if uncond_logits is None else uncond_logits.reshape(-1, uncond_logits.shape[-1])
-    with_grad = torch.is_grad_enabled() and (
-        logits.requires_grad or (flat_uncond is not None and flat_uncond.requires_grad)
+    with_grad = logits.requires_grad or (flat_uncond is not None and flat_uncond.requires_grad)
+    shared = (flat_uncond, code_mask, text_mask, settings, compute_entropy)
+    return _chunked(
+        _chunk_sampled, logits, targets, (top_k, uncond_index), shared, compute_entropy, chunk_tokens, with_grad
     )
-    step = max(1, chunk_tokens)
-    logps, entropies = [], []
-    for row in range(logits.shape[0]):
-        for start in range(0, logits.shape[1], step):
-            piece = slice(start, start + step)
-            index = None if uncond_index is None else uncond_index[row, piece]
-            args = (logits[row, piece], targets[row, piece], top_k[row, piece], flat_uncond, index)
-            settings_args = (code_mask, text_mask, settings, compute_entropy)
-            if with_grad:
-                lp, ent = checkpoint(_chunk_sampled, *args, *settings_args, use_reentrant=False)
-            else:
-                lp, ent = _chunk_sampled(*args, *settings_args)
-            logps.append(lp)
-            entropies.append(ent)
-    shape = targets.shape
-    logps_out = torch.cat(logps).view(shape) if logps else logits.new_zeros(shape, dtype=torch.float32)
-    if not compute_entropy:
-        return logps_out, None
-    return logps_out, (torch.cat(entropies).view(shape) if entropies else torch.zeros_like(logps_out))
 
 
 @dataclass
@@ -168,7 +159,7 @@ def guidance_rows(engine, ids: torch.Tensor, mask: torch.Tensor, width: int) -> 
     return GuidanceRows(input_ids.to(device), attention.to(device), positions, index.to(device))
 
 
-def _chunk_sampled(logits, targets, top_k, flat_uncond, index, code_mask, text_mask, settings, entropy):
+def _chunk_sampled(logits, targets, top_k, index, flat_uncond, code_mask, text_mask, settings, entropy):
     """One chunk of ``sampled_logps``: ``logits`` (N, V), ``targets`` / ``top_k`` / ``index`` (N,)."""
     is_code = code_mask[targets]
     uncond = None
@@ -176,25 +167,7 @@ def _chunk_sampled(logits, targets, top_k, flat_uncond, index, code_mask, text_m
         # rows without an unconditional row (text) use their own logits: u = c leaves them unguided
         gathered = flat_uncond[index.clamp(min=0)]
         uncond = torch.where((index >= 0)[:, None], gathered, logits.to(gathered.dtype))
-    codes, _ = code_scores(
-        logits,
-        uncond,
-        code_mask,
-        guidance_scale=settings["guidance_scale"],
-        temperature=settings["image_temperature"],
-        top_k=settings["image_top_k"],
-        k=top_k,
-        keep=targets,
-    )
-    text = text_scores(
-        logits,
-        text_mask,
-        temperature=settings["text_temperature"],
-        top_k=settings["text_top_k"],
-        top_p=settings["text_top_p"],
-        min_p=settings["text_min_p"],
-        keep=targets,
-    )
+    text, codes, _ = step_scores(logits, uncond, text_mask, code_mask, settings, k=top_k, keep=targets)
     log_probs = torch.log_softmax(torch.where(is_code[:, None], codes, text), dim=-1)
     logps = log_probs.gather(1, targets[:, None]).squeeze(1)
     if not entropy:

@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from vlcot_grpo.models import CODE, ImageTokenBackend
-from vlcot_grpo.sampling import code_scores, log_prob_of, text_scores
+from vlcot_grpo.sampling import log_prob_of, sampler_settings, step_scores
 from vlcot_grpo.vlcot import STAGES
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ class RolloutEngine:
         template_len = self.template_len.to(device)
         open_ids = self.open_ids.to(device)
         text_mask, code_mask = self.text_mask.to(device), self.code_mask.to(device)
+        settings = sampler_settings(cfg)
 
         cache, attn, positions, last_logits = self._prefill(prompt_ids, num_generations, device)
         prompt_len = attn.shape[1]
@@ -323,7 +324,7 @@ class RolloutEngine:
             is_code = in_image & (forced == CODE)
             is_forced = in_image & ~is_code
 
-            text, codes, k = self._scores(last_logits, uncond_logits, text_mask, code_mask)
+            text, codes, k = step_scores(last_logits, uncond_logits, text_mask, code_mask, settings)
             text_tok, text_lp = self._draw(text, generator)  # text first, then codes: the static engine's order
             code_tok, code_lp = self._draw(codes, generator)
 
@@ -451,27 +452,6 @@ class RolloutEngine:
             use_cache=True,
         )
         return out.logits[:, -1]
-
-    def _scores(self, logits, uncond_logits, text_mask, code_mask):
-        """What this step's text token and image code are drawn from (vlcot_grpo.sampling), and the codes' top-k."""
-        cfg = self.config
-        text = text_scores(
-            logits,
-            text_mask,
-            temperature=cfg.text_temperature,
-            top_k=cfg.text_top_k,
-            top_p=cfg.text_top_p,
-            min_p=cfg.text_min_p,
-        )
-        codes, k = code_scores(
-            logits,
-            uncond_logits,
-            code_mask,
-            guidance_scale=cfg.guidance_scale,
-            temperature=cfg.image_temperature,
-            top_k=cfg.image_top_k,
-        )
-        return text, codes, k
 
     def _draw(self, scores, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row from softmax(``scores``) (its argmax without sampling) and its sampling log-prob."""

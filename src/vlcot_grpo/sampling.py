@@ -140,6 +140,57 @@ def keep_min_p(scores: torch.Tensor, min_p: float, protect: torch.Tensor | None 
     return scores.masked_fill(_dropped(log_probs < threshold, protect), float("-inf"))
 
 
+#: the RolloutConfig fields the sampler reads
+SETTINGS = (
+    "guidance_scale",
+    "text_temperature",
+    "text_top_k",
+    "text_top_p",
+    "text_min_p",
+    "image_temperature",
+    "image_top_k",
+)
+
+
+def sampler_settings(config) -> dict:
+    """The sampler's fields of a ``RolloutConfig``, as plain numbers (constants to ``torch.compile``)."""
+    return {name: getattr(config, name) for name in SETTINGS}
+
+
+def step_scores(
+    logits: torch.Tensor,
+    uncond_logits: torch.Tensor | None,
+    text_mask: torch.Tensor,
+    code_mask: torch.Tensor,
+    settings: dict,
+    k: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a step draws its text token and its image code from, per row: (text scores, code scores, the codes'
+    top-k), ``settings`` from ``sampler_settings``. Both engines draw from these; the trained log-probs score them
+    (``k``, ``keep``: see ``code_scores``)."""
+    text = text_scores(
+        logits,
+        text_mask,
+        temperature=settings["text_temperature"],
+        top_k=settings["text_top_k"],
+        top_p=settings["text_top_p"],
+        min_p=settings["text_min_p"],
+        keep=keep,
+    )
+    codes, k = code_scores(
+        logits,
+        uncond_logits,
+        code_mask,
+        guidance_scale=settings["guidance_scale"],
+        temperature=settings["image_temperature"],
+        top_k=settings["image_top_k"],
+        k=k,
+        keep=keep,
+    )
+    return text, codes, k
+
+
 def log_prob_of(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """log softmax(scores)[token] per row: the sampling log-prob of a drawn token."""
     return torch.log_softmax(scores, -1).gather(-1, token[:, None]).squeeze(-1)

@@ -33,10 +33,10 @@ from trl.models import unwrap_model_for_generation  # noqa: E402
 
 from vlcot_grpo.adapters import merged_adapters, quantized_base  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
-from vlcot_grpo.fast_rollout import sampler_settings  # noqa: E402
 from vlcot_grpo.logprobs import completion_logps, guidance_rows, importance_weights, sampled_logps  # noqa: E402
 from vlcot_grpo.models import load_backend, load_checkpoint_weights  # noqa: E402
 from vlcot_grpo.rollout import RolloutEngine  # noqa: E402
+from vlcot_grpo.sampling import sampler_settings  # noqa: E402
 from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E402
 
 logger = logging.getLogger(__name__)
