@@ -74,6 +74,12 @@ class ImageTokenBackend(ABC):
     model_class: type = None
     #: PEFT ``target_modules`` (regex) for LoRA on the language model only.
     lora_target_modules: str | list[str] | None = None
+    #: Tokens the family reserves and never writes, which ``vlcot-grpo prepare`` re-purposes as the 14 VLCoT tags (in
+    #: ``TAGS`` order; same ids, no resize). None: the tags are added as new tokens and the embeddings resized.
+    reserved_tag_tokens: tuple[str, ...] | None = None
+    #: Modules (full names from the model's root) left unquantized under QLoRA: what must stay exact (a VQ model)
+    #: and the output head, whose tag rows are trained.
+    full_precision_modules: tuple[str, ...] = ()
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -165,8 +171,9 @@ class ImageTokenBackend(ABC):
             tok = self.tokenizer.convert_tokens_to_ids(tag)
             if tok is None or tok == self.tokenizer.unk_token_id:
                 raise ValueError(
-                    f"the tokenizer has no single token for the VLCoT tag {tag!r}; add the 14 tags as special tokens "
-                    "(vlcot_grpo.models.add_vlcot_tokens) and resize the model's embeddings"
+                    f"the tokenizer has no single token for the VLCoT tag {tag!r}: prepare the checkpoint once with "
+                    "`vlcot-grpo prepare --model SRC --out DST` (vlcot_grpo.models.prepare_checkpoint, or "
+                    "vlcot_grpo.models.add_vlcot_tokens on a loaded model) and train from DST"
                 )
             ids[tag] = int(tok)
         return ids
