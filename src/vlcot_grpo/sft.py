@@ -331,7 +331,7 @@ def main(argv=None) -> Path:
         args=training_args,
         train_dataset=load_train_dataset(script_args, training_args),
         processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, model),
+        peft_config=peft_config_for(model_args, model, tokenizer),
     )
     log_distribution(trainer)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))

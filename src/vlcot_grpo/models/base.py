@@ -157,10 +157,12 @@ class ImageTokenBackend(ABC):
         """BoolTensor ``(vocab_size,)``: what free text may sample: no image codes, layout or special tokens but EOS/tags."""
         mask = ~self.image_code_mask
         mask[self.layout_token_ids] = False
-        # Special tokens (pad, bos, unk, placeholders, ...) are never written as text; EOS and the tags are.
+        # Special tokens (pad, bos, unk, placeholders, a real checkpoint's reserved tokens such as Emu3's
+        # <|extra_N|>, ...) are never written as text; EOS and the tags are.
         keep = set(self.tag_ids.values()) | ({self.eos_token_id} - {None})
-        special = [i for i in self.tokenizer.all_special_ids if i not in keep and i < self.vocab_size]
-        mask[special] = False
+        special = set(self.tokenizer.all_special_ids)
+        special |= {int(i) for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
+        mask[sorted(i for i in special if i not in keep and i < self.vocab_size)] = False
         return mask
 
     @cached_property
