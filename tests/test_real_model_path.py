@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 from safetensors import safe_open
 
 from vlcot_grpo.cli import main as cli
+from vlcot_grpo.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["--lr_size", "16", "--rough_size", "8", "--middle_size", "16", "--final_size", "32"]
@@ -83,6 +85,12 @@ def test_readme_real_model_path_on_an_emu3_lookalike(lookalike_path, tmp_path, m
     record = json.loads((prepared / "vlcot_tokens.json").read_text())
     assert record["how"] == "repurposed" and record["replaced"]["<degradation>"] == "<|extra_1|>"
     assert "format-valid rate of 2 greedy rollouts" in printed
+    # the cold start is a full fine-tune: the tags' rows train as any weight
+    ids = sorted(record["ids"].values())
+    before, after = load_model(str(prepared)), load_model(str(tmp_path / "outputs" / "emu3" / "sft"))
+    for layer in ("get_input_embeddings", "get_output_embeddings"):
+        old, new = getattr(before, layer)().weight[ids], getattr(after, layer)().weight[ids]
+        assert not torch.allclose(old, new), layer
     # the full fine-tune's GRPO, then the QLoRA one: a 4-bit base, rollouts on the reference engine, never merged
     engines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rollout engine:")]
     assert len(engines) == 2 and all(m.startswith("rollout engine: reference") for m in engines), engines

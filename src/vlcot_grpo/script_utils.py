@@ -274,6 +274,8 @@ def peft_config_for(model_args, model, tokenizer):
         return None
     import dataclasses
 
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from trl import get_peft_config
 
     from vlcot_grpo.models import BACKENDS, load_backend
@@ -281,6 +283,13 @@ def peft_config_for(model_args, model, tokenizer):
     if not model_args.lora_target_modules:
         model_args.lora_target_modules = BACKENDS[model.config.model_type].lora_target_modules
     config = get_peft_config(model_args)
+    if is_deepspeed_zero3_enabled() and not torch.cuda.is_available():
+        # peft 0.21's TrainableTokensLayer gathers the rows it starts from on CUDA only under ZeRO-3
+        logger.warning(
+            "ZeRO-3 without CUDA: PEFT's trainable tokens cannot start here, so the VLCoT tags' embedding and head "
+            "rows stay frozen in this run (the LoRA adapters train as usual)"
+        )
+        return config
     tag_ids = sorted(load_backend(model, tokenizer).tag_ids.values())
     saved = set(model_args.lora_modules_to_save or [])
     layers = {}
