@@ -193,8 +193,12 @@ def load_policy(model_args, training_args, data_args):
         kwargs["quantization_config"] = quantization
         device = training_args.device
         kwargs.setdefault("device_map", {"": device.index or 0} if device.type == "cuda" else None)
-    model = load_model(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    try:  # before the weights are read: an unprepared checkpoint fails at once
+        check_vlcot_tokens(tokenizer)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    model = load_model(path, **kwargs)
     if quantization is not None:
         want = "Linear4bit" if model_args.load_in_4bit else "Linear8bitLt"
         found = quantized_layer_types(model)
@@ -202,10 +206,6 @@ def load_policy(model_args, training_args, data_args):
             flag = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
             raise RuntimeError(f"{flag}: no layer of {path} was quantized ({found}): refusing a full-precision run")
         logger.info("quantized base (%s): %s", path, found)
-    try:
-        check_vlcot_tokens(tokenizer)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
     return model, tokenizer
 
 
