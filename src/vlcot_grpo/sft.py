@@ -24,9 +24,10 @@ from pathlib import Path
 
 import datasets
 import torch
+from peft.utils.other import TrainableTokensWrapper
 from trl import SFTConfig, SFTTrainer
 
-from vlcot_grpo.models import load_backend, load_model
+from vlcot_grpo.models import load_backend, load_model, unwrap_model
 from vlcot_grpo.script_utils import (
     SharedScriptArguments,
     load_policy,
@@ -230,31 +231,21 @@ class VLCoTSFTTrainer(SFTTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
-def _let_fused_head_read_token_rows(model) -> None:
-    """SFTTrainer's loss projects through the head's ``weight`` and ``bias`` directly (TRL's fused LM head). With the
-    tags' head rows trained under LoRA (``trainable_token_indices``), the head is PEFT's ``TrainableTokensWrapper``,
-    which answers ``weight`` (its rows merged in, so the gradient reaches them) but not ``bias``: give it that."""
-    from peft.utils.other import TrainableTokensWrapper
-
-    from vlcot_grpo.models import unwrap_model
-
-    head = unwrap_model(model).get_output_embeddings()
-    if type(head) is TrainableTokensWrapper:
-        head.__class__ = _FusedHeadTokens
-
-
-try:
-    from peft.utils.other import TrainableTokensWrapper as _TrainableTokensWrapper
-except ImportError:  # an older PEFT without trainable tokens: nothing to adapt
-    _TrainableTokensWrapper = torch.nn.Module
-
-
-class _FusedHeadTokens(_TrainableTokensWrapper):
+class _FusedHeadTokens(TrainableTokensWrapper):
     """PEFT's trainable-token wrapper of a head, with the head's ``bias`` readable as TRL's fused LM head needs."""
 
     @property
     def bias(self):
         return self.token_adapter.base_layer.bias
+
+
+def _let_fused_head_read_token_rows(model) -> None:
+    """SFTTrainer's loss projects through the head's ``weight`` and ``bias`` directly (TRL's fused LM head). With the
+    tags' head rows trained under LoRA (``trainable_token_indices``), the head is PEFT's ``TrainableTokensWrapper``,
+    which answers ``weight`` (its rows merged in, so the gradient reaches them) but not ``bias``: give it that."""
+    head = unwrap_model(model).get_output_embeddings()
+    if type(head) is TrainableTokensWrapper:
+        head.__class__ = _FusedHeadTokens
 
 
 def _check_weighted_loss_supported(args: VLCoTSFTConfig, trainer_kwargs: dict) -> None:

@@ -74,7 +74,7 @@ class ImageTokenBackend(ABC):
     model_class: type = None
     #: PEFT ``target_modules`` (regex) for LoRA on the language model only.
     lora_target_modules: str | list[str] | None = None
-    #: Tokens the family reserves and never writes, which ``vlcot-grpo prepare`` re-purposes as the 14 VLCoT tags (in
+    #: Tokens the family reserves and no code uses, which ``vlcot-grpo prepare`` re-purposes as the 14 VLCoT tags (in
     #: ``TAGS`` order; same ids, no resize). None: the tags are added as new tokens and the embeddings resized.
     reserved_tag_tokens: tuple[str, ...] | None = None
     #: Modules (full names from the model's root) left unquantized under QLoRA: what must stay exact (a VQ model)
