@@ -50,3 +50,21 @@ def bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def lookalike_path(tmp_path_factory):
+    """A tiny Emu3 saved the way BAAI/Emu3-Gen-hf is published: no VLCoT tags (vlcot_grpo.models.lookalike)."""
+    from vlcot_grpo.models.lookalike import save_emu3_lookalike
+
+    return save_emu3_lookalike(tmp_path_factory.mktemp("emu3-lookalike"))
+
+
+@pytest.fixture(scope="session")
+def prepared_path(lookalike_path, tmp_path_factory):
+    """The look-alike after `vlcot-grpo prepare` (its reserved tokens re-purposed as the tags)."""
+    from vlcot_grpo.models import prepare_checkpoint
+
+    out = tmp_path_factory.mktemp("emu3-lookalike-prepared") / "model"
+    prepare_checkpoint(lookalike_path, out)
+    return out

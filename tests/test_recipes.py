@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from vlcot_grpo import grpo, sft
+from vlcot_grpo.script_utils import check_model_args
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*/*.yaml"))
 CPU = ["--bf16", "false", "--use_cpu", "true"]  # the paper recipes ask for bf16, which this CPU cannot check
@@ -21,6 +22,7 @@ def test_recipe_parses(recipe):
     script = {"sft": sft, "grpo": grpo}[method]
     script_args, training_args, model_args = script.parse_args(["--config", str(recipe), *CPU])
     assert model_args.model_name_or_path
+    check_model_args(model_args)  # every ModelConfig field it sets is one the scripts honour
     assert script_args.dataset_name
     for name in ("lr_size", "rough_size", "middle_size", "final_size"):
         assert getattr(training_args, name) > 0

@@ -1,8 +1,11 @@
 """``vlcot-grpo``: one console entry, one sub-command per job.
 
+vlcot-grpo prepare --model SRC --out DST                once per real checkpoint: the VLCoT tags become tokens
 vlcot-grpo prepare-data --hr-dir DIR --out DIR [...]    build a VLCoT dataset from HR photos
 vlcot-grpo sft --config recipes/<model>/sft/<name>.yaml   cold-start SFT on VLCoT traces
 vlcot-grpo grpo --config recipes/<model>/grpo/<name>.yaml GRPO with VLCoT rollouts
+vlcot-grpo upscale --model DIR --input DIR --out DIR    upscale images with a trained model
+vlcot-grpo evaluate --sr-dir DIR --hr-dir DIR           score upscaled images against HR references
 vlcot-grpo demo                                         the embedded default: tiny model, demo photos, CPU
 """
 
@@ -14,11 +17,17 @@ import sys
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("prepare-data", "sft", "grpo", "upscale", "evaluate", "demo")
+    commands = ("prepare", "prepare-data", "sft", "grpo", "upscale", "evaluate", "demo")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
+    if command == "prepare":
+        from vlcot_grpo.models.prepare import add_prepare_arguments, run_prepare
+
+        parser = argparse.ArgumentParser(prog="vlcot-grpo prepare", description="Add the VLCoT tags to a checkpoint.")
+        add_prepare_arguments(parser)
+        return run_prepare(parser.parse_args(rest))
     if command == "prepare-data":
         from vlcot_grpo.data.cli import add_prepare_data_arguments, run_prepare_data
 

@@ -103,7 +103,7 @@ def main(argv=None) -> Path:
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, model),
+        peft_config=peft_config_for(model_args, model, tokenizer),
     )
     log_distribution(trainer)
     device, rollout = trainer.accelerator.device, trainer.engine.config

@@ -46,13 +46,131 @@ class SharedScriptArguments:
     )
 
 
-def load_policy(model_args, training_args, data_args):
-    """The model and tokenizer at ``model_args.model_name_or_path`` (built first when it is the tiny model)."""
+#: TRL ``ModelConfig`` fields that only matter with LoRA (``use_peft``), and those of 4-bit quantisation.
+LORA_FIELDS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "lora_modules_to_save",
+    "lora_task_type",
+    "use_rslora",
+    "use_dora",
+)
+QUANT_4BIT_FIELDS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
+#: Every ``ModelConfig`` field the scripts honour; any other one set to a non-default value is refused.
+HONOURED_MODEL_FIELDS = frozenset(
+    {
+        "model_name_or_path",
+        "model_revision",
+        "dtype",
+        "attn_implementation",
+        "use_peft",
+        "load_in_4bit",
+        "load_in_8bit",
+        *LORA_FIELDS,
+        *QUANT_4BIT_FIELDS,
+    }
+)
+
+
+def _default(f):
+    import dataclasses
+
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_model_args(model_args, training_args=None) -> None:
+    """Refuse a ``ModelConfig`` the scripts would not honour as written, naming the field: a field they do not read,
+    LoRA or 4-bit settings that would be ignored, or quantisation that cannot be done (without LoRA, under
+    DeepSpeed, without bitsandbytes)."""
+    import dataclasses
+
+    set_fields = {
+        f.name: getattr(model_args, f.name)
+        for f in dataclasses.fields(model_args)
+        if getattr(model_args, f.name) != _default(f)
+    }
+    for name, value in set_fields.items():
+        if name not in HONOURED_MODEL_FIELDS:
+            raise ValueError(f"{name}={value!r}: the VLCoT scripts do not honour this ModelConfig field; remove it")
+    if not model_args.use_peft:
+        for name in LORA_FIELDS:
+            if name in set_fields:
+                raise ValueError(
+                    f"{name}={set_fields[name]!r} is a LoRA setting but use_peft is false: set use_peft: true or "
+                    f"remove {name}"
+                )
+    if model_args.lora_task_type != "CAUSAL_LM":
+        raise ValueError(
+            f"lora_task_type={model_args.lora_task_type!r}: the VLCoT scripts train a causal LM (CAUSAL_LM)"
+        )
+    if not model_args.load_in_4bit:
+        for name in QUANT_4BIT_FIELDS:
+            if name in set_fields:
+                raise ValueError(f"{name}={set_fields[name]!r} is a 4-bit setting but load_in_4bit is false")
+    quantized = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
+    if quantized is None:
+        return
+    if not model_args.use_peft:
+        raise ValueError(
+            f"{quantized}: a quantized base trains only through adapters (QLoRA): set use_peft: true, or drop "
+            f"{quantized} for a full fine-tune"
+        )
+    deepspeed = training_args is not None and (
+        getattr(training_args, "deepspeed", None) or getattr(training_args, "deepspeed_plugin", None) is not None
+    )
+    if deepspeed:
+        raise ValueError(
+            f"{quantized} under DeepSpeed is not supported by the VLCoT scripts (QLoRA runs on one process or "
+            "DDP: accelerate_configs/ddp.yaml); drop one of them"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"{quantized} needs bitsandbytes, which does not import here: {err}") from None
+
+
+def quantization_config_for(model_args, backend_class):
+    """The bitsandbytes config of ``model_args`` (TRL's ``get_quantization_config``) with the family's
+    ``full_precision_modules`` kept unquantized, or None without ``load_in_4bit``/``load_in_8bit``."""
+    import dataclasses
+
     import torch
-    from transformers import AutoTokenizer
+    from trl import get_quantization_config
 
-    from vlcot_grpo.models import load_model
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    dtype = model_args.dtype
+    if dtype in (None, "auto"):  # the 4-bit compute dtype must be a real one
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    config = get_quantization_config(dataclasses.replace(model_args, dtype=dtype))
+    config.llm_int8_skip_modules = list(backend_class.full_precision_modules) or None
+    return config
 
+
+def quantized_layer_types(model) -> dict[str, int]:
+    """How many bitsandbytes 4-bit and 8-bit linear layers ``model`` has, by class name."""
+    import bitsandbytes as bnb
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
+
+
+def load_policy(model_args, training_args, data_args):
+    """The model and tokenizer at ``model_args.model_name_or_path`` (built first when it is the tiny model), loaded as
+    ``model_args`` says (revision, dtype, attention, 4-/8-bit quantisation). The checkpoint must have the VLCoT tags
+    (``vlcot-grpo prepare``)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vlcot_grpo.models import BACKENDS, check_vlcot_tokens, load_model
+
+    check_model_args(model_args, training_args)
     path = model_args.model_name_or_path
     if not path:
         raise ValueError("model_name_or_path is required (a checkpoint folder or hub id)")
@@ -64,11 +182,31 @@ def load_policy(model_args, training_args, data_args):
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype name (float32, bfloat16, float16) or 'auto'")
         dtype = getattr(torch, dtype)
+    revision = model_args.model_revision
     kwargs = getattr(training_args, "model_init_kwargs", None) or {}
     kwargs = dict(json.loads(kwargs) if isinstance(kwargs, str) else kwargs)
-    kwargs.update(dtype=dtype, attn_implementation=model_args.attn_implementation)
+    kwargs.update(dtype=dtype, attn_implementation=model_args.attn_implementation, revision=revision)
+    backend_class = BACKENDS.get(AutoConfig.from_pretrained(path, revision=revision).model_type)
+    quantization = quantization_config_for(model_args, backend_class) if backend_class else None
+    if quantization is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config in model_init_kwargs and load_in_4bit/load_in_8bit: set one")
+        kwargs["quantization_config"] = quantization
+        device = training_args.device
+        kwargs.setdefault("device_map", {"": device.index or 0} if device.type == "cuda" else None)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    try:  # before the weights are read: an unprepared checkpoint fails at once
+        check_vlcot_tokens(tokenizer)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     model = load_model(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if quantization is not None:
+        want = "Linear4bit" if model_args.load_in_4bit else "Linear8bitLt"
+        found = quantized_layer_types(model)
+        if not found.get(want):
+            flag = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+            raise RuntimeError(f"{flag}: no layer of {path} was quantized ({found}): refusing a full-precision run")
+        logger.info("quantized base (%s): %s", path, found)
     return model, tokenizer
 
 
@@ -147,18 +285,40 @@ def _load_vlcot_dataset(data_args: SharedScriptArguments, training_args):
     return loaded
 
 
-def peft_config_for(model_args, model):
+def peft_config_for(model_args, model, tokenizer):
     """TRL's LoRA config from ``ModelConfig``, or None without ``use_peft``. Without ``lora_target_modules``, the
-    backend's default: the language model's projections, never the VQ model's (which has q/k/v too)."""
+    backend's default: the language model's projections, never the VQ model's (which has q/k/v too). The 14 VLCoT
+    tags' rows of the input embedding and of the output head train with the adapter (PEFT's
+    ``trainable_token_indices``: saved in the adapter file, a few rows, not the matrices), unless
+    ``lora_modules_to_save`` trains that whole layer."""
     if not model_args.use_peft:
         return None
+    import dataclasses
+
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from trl import get_peft_config
 
-    from vlcot_grpo.models import BACKENDS
+    from vlcot_grpo.models import BACKENDS, load_backend
 
     if not model_args.lora_target_modules:
         model_args.lora_target_modules = BACKENDS[model.config.model_type].lora_target_modules
-    return get_peft_config(model_args)
+    config = get_peft_config(model_args)
+    if is_deepspeed_zero3_enabled() and not torch.cuda.is_available():
+        # peft 0.21's TrainableTokensLayer gathers the rows it starts from on CUDA only under ZeRO-3
+        logger.warning(
+            "ZeRO-3 without CUDA: PEFT's trainable tokens cannot start here, so the VLCoT tags' embedding and head "
+            "rows stay frozen in this run (the LoRA adapters train as usual)"
+        )
+        return config
+    tag_ids = sorted(load_backend(model, tokenizer).tag_ids.values())
+    saved = set(model_args.lora_modules_to_save or [])
+    layers = {}
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        name = next(n for n, m in model.named_modules() if m is layer)
+        if name not in saved and name.rsplit(".", 1)[-1] not in saved:
+            layers[name] = tag_ids
+    return dataclasses.replace(config, trainable_token_indices=layers or None)
 
 
 def log_distribution(trainer) -> None:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import datasets
 import torch
+from peft.utils.other import TrainableTokensWrapper
 from trl import SFTConfig, SFTTrainer
 
-from vlcot_grpo.models import load_backend, load_checkpoint_weights, load_model
+from vlcot_grpo.models import load_backend, load_checkpoint_weights, load_model, unwrap_model
 from vlcot_grpo.script_utils import (
     SharedScriptArguments,
     load_policy,
@@ -164,6 +165,7 @@ class VLCoTSFTTrainer(SFTTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        _let_fused_head_read_token_rows(self.model)
         self.backend = load_backend(self.model, processing_class)
         self._code_mask = self.backend.image_code_mask.to(self.accelerator.device)
 
@@ -232,6 +234,23 @@ class VLCoTSFTTrainer(SFTTrainer):
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+class _FusedHeadTokens(TrainableTokensWrapper):
+    """PEFT's trainable-token wrapper of a head, with the head's ``bias`` readable as TRL's fused LM head needs."""
+
+    @property
+    def bias(self):
+        return self.token_adapter.base_layer.bias
+
+
+def _let_fused_head_read_token_rows(model) -> None:
+    """SFTTrainer's loss projects through the head's ``weight`` and ``bias`` directly (TRL's fused LM head). With the
+    tags' head rows trained under LoRA (``trainable_token_indices``), the head is PEFT's ``TrainableTokensWrapper``,
+    which answers ``weight`` (its rows merged in, so the gradient reaches them) but not ``bias``: give it that."""
+    head = unwrap_model(model).get_output_embeddings()
+    if type(head) is TrainableTokensWrapper:
+        head.__class__ = _FusedHeadTokens
 
 
 def _check_weighted_loss_supported(args: VLCoTSFTConfig, trainer_kwargs: dict) -> None:
@@ -339,7 +358,7 @@ def main(argv=None) -> Path:
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, model),
+        peft_config=peft_config_for(model_args, model, tokenizer),
     )
     log_distribution(trainer)
     trainer.train(resume_from_checkpoint=resume)

@@ -6,6 +6,7 @@ Adding Lumina-mGPT/PURE or Janus-Pro means one subclass and one entry in ``BACKE
 
 from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend, without_zero3_init
 from vlcot_grpo.models.emu3 import Emu3Backend, unwrap_model
+from vlcot_grpo.models.prepare import TagTokens, add_vlcot_tokens, check_vlcot_tokens, prepare_checkpoint
 
 #: model_type in the transformers config -> backend class
 BACKENDS: dict[str, type[ImageTokenBackend]] = {"emu3": Emu3Backend}
@@ -60,8 +61,12 @@ __all__ = [
     "Emu3Backend",
     "ImageParse",
     "ImageTokenBackend",
+    "TagTokens",
+    "add_vlcot_tokens",
+    "check_vlcot_tokens",
     "load_backend",
     "load_checkpoint_weights",
     "load_model",
+    "prepare_checkpoint",
     "unwrap_model",
 ]

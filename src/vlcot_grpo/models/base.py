@@ -74,6 +74,12 @@ class ImageTokenBackend(ABC):
     model_class: type = None
     #: PEFT ``target_modules`` (regex) for LoRA on the language model only.
     lora_target_modules: str | list[str] | None = None
+    #: Tokens the family reserves and no code uses, which ``vlcot-grpo prepare`` re-purposes as the 14 VLCoT tags (in
+    #: ``TAGS`` order; same ids, no resize). None: the tags are added as new tokens and the embeddings resized.
+    reserved_tag_tokens: tuple[str, ...] | None = None
+    #: Modules (full names from the model's root) left unquantized under QLoRA: what must stay exact (a VQ model)
+    #: and the output head, whose tag rows are trained.
+    full_precision_modules: tuple[str, ...] = ()
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -151,10 +157,12 @@ class ImageTokenBackend(ABC):
         """BoolTensor ``(vocab_size,)``: what free text may sample: no image codes, layout or special tokens but EOS/tags."""
         mask = ~self.image_code_mask
         mask[self.layout_token_ids] = False
-        # Special tokens (pad, bos, unk, placeholders, ...) are never written as text; EOS and the tags are.
+        # Special tokens (pad, bos, unk, placeholders, a real checkpoint's reserved tokens such as Emu3's
+        # <|extra_N|>, ...) are never written as text; EOS and the tags are.
         keep = set(self.tag_ids.values()) | ({self.eos_token_id} - {None})
-        special = [i for i in self.tokenizer.all_special_ids if i not in keep and i < self.vocab_size]
-        mask[special] = False
+        special = set(self.tokenizer.all_special_ids)
+        special |= {int(i) for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
+        mask[sorted(i for i in special if i not in keep and i < self.vocab_size)] = False
         return mask
 
     @cached_property
@@ -165,8 +173,9 @@ class ImageTokenBackend(ABC):
             tok = self.tokenizer.convert_tokens_to_ids(tag)
             if tok is None or tok == self.tokenizer.unk_token_id:
                 raise ValueError(
-                    f"the tokenizer has no single token for the VLCoT tag {tag!r}; add the 14 tags as special tokens "
-                    "(vlcot_grpo.models.add_vlcot_tokens) and resize the model's embeddings"
+                    f"the tokenizer has no single token for the VLCoT tag {tag!r}: prepare the checkpoint once with "
+                    "`vlcot-grpo prepare --model SRC --out DST` (vlcot_grpo.models.prepare_checkpoint, or "
+                    "vlcot_grpo.models.add_vlcot_tokens on a loaded model) and train from DST"
                 )
             ids[tag] = int(tok)
         return ids

@@ -46,6 +46,13 @@ class Emu3Backend(ImageTokenBackend):
     model_class = Emu3ForConditionalGeneration
     #: LoRA targets: the language model's projections only (the VQ model has q/k/v projections too, and is frozen)
     lora_target_modules = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    #: The tags take reserved ``<|extra_N|>`` tokens, as transformers' own converter gave ``<|extra_0|>`` to
+    #: ``<image>``: the published vocabulary (184622) and every weight shape stay as they are. Of the 205 reserved
+    #: tokens, BAAI's tokenizer and processor name ``<|extra_200|>`` (end of row), ``<|extra_201|>`` (end of frame),
+    #: ``<|extra_203|>`` (bos) and ``<|extra_204|>`` (eos); 1-14 are the first that no code names.
+    reserved_tag_tokens = tuple(f"<|extra_{i}|>" for i in range(1, 15))
+    #: The VQ model encodes the targets and decodes the pictures: never quantized. The head keeps its tag rows exact.
+    full_precision_modules = ("model.vqmodel", "lm_head")
 
     @cached_property
     def _ids(self) -> dict[str, int]:

@@ -58,12 +58,9 @@ def build_tiny_tokenizer(codebook_size: int) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_emu3(spec: TinyEmu3Spec | None = None):
-    """A randomly initialised tiny Emu3 model and its tokenizer, deterministic for a given ``spec.seed``."""
-    spec = spec or TinyEmu3Spec()
-    tokenizer = build_tiny_tokenizer(spec.codebook_size)
-    vocab = tokenizer.get_vocab()
-    config = Emu3Config(
+def tiny_emu3_config(spec: TinyEmu3Spec, vocab: dict[str, int], pad_id: int, bos_id: int, eos_id: int) -> Emu3Config:
+    """The Emu3 config of a tiny model of shape ``spec`` over the tokenizer vocabulary ``vocab`` (token -> id)."""
+    return Emu3Config(
         vq_config={
             "codebook_size": spec.codebook_size,
             "embed_dim": spec.vq_embed_dim,
@@ -85,17 +82,30 @@ def build_tiny_emu3(spec: TinyEmu3Spec | None = None):
             "num_attention_heads": spec.num_attention_heads,
             "num_key_value_heads": spec.num_key_value_heads,
             "max_position_embeddings": spec.max_position_embeddings,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": pad_id,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
             "attention_dropout": 0.0,
         },
         vocabulary_map=vocab,
     )
-    torch.manual_seed(spec.seed)
+
+
+def build_emu3_model(config: Emu3Config, seed: int):
+    """A randomly initialised Emu3 model of ``config``, deterministic for a given ``seed``."""
+    torch.manual_seed(seed)
     with without_zero3_init():
-        model = Emu3ForConditionalGeneration(config).eval()
-    return model, tokenizer
+        return Emu3ForConditionalGeneration(config).eval()
+
+
+def build_tiny_emu3(spec: TinyEmu3Spec | None = None):
+    """A randomly initialised tiny Emu3 model and its tokenizer, deterministic for a given ``spec.seed``."""
+    spec = spec or TinyEmu3Spec()
+    tokenizer = build_tiny_tokenizer(spec.codebook_size)
+    config = tiny_emu3_config(
+        spec, tokenizer.get_vocab(), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    return build_emu3_model(config, spec.seed), tokenizer
 
 
 def save_tiny_emu3(path: str | Path, spec: TinyEmu3Spec | None = None) -> Path:

@@ -1,0 +1,119 @@
+"""The README's "Training a real model" commands, run as written through the `vlcot-grpo` CLI, offline, on a tiny
+look-alike of BAAI/Emu3-Gen-hf (vlcot_grpo.models.lookalike): prepare -> prepare-data -> SFT -> GRPO (full and
+QLoRA) -> upscale -> evaluate. The only changes to the commands: the hub id becomes the look-alike's folder, and
+small sizes, CPU settings and few steps are appended (a later flag overrides the recipe's or the earlier one)."""
+
+import json
+import logging
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from vlcot_grpo.cli import main as cli
+from vlcot_grpo.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = ["--lr_size", "16", "--rough_size", "8", "--middle_size", "16", "--final_size", "32"]
+CPU = ["--bf16", "false", "--use_cpu", "true", "--dtype", "float32", "--gradient_checkpointing", "false"]
+TRAIN = [*SIZES, *CPU, "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "0"]
+#: appended to each command of the README block, by sub-command
+EXTRA = {
+    "prepare": [],
+    "prepare-data": ["--hr-size", "32", "--scale", "2", "--no-progress"],
+    # enough steps at a high rate for the tiny model to learn its two traces' format, so that the greedy upscale
+    # below writes complete chains (the demo recipe's cold start does the same at a larger size)
+    "sft": [
+        *TRAIN, "--max_steps", "60", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps",
+        "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--image_loss_weight", "0.1",
+        "--format_check_samples", "2",
+    ],
+    "grpo": [
+        *TRAIN, "--max_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2",
+        "--max_completion_length", "300", "--image_log_steps", "1",
+        "--rewards", "format", "degradation", "understanding", "fidelity", "--reward_weights", "1", "1", "1", "1",
+    ],
+    "upscale": ["--lr-size", "16", "--sizes", "8", "16", "32", "--max-new-tokens", "300", "--greedy", "--device", "cpu",
+                "--dtype", "float32"],
+    "evaluate": ["--metrics", "psnr", "ssim", "--device", "cpu"],  # the README's lpips/musiq download weights
+}  # fmt: skip
+
+
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's real-model block, each split as a shell would."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Training a real model") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert all(c[0] == "vlcot-grpo" for c in commands), commands
+    return [c[1:] for c in commands]
+
+
+def test_readme_block_covers_the_whole_path():
+    names = [c[0] for c in readme_commands()]
+    assert names == ["prepare", "prepare-data", "sft", "grpo", "grpo", "upscale", "upscale", "evaluate"]
+    recipes = [c[c.index("--config") + 1] for c in readme_commands() if "--config" in c]
+    assert all((ROOT / r).exists() for r in recipes), recipes
+
+
+def _photos(folder: Path, size: int, names=("astronaut", "chelsea")) -> None:
+    folder.mkdir()
+    for name in names:
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        photo.resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{name}.png")
+
+
+def test_readme_real_model_path_on_an_emu3_lookalike(lookalike_path, tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="vlcot_grpo")
+    monkeypatch.chdir(tmp_path)  # the README's relative paths (models/, data/, outputs/, sr/) land here
+    _photos(tmp_path / "photos", 64)
+    _photos(tmp_path / "hr_photos", 32)
+    _photos(tmp_path / "lr_photos", 16)
+    for argv in readme_commands():
+        argv = [str(lookalike_path) if a == "BAAI/Emu3-Gen-hf" else a for a in argv]
+        argv = [str(ROOT / a) if a.startswith("recipes/") else a for a in argv]
+        code = cli([*argv, *EXTRA[argv[0]]])
+        assert code == 0, (argv, capsys.readouterr())
+    printed = capsys.readouterr().out
+
+    prepared = tmp_path / "models" / "emu3-gen-vlcot"
+    record = json.loads((prepared / "vlcot_tokens.json").read_text())
+    assert record["how"] == "repurposed" and record["replaced"]["<degradation>"] == "<|extra_1|>"
+    assert "format-valid rate of 2 greedy rollouts" in printed
+    # the cold start is a full fine-tune: the tags' rows train as any weight
+    ids = sorted(record["ids"].values())
+    before, after = load_model(str(prepared)), load_model(str(tmp_path / "outputs" / "emu3" / "sft"))
+    for layer in ("get_input_embeddings", "get_output_embeddings"):
+        old, new = getattr(before, layer)().weight[ids], getattr(after, layer)().weight[ids]
+        assert not torch.allclose(old, new), layer
+    # the full fine-tune's GRPO, then the QLoRA one: a 4-bit base, rollouts on the reference engine, never merged
+    engines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rollout engine:")]
+    assert len(engines) == 2 and all(m.startswith("rollout engine: reference") for m in engines), engines
+    assert engines[1].endswith("LoRA adapters merged for rollouts: False"), engines
+    assert any(
+        r.getMessage().startswith("quantized base") and "'Linear4bit'" in r.getMessage() for r in caplog.records
+    )
+    full = tmp_path / "outputs" / "emu3" / "grpo"
+    assert (full / "model.safetensors").exists() and (full / "rewards.png").exists()
+    qlora = tmp_path / "outputs" / "emu3" / "grpo-qlora"
+    config = json.loads((qlora / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] and (qlora / "adapter_model.safetensors").exists()
+    with safe_open(qlora / "adapter_model.safetensors", "pt") as f:
+        assert any("trainable_tokens_delta" in k for k in f.keys())
+    for sr in ("sr", "sr-qlora"):
+        assert (tmp_path / sr / "astronaut.png").exists(), sorted(p.name for p in (tmp_path / sr).iterdir())
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores["mean"]) == {"psnr", "ssim"} and len(scores["per_image"]) == 2
+
+
+@pytest.mark.parametrize("family", ["emu3"])
+def test_each_family_has_a_lookalike(family):
+    from vlcot_grpo.models import BACKENDS
+    from vlcot_grpo.models.lookalike import LOOKALIKES
+
+    assert set(LOOKALIKES) == set(BACKENDS) and family in LOOKALIKES
