@@ -62,7 +62,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlcot_grpo.data.degradations import DegradationConfig, DegradationRecord, apply_degradation, sample_degradation
+from vlcot_grpo.data.degradations import (
+    DegradationConfig,
+    DegradationRecord,
+    apply_degradation,
+    sample_degradation,
+    to_rgb8,
+)
 from vlcot_grpo.data.levels import STEPS, LevelThresholds, levels_from_record, levels_to_text
 
 # `datasets`, `tqdm` and `vlcot_grpo.vlcot` (which imports torch) are imported inside the functions that use them:
@@ -251,31 +257,6 @@ def read_rgb_image(
             source, "corrupt", f"cannot be decoded ({type(error).__name__}: {error}); truncated or corrupt file?"
         ) from None
     return to_rgb8(image)
-
-
-def to_rgb8(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit and 32-bit integer images are scaled (not clipped), float images in
-    [0, 1] are stretched to [0, 255], and transparency is composited onto white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image, dtype=np.float64)
-        # "I;16*" is 16-bit by definition; "I" (32-bit) holds 16-bit PNGs in older Pillow versions.
-        if mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0
-        grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if values.max(initial=0) <= 1.0:
-            values = values * 255.0
-        return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8)).convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------------------------
