@@ -573,7 +573,9 @@ class DegradationConfig:
         """The unsharp mask the sampler records, None with ``gt_usm=False``."""
         if not self.gt_usm:
             return None
-        return UsmParams(weight=float(self.usm_weight), radius=int(self.usm_radius), threshold=float(self.usm_threshold))
+        return UsmParams(
+            weight=float(self.usm_weight), radius=int(self.usm_radius), threshold=float(self.usm_threshold)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
