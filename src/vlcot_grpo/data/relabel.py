@@ -123,10 +123,12 @@ def upgrade_labels(
         if column in needed and isinstance(source.features[column], datasets.Image):
             source = source.cast_column(column, datasets.Image(decode=False))
 
-    current = {column: (dataset[column] if column in dataset.column_names else None) for column in _LABEL_COLUMNS}
-    levels_column = list(current["degradation_levels"] or [None] * len(dataset))
-    text_column = list(current["degradation_text"] or [""] * len(dataset))
-    measures_column = list(current["degradation_measures"] or [None] * len(dataset))
+    def stored(column: str, missing: Any) -> list:
+        return list(dataset[column]) if column in dataset.column_names else [missing] * len(dataset)
+
+    levels_column = stored("degradation_levels", None)
+    text_column = stored("degradation_text", "")
+    measures_column = stored("degradation_measures", None)
     version_column = list(versions)
     failures: dict[str, int] = {}
     recomputed, not_reproduced = 0, 0
