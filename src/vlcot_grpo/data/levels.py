@@ -92,19 +92,19 @@ class LevelThresholds:
         },
     )
     downsample_factor: tuple[float, float] = field(
-        default=(4.2, 5.6),
+        default=(4.05, 5.9),
         metadata={"help": "HR width / narrowest width in the pipeline, (light_below, heavy_from)."},
     )
     noise_sigma: tuple[float, float] = field(
-        default=(6.2, 9.5),
+        default=(6.2, 9.6),
         metadata={"help": "Residual noise std in the LR, 0-255 units, (light_below, heavy_from)."},
     )
     jpeg_quality: tuple[float, float] = field(
-        default=(68.0, 47.0),
+        default=(71.0, 49.0),
         metadata={"help": "Effective JPEG quality (light_at_or_above, heavy_below): lower is heavier."},
     )
     upsample_factor: tuple[float, float] = field(
-        default=(1.42, 1.93),
+        default=(1.3, 1.73),
         metadata={"help": "LR width / narrowest width before it, (light_below, heavy_from)."},
     )
 
