@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 
 import datasets
 import numpy as np
@@ -21,9 +22,18 @@ from vlcot_grpo.data.dataset import (
     build_vlcot_dataset_with_summary,
     read_rgb_image,
 )
-from vlcot_grpo.data.degradations import DegradationRecord
+from vlcot_grpo.data.degradations import DegradationConfig, DegradationRecord, apply_degradation, sample_degradation
 from vlcot_grpo.data.demo import build_demo_dataset, demo_annotations
-from vlcot_grpo.data.levels import STEPS, parse_degradation_text
+from vlcot_grpo.data.levels import (
+    LABEL_VERSION,
+    STEPS,
+    degradation_measures,
+    levels_from_measures,
+    levels_to_text,
+    parse_degradation_text,
+    residual_noise,
+)
+from vlcot_grpo.data.relabel import LabelVersionWarning, label_versions, upgrade_labels
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
 HR = 32  # small images keep the suite fast
@@ -37,6 +47,8 @@ COLUMNS = [
     "degradation_params",
     "degradation_levels",
     "degradation_text",
+    "degradation_measures",
+    "label_version",
     "tags",
     "caption",
     "source",
@@ -242,6 +254,14 @@ def test_columns_types_and_contents(mixed_folder, tmp_path):
     assert record.hr_size == (HR, HR) and record.lr_size == (8, 8)
     assert set(row["degradation_levels"]) == set(STEPS)
     assert parse_degradation_text(row["degradation_text"]).levels == row["degradation_levels"]
+    # Label version 2: the levels bucket the stored measures; the noise is the replay's residual noise.
+    assert row["label_version"] == LABEL_VERSION and record.usm is not None  # gt_usm is on by default
+    hr = np.asarray(row["hr_image"])
+    assert row["degradation_measures"]["noise"] == pytest.approx(residual_noise(hr, record))
+    assert row["degradation_measures"] == pytest.approx(degradation_measures(record, noise=residual_noise(hr, record)))
+    assert row["degradation_levels"] == levels_from_measures(row["degradation_measures"])
+    # The replay guarantee: the stored record on the stored HR gives the stored LR, byte for byte.
+    assert np.array_equal(np.asarray(apply_degradation(hr, record)), np.asarray(row["lr_image"]))
     assert row["tags"] == ["woman", "flag"] and row["caption"] == "An astronaut."
     cat = dataset[dataset["source"].index("b_photo.png")]
     assert cat["tags"] == ["cat", "whiskers"] and cat["caption"] == ""
@@ -405,3 +425,92 @@ def test_demo_dataset_builds_offline(tmp_path):
     assert row["lr_image"].size == (16, 16) and row["target_final"].size == (64, 64)
     assert row["target_rough"].size == (16, 16) and row["target_middle"].size == (32, 32)
     assert raw_rows(build_demo_dataset(cache_dir=tmp_path / "again")) == raw_rows(dataset)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets built before label version 2
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Levels a version-1 dataset could store (what the old labeller wrote is irrelevant: they must be replaced).
+V1_LEVELS = {"blur": "light", "downsample": "light", "noise": "heavy", "compression": "light", "upsample": "medium"}
+
+
+def old_dataset(rows: int = 3, broken_params=(), foreign_lr=()) -> datasets.Dataset:
+    """A dataset as prepare-data saved it before label version 2: no label_version or degradation_measures
+    columns, records without the usm field (the plain HR was degraded), levels of the old labeller. Rows in
+    ``broken_params`` get unreadable JSON, rows in ``foreign_lr`` an LR this pipeline did not make."""
+    columns = {name: [] for name in COLUMNS if name not in ("degradation_measures", "label_version")}
+    for i, which in zip(range(rows), ["astronaut", "chelsea", "coffee", "rocket"]):
+        hr = photo(HR, HR, which)
+        record = sample_degradation(DegradationConfig(gt_usm=False), 10 + i, HR, 4)
+        params = record.to_dict()
+        del params["usm"]
+        lr = apply_degradation(hr, record)
+        if i in foreign_lr:
+            lr = lr.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for name, value in (
+            ("prompt", DEFAULT_PROMPT),
+            ("lr_image", lr),
+            ("hr_image", hr),
+            ("target_rough", hr.resize((HR // 4, HR // 4))),
+            ("target_middle", hr.resize((HR // 2, HR // 2))),
+            ("target_final", hr),
+            ("degradation_params", "{not json" if i in broken_params else json.dumps(params)),
+            ("degradation_levels", V1_LEVELS),
+            ("degradation_text", levels_to_text(V1_LEVELS)),
+            ("tags", []),
+            ("caption", ""),
+            ("source", f"{which}.png"),
+        ):
+            columns[name].append(value)
+    features = datasets.Features({k: v for k, v in dataset_module.dataset_features().items() if k in columns})
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def test_a_dataset_from_before_label_versions_loads_with_recomputed_levels(tmp_path):
+    from types import SimpleNamespace
+
+    from vlcot_grpo.script_utils import _load_vlcot_dataset
+
+    old_dataset().save_to_disk(str(tmp_path / "old"))
+    args = SimpleNamespace(dataset_name=str(tmp_path / "old"), dataset_train_split="train")
+    with pytest.warns(
+        LabelVersionWarning, match=r"label version 1 .*recomputed .* of 3 of its 3 older rows"
+    ) as caught:
+        loaded = _load_vlcot_dataset(args, None)
+    assert "did not reproduce" not in str(caught[0].message)  # the replays gave the stored LR images
+    assert loaded.column_names == COLUMNS
+    assert label_versions(loaded) == [LABEL_VERSION] * 3
+    for row in loaded:
+        record = DegradationRecord.from_json(row["degradation_params"])
+        assert record.usm is None  # replayed as it was built: no sharpening
+        measures = degradation_measures(record, noise=residual_noise(np.asarray(row["hr_image"]), record))
+        assert row["degradation_measures"] == pytest.approx(measures)
+        assert row["degradation_levels"] == levels_from_measures(measures)
+        assert parse_degradation_text(row["degradation_text"]).levels == row["degradation_levels"]
+    assert any(row["degradation_levels"] != V1_LEVELS for row in loaded)
+    # Once upgraded (or built now), nothing changes and nothing is said.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert upgrade_labels(loaded) is loaded
+
+
+def test_rows_that_cannot_be_recomputed_are_flagged_not_changed():
+    dataset = old_dataset(rows=2, broken_params={1}, foreign_lr={0})
+    with pytest.warns(LabelVersionWarning) as caught:
+        upgraded = upgrade_labels(dataset, name="old data")
+    message = str(caught[0].message)
+    assert "old data" in message and "1 of its 2 older rows" in message
+    assert "1 replays did not reproduce the stored lr_image" in message
+    assert "1 rows keep their label version 1 levels: unreadable degradation_params" in message
+    assert label_versions(upgraded) == [LABEL_VERSION, 1]
+    assert upgraded[1]["degradation_levels"] == V1_LEVELS
+    assert upgraded[1]["degradation_measures"] == dict.fromkeys(STEPS)
+
+
+def test_a_dataset_from_a_newer_labelling_is_refused():
+    dataset = old_dataset(rows=1).add_column("label_version", [LABEL_VERSION + 1])
+    with pytest.raises(ValueError, match="newer than this vlcot-grpo"):
+        upgrade_labels(dataset)
+    plain = datasets.Dataset.from_dict({"text": ["no degradation columns"]})
+    assert upgrade_labels(plain) is plain

@@ -1,12 +1,15 @@
 """Degradation ops, sampler and applier: each op checked against what its parameters promise."""
 
 import dataclasses
+import io
+import json
 import math
 
 import cv2
 import numpy as np
 import pytest
 import skimage.data
+from PIL import Image
 from scipy import ndimage
 
 from vlcot_grpo.data import degradations as deg
@@ -259,3 +262,137 @@ def test_config_validation_names_the_field_and_value():
 def test_config_dict_round_trip():
     config = deg.DegradationConfig(final_sinc_prob=0.3, first_stage=deg.StageConfig(noise_sigma=(2.0, 4.0)))
     assert deg.DegradationConfig.from_dict(config.to_dict()) == config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unsharp masking of the HR (Real-ESRGAN's gt_usm)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_usm_sharpen_follows_its_formula_and_sharpens_edges():
+    image = np.zeros((64, 64, 3), np.float32)
+    image[:, 32:] = 0.6
+    image[:, :32] = 0.2
+    sharpened = deg.usm_sharpen(image)
+    # Real-ESRGAN's numbers: size 51, OpenCV's sigma for it (8.0), weight 0.5, threshold 10.
+    kernel = cv2.getGaussianKernel(51, 0)
+    blurred = cv2.sepFilter2D(image.astype(np.float64), -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
+    residual = image - blurred
+    soft = cv2.sepFilter2D(
+        (np.abs(residual) * 255 > 10).astype(np.float64), -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101
+    )
+    expected = soft * np.clip(image + 0.5 * residual, 0, 1) + (1 - soft) * image
+    np.testing.assert_allclose(sharpened, expected, atol=1e-5)
+    # Overshoot on both sides of the edge; far from it (flat, residual below the threshold) nothing changes much.
+    assert sharpened[32, 30, 0] < 0.2 - 0.02 and sharpened[32, 33, 0] > 0.6 + 0.02
+    flat = np.full((20, 20, 3), 0.3, np.float32)
+    np.testing.assert_allclose(deg.usm_sharpen(flat), flat, atol=1e-6)
+
+
+def test_gt_usm_is_on_by_default_recorded_and_replayed(photo_crop):
+    record = deg.sample_degradation(None, 3, 128, 4)
+    assert record.usm == deg.UsmParams(weight=0.5, radius=50, threshold=10.0)
+    plain = deg.sample_degradation(deg.DegradationConfig(gt_usm=False), 3, 128, 4)
+    assert plain.usm is None
+    # The switch draws nothing: every other draw of the seed is the same.
+    assert dataclasses.replace(record, usm=None) == plain
+    sharpened_lr = np.asarray(deg.apply_degradation(photo_crop, record))
+    plain_lr = np.asarray(deg.apply_degradation(photo_crop, plain))
+    assert not np.array_equal(sharpened_lr, plain_lr)
+    # The record carries it through JSON, and the replay is bit-exact.
+    restored = deg.DegradationRecord.from_json(record.to_json())
+    assert restored == record and json.loads(record.to_json())["usm"]["radius"] == 50
+    assert np.array_equal(np.asarray(deg.apply_degradation(photo_crop, restored)), sharpened_lr)
+    custom = deg.sample_degradation(deg.DegradationConfig(usm_weight=1.0, usm_radius=20), 3, 128, 4)
+    assert custom.usm == deg.UsmParams(weight=1.0, radius=20, threshold=10.0)
+    with pytest.raises(ValueError, match="usm radius"):
+        deg.DegradationConfig(usm_radius=0)
+
+
+def test_a_record_from_before_usm_loads_and_replays_without_sharpening(photo_crop):
+    plain = deg.sample_degradation(deg.DegradationConfig(gt_usm=False), 5, 128, 4)
+    old = plain.to_dict()
+    del old["usm"]  # records written before the field existed
+    loaded = deg.DegradationRecord.from_dict(old)
+    assert loaded.usm is None and loaded == plain
+    assert np.array_equal(
+        np.asarray(deg.apply_degradation(photo_crop, loaded)), np.asarray(deg.apply_degradation(photo_crop, plain))
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs converted the way prepare-data reads files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_pil_inputs_are_read_like_prepare_data(photo_crop):
+    from vlcot_grpo.data.dataset import read_rgb_image
+
+    record = deg.sample_degradation(None, 1, 128, 4)
+    grey8 = Image.fromarray(photo_crop).convert("L")
+    sixteen = Image.fromarray((np.asarray(grey8, np.uint16) * 257).astype(np.uint16))
+    assert sixteen.mode == "I;16"
+    rgba = Image.fromarray(photo_crop).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.arange(128, dtype=np.uint8) * 2, (128, 1))))
+    for image in (grey8, sixteen, rgba):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        as_prepared = read_rgb_image(buffer.getvalue(), "x.png")
+        assert np.array_equal(
+            np.asarray(deg.apply_degradation(image, record)), np.asarray(deg.apply_degradation(as_prepared, record))
+        )
+    # The 16-bit image is scaled, not saturated: it degrades like its 8-bit version.
+    assert np.array_equal(
+        np.asarray(deg.apply_degradation(sixteen, record)), np.asarray(deg.apply_degradation(grey8, record))
+    )
+
+
+def test_array_inputs_are_converted_or_refused_with_a_message(photo_crop):
+    reference = deg.as_float_rgb(photo_crop)
+    np.testing.assert_array_equal(deg.as_float_rgb(photo_crop.astype(np.float32)), reference)  # float 0-255
+    np.testing.assert_allclose(deg.as_float_rgb(photo_crop.astype(np.uint16) * 257), reference, atol=1e-6)
+    np.testing.assert_array_equal(deg.as_float_rgb(photo_crop / np.float32(255)), reference)  # float 0-1
+    grey = photo_crop[..., 0]
+    np.testing.assert_array_equal(deg.as_float_rgb(grey), np.repeat(reference[..., :1], 3, axis=2))
+    np.testing.assert_array_equal(deg.as_float_rgb(grey[..., None]), deg.as_float_rgb(grey))
+    # RGBA and grey + alpha: composited onto white, as prepare-data does (PIL rounds to 8 bits: within 1/255).
+    alpha = np.tile(np.arange(128, dtype=np.uint8) * 2, (128, 1))[..., None]
+    rgba = np.concatenate([photo_crop, alpha], axis=2)
+    composited = np.asarray(deg.to_rgb8(Image.fromarray(rgba, "RGBA"))) / 255.0
+    assert np.abs(deg.as_float_rgb(rgba) - composited).max() <= 1 / 255 + 1e-6
+    assert deg.as_float_rgb(np.concatenate([grey[..., None], alpha], axis=2)).shape == (128, 128, 3)
+    assert deg.as_float_rgb(np.full((4, 4, 4), [10, 20, 30, 0], np.uint8)).min() == 1.0  # transparent -> white
+    # Wrong inputs are refused, saying why.
+    with pytest.raises(ValueError, match="up to 300"):
+        deg.as_float_rgb(np.full((4, 4, 3), 300.0))
+    with pytest.raises(ValueError, match="NaN"):
+        deg.as_float_rgb(np.full((4, 4, 3), np.nan))
+    with pytest.raises(ValueError, match="0..65535"):
+        deg.as_float_rgb(np.full((4, 4, 3), -1, np.int32))
+    with pytest.raises(ValueError, match="shape"):
+        deg.as_float_rgb(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="dtype bool"):
+        deg.as_float_rgb(np.zeros((4, 4, 3), bool))
+    # apply_degradation takes them all.
+    record = deg.sample_degradation(None, 2, 128, 4)
+    assert np.array_equal(
+        np.asarray(deg.apply_degradation(photo_crop.astype(np.float32), record)),
+        np.asarray(deg.apply_degradation(photo_crop, record)),
+    )
+
+
+def test_replay_without_noise_and_at_the_lr_size(photo_crop):
+    record = deg.sample_degradation(None, 4, 128, 4, output_size=128)
+    full = deg.apply_degradation_array(photo_crop, record)
+    assert full.shape == (128, 128, 3)
+    at_lr = deg.apply_degradation_array(photo_crop, record, at_lr_size=True)
+    assert at_lr.shape == (32, 32, 3)
+    quiet = deg.apply_degradation_array(photo_crop, record, noise=False, at_lr_size=True)
+    assert not np.array_equal(quiet, at_lr)
+    assert np.array_equal(quiet, deg.apply_degradation_array(photo_crop, deg.without_noise(record), at_lr_size=True))
+    lr, residual = deg.apply_degradation_with_residual_noise(photo_crop, record)
+    assert np.array_equal(np.asarray(lr), full)  # the stored LR is the plain replay, bit for bit
+    assert residual == pytest.approx(float(np.std(at_lr.astype(np.float64) - quiet)))
+    zero = deg.without_noise(record)
+    assert zero.first_stage.noise.seed == record.first_stage.noise.seed
+    assert {zero.first_stage.noise.sigma or 0.0, zero.first_stage.noise.scale or 0.0} == {0.0}

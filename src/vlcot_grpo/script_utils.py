@@ -282,7 +282,10 @@ def _load_vlcot_dataset(data_args: SharedScriptArguments, training_args):
         if data_args.dataset_train_split not in loaded:
             raise KeyError(f"{path}: no split {data_args.dataset_train_split!r}; it has {list(loaded)}")
         loaded = loaded[data_args.dataset_train_split]
-    return loaded
+    from vlcot_grpo.data.relabel import upgrade_labels
+
+    # A dataset labelled by an older version gets its degradation levels recomputed (with a warning).
+    return upgrade_labels(loaded, name=f"dataset {str(path)!r}")
 
 
 def peft_config_for(model_args, model, tokenizer):

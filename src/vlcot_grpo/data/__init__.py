@@ -3,6 +3,7 @@
 * :mod:`~vlcot_grpo.data.degradations` - degradation ops, the parameter sampler and the deterministic applier;
 * :mod:`~vlcot_grpo.data.levels` - per-step light / medium / heavy levels, their text and its parser;
 * :mod:`~vlcot_grpo.data.dataset` - the dataset builder (folder or ``datasets.Dataset`` in, VLCoT columns out);
+* :mod:`~vlcot_grpo.data.relabel` - recomputing the levels of datasets labelled by an older version;
 * :mod:`~vlcot_grpo.data.demo` - the bundled demo photos;
 * :mod:`~vlcot_grpo.data.cli` - ``vlcot-grpo prepare-data``.
 
@@ -22,9 +23,12 @@ _EXPORTS = {
         "ResizeParams",
         "StageConfig",
         "StageRecord",
+        "UsmParams",
         "add_gaussian_noise",
         "add_poisson_noise",
         "apply_degradation",
+        "apply_degradation_with_residual_noise",
+        "as_float_rgb",
         "blur",
         "degrade",
         "gaussian_kernel",
@@ -36,13 +40,22 @@ _EXPORTS = {
         "resize",
         "sample_degradation",
         "sinc_kernel",
+        "to_rgb8",
+        "usm_sharpen",
+        "without_noise",
     ),
     "vlcot_grpo.data.levels": (
+        "LABEL_VERSION",
         "LEVELS",
         "STEPS",
         "LevelThresholds",
         "ParsedLevels",
+        "blur_width",
         "degradation_measures",
+        "effective_jpeg_quality",
+        "levels_from_measures",
+        "noise_estimate",
+        "residual_noise",
         "levels_agreement",
         "levels_from_record",
         "levels_to_text",
@@ -59,6 +72,7 @@ _EXPORTS = {
         "image_seed",
         "read_rgb_image",
     ),
+    "vlcot_grpo.data.relabel": ("LabelVersionWarning", "label_versions", "upgrade_labels"),
     "vlcot_grpo.data.demo": ("build_demo_dataset", "demo_annotations", "load_demo_image"),
     "vlcot_grpo.data.cli": ("add_prepare_data_arguments", "run_prepare_data"),
 }

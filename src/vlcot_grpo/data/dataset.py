@@ -3,22 +3,24 @@
 :func:`build_vlcot_dataset` takes a folder of high-resolution (HR) images or a ``datasets.Dataset`` with an image
 column and returns a ``datasets.Dataset`` with these columns:
 
-=====================  ==================  ==================================================================
-column                 type                content
-=====================  ==================  ==================================================================
-``prompt``             string              the VLCoT prompt; contains ``IMAGE_PLACEHOLDER`` where the LR image goes
-``lr_image``           Image               the degraded low-resolution input (``lr_size``, default hr_size / scale)
-``hr_image``           Image               the HR image, resized (short side) and centre-cropped to ``hr_size``
-``target_rough``       Image               HR resized to the rough stage size (default hr_size / 4)
-``target_middle``      Image               HR resized to the middle stage size (default hr_size / 2)
-``target_final``       Image               HR resized to the final stage size (default hr_size)
-``degradation_params`` string              JSON of the :class:`DegradationRecord` that made ``lr_image``
-``degradation_levels`` struct of 5 strings step -> "light" / "medium" / "heavy", or null when not applied
-``degradation_text``   string              e.g. "medium blur, light downsample, heavy noise, light compression"
-``tags``               list of strings     object words (for the understanding reward); [] when unknown
-``caption``            string              one-line description; "" when unknown
-``source``             string              file name (relative to the folder) or the dataset row's name
-=====================  ==================  ==================================================================
+========================  ===================  ====================================================================
+column                    type                 content
+========================  ===================  ====================================================================
+``prompt``                string               the VLCoT prompt; contains ``IMAGE_PLACEHOLDER`` where the LR image goes
+``lr_image``              Image                the degraded low-resolution input (``lr_size``, default hr_size / scale)
+``hr_image``              Image                the HR image, resized (short side) and centre-cropped to ``hr_size``
+``target_rough``          Image                HR resized to the rough stage size (default hr_size / 4)
+``target_middle``         Image                HR resized to the middle stage size (default hr_size / 2)
+``target_final``          Image                HR resized to the final stage size (default hr_size)
+``degradation_params``    string               JSON of the :class:`DegradationRecord` that made ``lr_image``
+``degradation_levels``    struct of 5 strings  step -> "light" / "medium" / "heavy", or null when not applied
+``degradation_text``      string               e.g. "medium blur, light downsample, heavy noise, light compression"
+``degradation_measures``  struct of 5 floats   step -> the measure its level buckets (docs/rewards.md), or null
+``label_version``         int32                :data:`~vlcot_grpo.data.levels.LABEL_VERSION` of the levels (see below)
+``tags``                  list of strings      object words (for the understanding reward); [] when unknown
+``caption``               string               one-line description; "" when unknown
+``source``                string               file name (relative to the folder) or the dataset row's name
+========================  ===================  ====================================================================
 
 Determinism: each image's degradation seed is derived from the global ``seed`` and the SHA-256 of the image's
 *file content* (see :func:`image_seed`), not from its position. Adding, removing or renaming files never changes
@@ -29,6 +31,10 @@ done (atomically: written to a temporary folder, then renamed). The settings key
 the pixels (sizes, scale, seed, degradation ranges, ...). A crash mid-build therefore loses nothing: a rerun finds
 the finished images and only processes the rest. Prompt, tags, captions and level thresholds are applied when the
 dataset is assembled, so changing them costs no reprocessing.
+
+Label versions: a dataset saved before ``label_version`` existed (label version 1) still loads;
+:func:`~vlcot_grpo.data.relabel.upgrade_labels`, which the training scripts call on every prepared dataset,
+recomputes its levels from the stored records and HR images, and warns about rows it cannot recompute.
 
 Bad input: every problem is either converted or skipped with a warning that names the file and the reason, and
 counted in the :class:`BuildSummary`; ``strict=True`` raises :class:`BadImageError` instead of skipping.
@@ -62,8 +68,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlcot_grpo.data.degradations import DegradationConfig, DegradationRecord, apply_degradation, sample_degradation
-from vlcot_grpo.data.levels import STEPS, LevelThresholds, levels_from_record, levels_to_text
+from vlcot_grpo.data.degradations import (
+    DegradationConfig,
+    DegradationRecord,
+    apply_degradation_with_residual_noise,
+    sample_degradation,
+    to_rgb8,
+)
+from vlcot_grpo.data.levels import (
+    LABEL_VERSION,
+    STEPS,
+    LevelThresholds,
+    degradation_measures,
+    levels_from_measures,
+    levels_to_text,
+)
 
 # `datasets`, `tqdm` and `vlcot_grpo.vlcot` (which imports torch) are imported inside the functions that use them:
 # worker processes (num_proc > 1) import this module, and without them it loads in well under a second.
@@ -74,7 +93,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 #: Bump when the cached files' format or the processing changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = 1
+#: 2: meta.json holds the residual noise (label version 2).
+CACHE_FORMAT_VERSION = 2
 #: File extensions treated as images (others are still tried, but reported as "not_an_image" when unreadable).
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2"}
@@ -109,6 +129,8 @@ def dataset_features() -> datasets.Features:
             "degradation_params": datasets.Value("string"),
             "degradation_levels": {step: datasets.Value("string") for step in STEPS},
             "degradation_text": datasets.Value("string"),
+            "degradation_measures": {step: datasets.Value("float64") for step in STEPS},
+            "label_version": datasets.Value("int32"),
             "tags": datasets.List(datasets.Value("string")),
             "caption": datasets.Value("string"),
             "source": datasets.Value("string"),
@@ -268,31 +290,6 @@ def open_rgb_image(path: str | Path, max_image_pixels: int | None = None) -> Ima
     return read_rgb_image(Path(path).read_bytes(), str(path), max_image_pixels)
 
 
-def to_rgb8(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit and 32-bit integer images are scaled (not clipped), float images in
-    [0, 1] are stretched to [0, 255], and transparency is composited onto white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image, dtype=np.float64)
-        # "I;16*" is 16-bit by definition; "I" (32-bit) holds 16-bit PNGs in older Pillow versions.
-        if mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0
-        grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if values.max(initial=0) <= 1.0:
-            values = values * 255.0
-        return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8)).convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # HR preparation and one image's processing
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,7 +356,8 @@ def process_image(item: _Item, settings: ImageSettings, cache_root: Path, max_im
         settings.scale,
         output_size=settings.lr_size,
     )
-    lr = apply_degradation(np.asarray(hr), record)
+    # The LR image and the noise left in it (the replay with the noise draws zeroed), which the noise level needs.
+    lr, residual_noise = apply_degradation_with_residual_noise(np.asarray(hr), record)
 
     files = {"hr_image": _png_bytes(hr), "lr_image": _png_bytes(lr)}
     for column, (height, width) in zip(_TARGET_COLUMNS, settings.stage_sizes):
@@ -371,6 +369,7 @@ def process_image(item: _Item, settings: ImageSettings, cache_root: Path, max_im
         "content_hash": item.content_hash,
         "original_size": list(image.size),
         "degradation_params": record.to_dict(),
+        "residual_noise": residual_noise,
     }
     _write_entry(cache_root, item.content_hash, files, meta)
 
@@ -575,7 +574,8 @@ def _generate_rows(
         entry = Path(entry_dir)
         meta = json.loads((entry / "meta.json").read_text())
         record = DegradationRecord.from_dict(meta["degradation_params"])
-        levels = levels_from_record(record, level_thresholds)
+        measures = degradation_measures(record, noise=meta["residual_noise"])
+        levels = levels_from_measures(measures, level_thresholds)
         row: dict[str, Any] = {"prompt": prompt}
         for column in ("lr_image", "hr_image", *_TARGET_COLUMNS):
             row[column] = {"bytes": (entry / f"{column}.png").read_bytes(), "path": None}
@@ -583,6 +583,8 @@ def _generate_rows(
             degradation_params=record.to_json(),
             degradation_levels=levels,
             degradation_text=levels_to_text(levels),
+            degradation_measures=measures,
+            label_version=LABEL_VERSION,
             tags=tags,
             caption=caption,
             source=source,
