@@ -8,6 +8,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load_pretrained": "vlcot_grpo.loading",
     "ImageTokenBackend": "vlcot_grpo.models",
     "load_backend": "vlcot_grpo.models",
     "parse_completion": "vlcot_grpo.vlcot",

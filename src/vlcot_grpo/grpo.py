@@ -19,7 +19,9 @@ from vlcot_grpo.script_utils import (
     load_train_dataset,
     log_distribution,
     peft_config_for,
+    record_run,
     resume_checkpoint,
+    save_run_record,
 )
 
 
@@ -85,6 +87,7 @@ def check_completion_budget(model, tokenizer, training_args) -> None:
 
 def main(argv=None) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -105,6 +108,7 @@ def main(argv=None) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model, tokenizer),
     )
+    record_run(trainer, "grpo", model, script_args, training_args, model_args, argv, dataset)
     log_distribution(trainer)
     device, rollout = trainer.accelerator.device, trainer.engine.config
     engine = trainer.engine.resolved_engine(device)  # walks the parameters (quantized or not): once
@@ -123,6 +127,7 @@ def main(argv=None) -> Path:
     trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
+        save_run_record(trainer, output_dir)  # after save_model, whose PEFT card it replaces
         plot = plot_rewards(trainer.state.log_history, output_dir / "rewards.png")
         print(f"GRPO done. Model/adapter: {output_dir}")
         print(f"  reward plot:    {plot}")

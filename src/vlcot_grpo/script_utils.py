@@ -37,6 +37,14 @@ class SharedScriptArguments:
             "it was built from another tiny_model_spec (demo, tests)."
         },
     )
+    base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the base model (model_name_or_path as published), written into the adapter's "
+            "adapter_config.json and the model card so that a pushed adapter loads anywhere. Unset: the base's "
+            "absolute local path."
+        },
+    )
     tiny_model_spec: dict | str | None = field(
         default=None,
         metadata={
@@ -200,6 +208,9 @@ def load_policy(model_args, training_args, data_args):
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     model = load_model(path, **kwargs)
+    # PEFT writes this into adapter_config.json: a relative path would load only from the folder training ran in
+    # (the scripts put base_model_id there instead when it is set, after the trainer has used this one)
+    model.name_or_path = model.config._name_or_path = str(Path(path).resolve()) if Path(path).is_dir() else path
     if quantization is not None:
         want = "Linear4bit" if model_args.load_in_4bit else "Linear8bitLt"
         found = quantized_layer_types(model)
@@ -322,6 +333,32 @@ def peft_config_for(model_args, model, tokenizer):
         if name not in saved and name.rsplit(".", 1)[-1] not in saved:
             layers[name] = tag_ids
     return dataclasses.replace(config, trainable_token_indices=layers or None)
+
+
+def record_run(trainer, method: str, model, script_args, training_args, model_args, argv, dataset) -> None:
+    """Give the trainer what its model card and ``vlcot_settings.json`` say (``model`` is the base as loaded), and
+    point the adapter at ``base_model_id`` when one is set."""
+    from vlcot_grpo.saved_settings import training_settings
+
+    trainer.vlcot_settings = training_settings(
+        method, model, script_args, training_args, model_args, argv, dataset=dataset
+    )
+    if script_args.base_model_id and hasattr(trainer.model, "peft_config"):
+        for config in trainer.model.peft_config.values():
+            config.base_model_name_or_path = script_args.base_model_id
+
+
+def save_run_record(trainer, folder, adapter: bool | None = None) -> None:
+    """Write ``vlcot_settings.json`` (with the final metrics) and the model card into ``folder``."""
+    from vlcot_grpo.card import write_model_card
+    from vlcot_grpo.saved_settings import final_metrics, write_settings
+
+    settings = dict(trainer.vlcot_settings)
+    if adapter is not None:
+        settings["adapter"] = adapter
+    metrics = final_metrics(trainer.state.log_history)
+    write_settings(folder, {**settings, "metrics": metrics})
+    write_model_card(folder, settings, metrics, trainer.card_hub_id())
 
 
 def log_distribution(trainer) -> None:

@@ -27,6 +27,7 @@ import torch
 from peft.utils.other import TrainableTokensWrapper
 from trl import SFTConfig, SFTTrainer
 
+from vlcot_grpo.card import ModelCardMixin
 from vlcot_grpo.models import load_backend, load_checkpoint_weights, load_model, unwrap_model
 from vlcot_grpo.script_utils import (
     SharedScriptArguments,
@@ -34,7 +35,9 @@ from vlcot_grpo.script_utils import (
     load_train_dataset,
     log_distribution,
     peft_config_for,
+    record_run,
     resume_checkpoint,
+    save_run_record,
 )
 from vlcot_grpo.traces import build_trace_dataset
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES, stage_sizes_of
@@ -130,7 +133,7 @@ def sft_features(traces: datasets.Dataset, max_length: int | None = None) -> dat
     return traces.map(join, remove_columns=traces.column_names)
 
 
-class VLCoTSFTTrainer(SFTTrainer):
+class VLCoTSFTTrainer(ModelCardMixin, SFTTrainer):
     """``SFTTrainer`` on VLCoT traces.
 
     ``train_dataset`` is either a VLCoT dataset (columns ``lr_image``, ``degradation_text``, ``target_*``, ...: the
@@ -347,6 +350,7 @@ def parse_args(argv=None):
 def main(argv=None) -> Path:
     """Run the cold start; returns ``output_dir``, the folder the GRPO recipe loads as ``model_name_or_path``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # what can be checked without the model first: a bad dataset or checkpoint path fails in seconds
@@ -360,10 +364,14 @@ def main(argv=None) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model, tokenizer),
     )
+    record_run(trainer, "sft", model, script_args, training_args, model_args, argv, dataset)
     log_distribution(trainer)
     trainer.train(resume_from_checkpoint=resume)
     output_dir = save_for_grpo(trainer, tokenizer, model_args.model_name_or_path)
     if trainer.accelerator.is_main_process:
+        save_run_record(trainer, output_dir, adapter=False)  # output_dir holds the full (merged) model
+        if (output_dir / ADAPTER_SUBDIR).is_dir():
+            save_run_record(trainer, output_dir / ADAPTER_SUBDIR, adapter=True)
         print(f"SFT done. GRPO loads: model_name_or_path: {output_dir}")
         if training_args.format_check_samples:
             rate, count = check_saved_model(output_dir, trainer.trace_dataset, training_args)

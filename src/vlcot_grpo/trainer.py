@@ -32,6 +32,7 @@ from trl import GRPOTrainer  # noqa: E402
 from trl.models import unwrap_model_for_generation  # noqa: E402
 
 from vlcot_grpo.adapters import merged_adapters, quantized_base  # noqa: E402
+from vlcot_grpo.card import ModelCardMixin  # noqa: E402
 from vlcot_grpo.config import VLCoTGRPOConfig  # noqa: E402
 from vlcot_grpo.logprobs import completion_logps, guidance_rows, importance_weights, sampled_logps  # noqa: E402
 from vlcot_grpo.models import load_backend, load_checkpoint_weights  # noqa: E402
@@ -42,7 +43,7 @@ from vlcot_grpo.vlcot import STAGES, encode_prompt, parse_completions  # noqa: E
 logger = logging.getLogger(__name__)
 
 
-class VLCoTGRPOTrainer(GRPOTrainer):
+class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
     """GRPO on VLCoT rollouts. The dataset needs an ``lr_image`` column (PIL) and may have a ``prompt`` column
     (instruction text with the ``<|image|>`` placeholder); every other column reaches the rewards."""
 
