@@ -193,8 +193,9 @@ class GenerationReward(Reward):
         return raw
 
 
-def create_metric(metric: str, device) -> torch.nn.Module:
-    """``pyiqa.create_metric`` with clear errors for an unknown name, missing weights or a missing module."""
+def create_metric(metric: str, device, purpose: str = "the generation reward", **options) -> torch.nn.Module:
+    """``pyiqa.create_metric`` (with metric ``options``) and clear errors for an unknown name, missing weights or a
+    missing module; ``purpose`` says in the error what the metric was for."""
     import pyiqa
 
     available = pyiqa.list_models()
@@ -204,11 +205,14 @@ def create_metric(metric: str, device) -> torch.nn.Module:
         raise ValueError(f"unknown pyiqa metric {metric!r}{hint} (see pyiqa.list_models(metric_mode='NR'))")
     files = weight_files(metric)
     required_missing = [f for f in files if not f.alternative and not f.present]
+    alternatives = [f for f in files if f.alternative]
+    if alternatives and not any(f.present for f in alternatives):
+        required_missing += alternatives
     if required_missing and hub_offline():
         # HF_HUB_OFFLINE=1: do not let pyiqa try (its downloads ignore that variable and may hang without internet).
-        raise MetricUnavailableError(missing_weights_error(metric, files))
+        raise MetricUnavailableError(missing_weights_error(metric, files, purpose=purpose))
     try:
-        model = pyiqa.create_metric(metric, device=device, as_loss=False)
+        model = pyiqa.create_metric(metric, device=device, as_loss=False, **options)
     except Exception as err:
-        raise MetricUnavailableError(missing_weights_error(metric, files, err)) from err
+        raise MetricUnavailableError(missing_weights_error(metric, files, err, purpose)) from err
     return model.eval().requires_grad_(False)

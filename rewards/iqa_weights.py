@@ -133,11 +133,43 @@ def _clipiqa_files(opts: dict) -> list[WeightFile]:
     return files
 
 
+def _torchvision_backbone(weights) -> WeightFile:
+    """A torchvision ImageNet backbone (LPIPS, DISTS): ``<hub>/checkpoints/<file>``."""
+    url = weights.url
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return WeightFile(f"torchvision {weights}", os.path.basename(urlparse(url).path), folder, url)
+
+
+def _lpips_files(opts: dict) -> list[WeightFile]:
+    import torchvision.models as tv
+
+    net, version = opts.get("net", "alex"), opts.get("version", "0.1")
+    backbone = {"alex": tv.AlexNet_Weights, "vgg": tv.VGG16_Weights, "squeeze": tv.SqueezeNet1_1_Weights}[net]
+    checkpoint = _pyiqa_checkpoint(_arch_urls("lpips_arch")[f"{version}_{net}"], f"LPIPS {version} {net} layers")
+    return [checkpoint, _torchvision_backbone(backbone.IMAGENET1K_V1)]
+
+
+def _dists_files(opts: dict) -> list[WeightFile]:
+    import torchvision.models as tv
+
+    checkpoint = _pyiqa_checkpoint(_arch_urls("dists_arch")["url"], "DISTS weights")
+    return [checkpoint, _torchvision_backbone(tv.VGG16_Weights.IMAGENET1K_V1)]
+
+
+def _fid_files(opts: dict) -> list[WeightFile]:
+    from pyiqa.archs.inception import FID_WEIGHTS_URL
+
+    return [_pyiqa_checkpoint(FID_WEIGHTS_URL, "FID InceptionV3 weights")]
+
+
 ARCH_FILES: dict[str, Callable[[dict], list[WeightFile]]] = {
     "CFANet": _topiq_files,
     "MUSIQ": _musiq_files,
     "MANIQA": _maniqa_files,
     "CLIPIQA": _clipiqa_files,
+    "LPIPS": _lpips_files,
+    "DISTS": _dists_files,
+    "FID": _fid_files,
 }
 
 # Architecture type -> module, for the fallback listing of metrics without a resolver above.
@@ -177,9 +209,11 @@ class MetricUnavailableError(RuntimeError):
     """A pyiqa metric could not be created: weights missing and not downloadable, or a missing Python module."""
 
 
-def missing_weights_error(metric: str, files: list[WeightFile], cause: BaseException | None = None) -> str:
+def missing_weights_error(
+    metric: str, files: list[WeightFile], cause: BaseException | None = None, purpose: str = "the generation reward"
+) -> str:
     """The message of the error raised when ``metric`` cannot be created; lists every file and its state."""
-    lines = [f"cannot create the pyiqa metric {metric!r} for the generation reward"]
+    lines = [f"cannot create the pyiqa metric {metric!r} for {purpose}"]
     if cause is not None:
         lines[0] += f": {type(cause).__name__}: {cause}"
     if isinstance(cause, ModuleNotFoundError):

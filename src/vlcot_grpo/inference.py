@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from vlcot_grpo.data.dataset import ACCEPTED_FORMATS, BadImageError, open_rgb_image
+from vlcot_grpo.evaluation import evaluate_main  # noqa: F401  (public here too)
 from vlcot_grpo.models import load_backend, load_model
 from vlcot_grpo.rollout import ENGINES, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES, VLCoTParse, encode_prompt, parse_completions
@@ -169,56 +170,3 @@ def upscale_main(argv=None) -> int:
             + ", ".join(str(f) for f in skipped)
         )
     return 1 if failures or skipped else 0
-
-
-def evaluate_pairs(sr_dir: Path, hr_dir: Path, metrics: list[str], device: str = "cpu") -> dict:
-    """Mean pyiqa scores of SR images against the HR image of the same file stem (resized to the SR size)."""
-    import pyiqa
-    from torchvision.transforms.functional import to_tensor
-
-    sr_files = {p.stem: p for p in _image_files(sr_dir) if not p.stem.endswith("_chain")}
-    hr_files = {p.stem: p for p in _image_files(hr_dir)}
-    pairs = sorted(set(sr_files) & set(hr_files))
-    if not pairs:
-        raise FileNotFoundError(f"no SR image in {sr_dir} has an HR image of the same name in {hr_dir}")
-    per_image: dict[str, dict[str, float]] = {}
-    failed: dict[str, str] = {}
-    created = {name: pyiqa.create_metric(name, device=device) for name in metrics}
-    for stem in pairs:
-        try:  # accepted formats only; a file that fails is named in the result, never silently left out
-            sr = open_rgb_image(sr_files[stem])
-            hr = open_rgb_image(hr_files[stem]).resize(sr.size, Image.Resampling.BICUBIC)
-        except (BadImageError, OSError) as err:
-            failed[stem] = str(err)
-            continue
-        sr_t, hr_t = to_tensor(sr)[None].to(device), to_tensor(hr)[None].to(device)
-        scores = {}
-        for name, metric in created.items():
-            value = metric(sr_t, hr_t) if metric.metric_mode == "FR" else metric(sr_t)
-            scores[name] = float(value.item())
-        per_image[stem] = scores
-    if not per_image:
-        raise ValueError(f"no SR/HR pair could be read: {failed}")
-    mean = {name: sum(s[name] for s in per_image.values()) / len(per_image) for name in metrics}
-    missing = sorted(set(sr_files) - set(hr_files))
-    return {"mean": mean, "per_image": per_image, "missing_hr": missing, "failed": failed}
-
-
-def evaluate_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vlcot-grpo evaluate", description="Score SR images against HR images.")
-    parser.add_argument("--sr-dir", required=True, type=Path)
-    parser.add_argument("--hr-dir", required=True, type=Path)
-    parser.add_argument("--metrics", nargs="+", default=["psnr", "ssim"], help="pyiqa metric names.")
-    parser.add_argument("--out", type=Path, help="Write the scores as JSON here.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    result = evaluate_pairs(args.sr_dir, args.hr_dir, args.metrics, args.device)
-    for name, value in result["mean"].items():
-        print(f"{name:>12}: {value:.4f}  (mean over {len(result['per_image'])} images)")
-    if result["missing_hr"]:
-        print(f"no HR image for: {', '.join(result['missing_hr'])}")
-    for stem, why in result["failed"].items():
-        print(f"not scored: {stem}: {why}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
-    return 0
