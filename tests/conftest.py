@@ -6,6 +6,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -68,3 +70,41 @@ def prepared_path(lookalike_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("emu3-lookalike-prepared") / "model"
     prepare_checkpoint(lookalike_path, out)
     return out
+
+
+GRPO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-emu3" / "grpo" / "config_demo.yaml"
+
+
+def _train_tiny_grpo(*extra):
+    """One GRPO LoRA step of the demo recipe at tiny sizes, with the relative paths model/ and out/ (from the
+    current folder): what `vlcot-grpo grpo` leaves a user."""
+    from vlcot_grpo import grpo
+
+    return grpo.main([
+        "--config", str(GRPO_RECIPE), "--model_name_or_path", "model", "--output_dir", "out",
+        "--max_completion_length", "96", "--num_generations", "2", "--lr_size", "16", "--rough_size", "4",
+        "--middle_size", "8", "--final_size", "16", "--per_device_train_batch_size", "2", "--report_to", "none",
+        "--image_log_steps", "0", "--tiny_model_spec", "{}", "--max_steps", "1", "--save_strategy", "no", *extra,
+    ])  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def grpo_adapter(tmp_path_factory):
+    """The folder of a 1-step GRPO LoRA run (train_tiny_grpo): model/ is the base, out/ the adapter."""
+    root = tmp_path_factory.mktemp("grpo-run")
+    here = os.getcwd()
+    os.chdir(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_tiny_grpo()
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture
+def train_tiny_grpo():
+    """_train_tiny_grpo, for a test that trains again with other arguments (from its current folder)."""
+    return _train_tiny_grpo

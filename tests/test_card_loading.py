@@ -3,7 +3,6 @@ with plain PEFT and with vlcot_grpo.load_pretrained, and a refusal to load it on
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,35 +10,12 @@ from peft import PeftModel
 from transformers import Emu3ForConditionalGeneration
 
 import vlcot_grpo
-from vlcot_grpo import grpo
 from vlcot_grpo.saved_settings import read_settings
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-emu3" / "grpo" / "config_demo.yaml"
-
-
-def _train(tmp, *extra):
-    return grpo.main([
-        "--config", str(RECIPE), "--model_name_or_path", "model", "--output_dir", "out",
-        "--max_completion_length", "96", "--num_generations", "2", "--lr_size", "16", "--rough_size", "4",
-        "--middle_size", "8", "--final_size", "16", "--per_device_train_batch_size", "2", "--report_to", "none",
-        "--image_log_steps", "0", "--tiny_model_spec", "{}", "--max_steps", "1", "--save_strategy", "no", *extra,
-    ])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-step GRPO LoRA run, started (as users do) with relative paths from its own folder."""
-    import os
-
-    root = tmp_path_factory.mktemp("run")
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        torch.set_num_threads(1)
-        _train(root)
-    finally:
-        os.chdir(here)
-    return root
+def trained(grpo_adapter):
+    return grpo_adapter
 
 
 def test_adapter_loads_from_another_folder_with_plain_peft_and_the_loader(trained, tmp_path, monkeypatch):
@@ -74,9 +50,9 @@ def test_model_card_says_what_was_trained_and_its_snippet_runs(trained, tmp_path
     assert settings["sampling"]["temperature"] == 0.7 and settings["prompt"].startswith("Super-resolve <|image|>")
 
 
-def test_base_model_id_goes_into_the_adapter_config_and_the_card(trained, monkeypatch):
+def test_base_model_id_goes_into_the_adapter_config_and_the_card(trained, monkeypatch, train_tiny_grpo):
     monkeypatch.chdir(trained)
-    out = _train(trained, "--output_dir", "out-hub", "--base_model_id", "someone/tiny-emu3-sft")
+    out = train_tiny_grpo("--output_dir", "out-hub", "--base_model_id", "someone/tiny-emu3-sft")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "someone/tiny-emu3-sft"
     card = (out / "README.md").read_text()
     assert "base_model: someone/tiny-emu3-sft" in card

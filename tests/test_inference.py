@@ -28,7 +28,11 @@ def test_upscale_writes_final_images_chains_and_reports(tiny_path, photo, tmp_pa
             assert Image.open(record["final"]).size == (32, 32)
         else:
             assert record["problems"]  # a failed chain says why
-    assert code == (0 if all("final" in r for r in records.values()) else 1)
+    assert code == 0  # failed chains are reported, not fatal (without --strict)
+    strict = cli(["upscale", "--model", str(tiny_path), "--input", str(inputs), "--out", str(out), "--lr-size", "16",
+                  "--sizes", "8", "16", "32", "--max-new-tokens", "300", "--seed", "1", "--overwrite", "--strict",
+                  "--no-progress"])  # fmt: skip
+    assert strict == (0 if all("final" in r for r in records.values()) else 1)
 
 
 def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch, bench):
@@ -90,3 +94,49 @@ def test_evaluate_matches_pyiqa(photo, tmp_path):
     )
     assert scores["psnr"] == pytest.approx(float(expected), abs=1e-4)
     assert 0 < scores["ssim"] < 1
+
+
+def _inputs(folder, photo):
+    folder.mkdir()
+    photo.resize((32, 32)).save(folder / "a.png")
+    photo.rotate(90).resize((32, 32)).save(folder / "a.jpg")  # same stem: must not overwrite a.png's output
+    (folder / "broken.png").write_bytes((folder / "a.png").read_bytes()[:120])  # a truncated PNG
+    return folder
+
+
+def test_upscale_takes_its_defaults_from_the_checkpoint(grpo_adapter, photo, tmp_path, capsys):
+    """The GRPO adapter folder as --model (its base found in adapter_config.json), no size or prompt flags: the
+    sizes, prompt and sampling the run was trained with; bad inputs skipped and named; a.png and a.jpg apart."""
+    inputs = _inputs(tmp_path / "in", photo)
+    out = tmp_path / "out"
+    assert cli(["upscale", "--model", str(grpo_adapter / "out"), "--input", str(inputs), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    for setting in ("lr_size=16 [checkpoint]", "'stage_sizes': {'rough': [4, 4]", "temperature=0.7 [checkpoint]",
+                    "prompt='Super-resolve <|image|>: name the degrad...' [checkpoint]", "max_new_tokens=96 [checkpoint]"):  # fmt: skip
+        assert setting.replace("'stage_sizes': ", "stage_sizes=") in printed.out, (setting, printed.out)
+    assert "upscale: 100%" in printed.err
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(records) == {"a_png", "a_jpg"} and records["a_jpg"]["source"].endswith("a.jpg")
+    assert "skipped 1 unreadable inputs" in printed.out and "broken.png" in printed.out
+    for record in records.values():
+        if "final" in record:
+            assert Image.open(record["final"]).size == (16, 16)
+    # a second run into the same folder would overwrite: refused, unless --overwrite
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cli(["upscale", "--model", str(grpo_adapter / "out"), "--input", str(inputs), "--out", str(out)])
+    # a flag overrides the checkpoint
+    cli(["upscale", "--model", str(grpo_adapter / "out"), "--input", str(inputs / "a.png"), "--out", str(out),
+         "--overwrite", "--lr-size", "32", "--no-progress"])  # fmt: skip
+    assert "lr_size=32 [flag]" in capsys.readouterr().out
+
+
+def test_upscale_refuses_an_adapter_on_another_base(grpo_adapter, photo, tmp_path):
+    from vlcot_grpo.models.tiny import TinyEmu3Spec, save_tiny_emu3
+
+    other = save_tiny_emu3(tmp_path / "other", TinyEmu3Spec(seed=7))
+    photo.resize((32, 32)).save(tmp_path / "a.png")
+    argv = ["upscale", "--model", str(other), "--adapter", str(grpo_adapter / "out"), "--input", str(tmp_path / "a.png"),
+            "--out", str(tmp_path / "sr"), "--no-progress"]  # fmt: skip
+    with pytest.raises(ValueError, match="trained on another base"):
+        cli(argv)
+    assert cli([*argv, "--ignore-base-mismatch"]) == 0
