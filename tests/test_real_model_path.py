@@ -20,7 +20,7 @@ from vlcot_grpo.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["--lr_size", "16", "--rough_size", "8", "--middle_size", "16", "--final_size", "32"]
-CPU = ["--bf16", "false", "--use_cpu", "true", "--dtype", "float32", "--gradient_checkpointing", "false"]
+CPU = ["--bf16", "false", "--use_cpu", "true", "--dtype", "float32", "--activation_checkpointing", "false"]
 TRAIN = [*SIZES, *CPU, "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "0"]
 #: appended to each command of the README block, by sub-command
 EXTRA = {

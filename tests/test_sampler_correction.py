@@ -47,7 +47,7 @@ def _args(tmp_path, **overrides):
         report_to=[],
         save_strategy="no",
         image_log_steps=0,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
         **SIZES,
     )

@@ -44,7 +44,7 @@ def _args(tmp_path, **overrides):
         save_strategy="no",
         image_log_steps=1,
         image_log_samples=2,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
         **SIZES,
     )

@@ -3,7 +3,13 @@
 Heavy parts (trl, deepspeed, pyiqa) are imported lazily, so ``import vlcot_grpo`` is quick and never touches a network.
 """
 
+import logging
 from importlib import import_module
+
+# bitsandbytes logs an error-looking warning on import on CPUs with AVX512-BF16 when the optional `kernels` package
+# is missing (its 4-bit CPU kernel then falls back to its own, which works); PEFT imports it on every command, QLoRA
+# or not, so the line only alarms. Real bitsandbytes errors (level ERROR) still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -147,8 +147,13 @@ class VLCoTGRPOConfig(GRPOConfig):
         },
     )
     image_log_samples: int = field(default=4, metadata={"help": "How many samples per logged step get a picture."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5); use that instead."},
+    )
 
     def __post_init__(self):
+        checkpointing_default(self)
         super().__post_init__()
         if self.rollout_engine not in ENGINES:
             raise ValueError(f"rollout_engine must be 'auto', 'static' or 'reference', got {self.rollout_engine!r}")
@@ -200,6 +205,14 @@ class VLCoTGRPOConfig(GRPOConfig):
         )
 
 
+def checkpointing_default(config) -> None:
+    """TRL turns activation checkpointing on by default, but under its deprecated name ``gradient_checkpointing``,
+    which makes transformers warn on every run; the VLCoT configs leave that name unset and keep TRL's default
+    under the new one. A ``gradient_checkpointing`` set by hand still works (with transformers' warning)."""
+    if config.activation_checkpointing is None and config.gradient_checkpointing is None:
+        config.activation_checkpointing = True
+
+
 def check_recipe_keys(argv: list[str] | None, dataclass_types) -> None:
     """Fail on a recipe key that no argument dataclass knows (TRL's parser would drop it silently), naming the file
     and suggesting the closest known key."""
@@ -210,6 +223,8 @@ def check_recipe_keys(argv: list[str] | None, dataclass_types) -> None:
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    _check_command_line(argv, dataclass_types, known)
     if "--config" not in argv:
         return
     path = argv[argv.index("--config") + 1]
@@ -222,7 +237,8 @@ def check_recipe_keys(argv: list[str] | None, dataclass_types) -> None:
         raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a mapping of argument names to values, got {type(recipe).__name__}")
-    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    for key in sorted(set(recipe) & set(DEPRECATED_KEYS)):
+        raise ValueError(f"recipe {path}: {key!r} is deprecated (transformers 5); use {DEPRECATED_KEYS[key]!r}")
     unknown = sorted(set(recipe) - known)
     if unknown:
         hints = []
@@ -230,3 +246,28 @@ def check_recipe_keys(argv: list[str] | None, dataclass_types) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"recipe {path}: unknown keys " + ", ".join(hints))
+
+
+#: keys transformers 5 still reads but has deprecated, with their replacement; refused in recipes
+DEPRECATED_KEYS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _check_command_line(argv: list[str], dataclass_types, known: set[str]) -> None:
+    """Fail on a ``--key`` no argument dataclass knows, suggesting the closest, before TRL's parser gives its
+    generic "the following arguments are not recognized"."""
+    import dataclasses
+    import difflib
+
+    negatable = {f"no_{f.name}" for t in dataclass_types for f in dataclasses.fields(t) if f.default is True}
+    accepted = known | negatable | {"config", "help", "h"}
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        key = token[2:].split("=", 1)[0].replace("-", "_")
+        if key not in accepted:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '--{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown command-line option {token.split('=', 1)[0]!r}{hint}")

@@ -20,7 +20,16 @@ def _recipe(kind: str) -> Path:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="vlcot-grpo demo",
+        allow_abbrev=False,  # --max_steps etc. pass through to the GRPO recipe whole
+        description="The embedded default, offline on a CPU: the tiny Emu3 (recipes/tiny-emu3), its cold-start SFT, "
+        "then GRPO with LoRA on the bundled photos; everything lands under outputs/tiny-emu3/. Any other argument "
+        "(e.g. --max_steps 4) overrides the GRPO recipe.",
+    )
+    argv = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))[1]
     start = time.perf_counter()
     from vlcot_grpo import sft
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vlcot_grpo.script_utils import (
     SharedScriptArguments,
+    check_report_to,
     load_policy,
     load_train_dataset,
     log_distribution,
@@ -94,6 +95,7 @@ def main(argv=None) -> Path:
     from vlcot_grpo.plots import plot_rewards
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
+    check_report_to(training_args)
     # what can be checked without the model first: a bad dataset, reward or checkpoint path fails in seconds
     dataset = load_train_dataset(script_args, training_args)
     rewards = build_rewards(script_args, training_args)

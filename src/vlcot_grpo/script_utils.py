@@ -221,6 +221,19 @@ def load_policy(model_args, training_args, data_args):
     return model, tokenizer
 
 
+def check_report_to(training_args) -> None:
+    """``report_to: wandb`` without wandb installed: say how to install the extra, before any work (transformers
+    says so only once the trainer is built, after the model has loaded)."""
+    import importlib.util
+
+    report_to = training_args.report_to or []
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            "report_to: wandb needs the W&B extra, which is not installed: pip install -e '.[wandb]' in a checkout "
+            "(or pip install wandb); WANDB_MODE=offline logs without an account. Or drop wandb from report_to."
+        )
+
+
 def check_model_path(path: str) -> None:
     """A ``model_name_or_path`` that is no local folder gets a message saying so, not the Hub's "Repo id must be in
     the form 'repo_name' or 'namespace/repo_name'" (or, offline, a failed download)."""

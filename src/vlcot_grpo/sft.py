@@ -31,6 +31,7 @@ from vlcot_grpo.card import ModelCardMixin
 from vlcot_grpo.models import load_backend, load_checkpoint_weights, load_model, unwrap_model
 from vlcot_grpo.script_utils import (
     SharedScriptArguments,
+    check_report_to,
     load_policy,
     load_train_dataset,
     log_distribution,
@@ -96,8 +97,15 @@ class VLCoTSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Loss on the completion only (default). False also trains on the prompt and LR image."},
     )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5); use that instead."},
+    )
 
     def __post_init__(self):
+        from vlcot_grpo.config import checkpointing_default
+
+        checkpointing_default(self)
         super().__post_init__()
         for name in ("lr_size", "rough_size", "middle_size", "final_size", "trace_batch_size"):
             if getattr(self, name) <= 0:
@@ -353,6 +361,7 @@ def main(argv=None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_report_to(training_args)
     # what can be checked without the model first: a bad dataset or checkpoint path fails in seconds
     dataset = load_train_dataset(script_args, training_args)
     resume = resume_checkpoint(training_args)

@@ -201,6 +201,15 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     print(summary.format())
     if len(dataset) == 0:
         return _fail(f"no usable images in {hr_dir}; nothing saved")
+    untagged = sum(not tags for tags in dataset["tags"])
+    if untagged:
+        print(
+            f"prepare-data: warning: {untagged} of {len(dataset)} images have no tags, so the understanding reward "
+            f'is \'not applicable\' (None) for them: give tags in {hr_dir}/tags.json ({{"photo.png": {{"tags": '
+            '["dog", "grass"], "caption": "..."}}) or a photo.json beside each photo, or tag them with --tagger '
+            "open_clip (README: Your own photos)",
+            file=sys.stderr,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     marker = {"hr_dir": str(hr_dir.resolve()), "samples": len(dataset), "arguments": vars(args)}
     save_atomically(dataset, out, json.loads(json.dumps(marker, default=str)))
