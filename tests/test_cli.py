@@ -103,3 +103,14 @@ def test_photos_without_tags_are_warned_about_and_tags_json_is_read(photo, tmp_p
     assert "1 of 2 images have no tags" in capsys.readouterr().err
     rows = datasets.load_from_disk(str(tmp_path / "b"))
     assert rows[0]["tags"] == ["astronaut", "flag"] and rows[0]["caption"] == "An astronaut."
+
+
+def test_report_to_wandb_runs_offline_with_the_extra(tmp_path, monkeypatch, train_tiny_grpo):
+    pytest.importorskip("wandb")  # the W&B extra: pip install -e '.[wandb]'
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    train_tiny_grpo("--report_to", "wandb", "--image_log_steps", "1")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((tmp_path / "wandb").iterdir())

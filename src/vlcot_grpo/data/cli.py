@@ -60,6 +60,21 @@ def add_prepare_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
         help="JSON file with DegradationConfig fields overriding the Real-ESRGAN defaults.",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out folder.")
+    tagging = parser.add_argument_group(
+        "tagging", "Tags for photos that tags.json (or a sidecar) does not tag: open_clip zero-shot over a vocabulary."
+    )
+    tagging.add_argument("--tagger", choices=("open_clip",), default=None, help="Tag untagged photos (default: off).")
+    tagging.add_argument(
+        "--tagger-model",
+        default="ViT-B-32",
+        help="open_clip architecture name, or a model config JSON file (default: ViT-B-32).",
+    )
+    tagging.add_argument("--tagger-weights", help="Local open_clip checkpoint for --tagger-model (never downloaded).")
+    tagging.add_argument("--tag-vocabulary", help="Text file, one tag per line (default: the bundled everyday list).")
+    tagging.add_argument("--tags-per-image", type=int, default=5, help="Best tags kept per photo (default: 5).")
+    tagging.add_argument(
+        "--tag-min-probability", type=float, default=0.0, help="Drop tags below this zero-shot probability."
+    )
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
@@ -176,6 +191,23 @@ def run_prepare_data(args: argparse.Namespace) -> int:
         except (OSError, ValueError, TypeError) as error:
             return _fail(f"invalid --degradation-config {args.degradation_config}: {error}", 2)
 
+    tagger = None
+    if args.tagger:  # loaded before any photo is processed: missing weights fail at once
+        from vlcot_grpo.data.tagging import ClipTagger, TaggerConfig
+
+        try:
+            tagger = ClipTagger(
+                TaggerConfig(
+                    model=args.tagger_model,
+                    weights=args.tagger_weights,
+                    vocabulary=args.tag_vocabulary,
+                    top_k=args.tags_per_image,
+                    min_probability=args.tag_min_probability,
+                )
+            )
+        except (OSError, ValueError) as error:
+            return _fail(str(error), 2)
+
     try:
         dataset, summary = build_vlcot_dataset_with_summary(
             hr_dir,
@@ -201,6 +233,11 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     print(summary.format())
     if len(dataset) == 0:
         return _fail(f"no usable images in {hr_dir}; nothing saved")
+    if tagger is not None:
+        from vlcot_grpo.data.tagging import tag_dataset
+
+        dataset, tagged = tag_dataset(dataset, tagger)
+        print(f"tagged {tagged} photos with {args.tagger} ({args.tagger_model}, {len(tagger.vocabulary)} tags)")
     untagged = sum(not tags for tags in dataset["tags"])
     if untagged:
         print(
