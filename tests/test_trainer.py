@@ -105,7 +105,7 @@ def test_two_training_steps(tiny_path, dataset, tmp_path, use_lora, beta):
     else:
         now = dict(trained.named_parameters())
         assert any(not torch.equal(now[n], before[n]) for n in before)
-    assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir())[:1] == ["step000000_sample0.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir())[:1] == ["step000001_sample0.png"]
 
 
 def test_rewards_receive_the_parsed_chain_and_stage_images(tiny_path, dataset, tmp_path):

@@ -130,7 +130,8 @@ def main(argv=None) -> Path:
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
         save_run_record(trainer, output_dir)  # after save_model, whose PEFT card it replaces
-        plot = plot_rewards(trainer.state.log_history, output_dir / "rewards.png")
+        weights = dict(zip(trainer.reward_func_names, trainer.reward_weights.tolist()))
+        plot = plot_rewards(trainer.state.log_history, output_dir / "rewards.png", weights)
         print(f"GRPO done. Model/adapter: {output_dir}")
         print(f"  reward plot:    {plot}")
         print(f"  sample pictures: {output_dir / 'samples'}")

@@ -1,4 +1,5 @@
-"""Sample pictures: LR | rough | middle | final side by side, with the chain's texts and rewards underneath."""
+"""Sample pictures: LR | rough | middle | final | HR side by side, with the chain's texts, the true degradation and
+the rewards (each raw, and the weighted total) underneath."""
 
 from __future__ import annotations
 
@@ -12,11 +13,37 @@ from vlcot_grpo.vlcot import STAGES
 TILE = 192  # every panel is shown at this size, nearest-neighbour, so tiny images stay visible
 
 
-def sample_picture(lr_image, stage_images: dict, texts: dict, rewards: dict[str, float]) -> Image.Image:
+def _score(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def picture_lines(texts: dict, rewards: dict, true_degradation: str | None, total_reward: float | None) -> list[str]:
+    """The text under a sample picture: the chain's blocks, the true degradation, raw rewards, weighted total."""
+    lines = [f"{k}: {v}" for k, v in texts.items() if v]
+    if true_degradation:
+        lines.append(f"true degradation: {true_degradation}")
+    if rewards:
+        lines.append("rewards (raw): " + ", ".join(f"{k}={_score(v)}" for k, v in rewards.items()))
+    if total_reward is not None:
+        lines.append(f"total reward (weighted sum): {total_reward:.3f}")
+    return lines
+
+
+def sample_picture(
+    lr_image,
+    stage_images: dict,
+    texts: dict,
+    rewards: dict[str, float | None],
+    hr_image=None,
+    true_degradation: str | None = None,
+    total_reward: float | None = None,
+) -> Image.Image:
+    """One picture of a chain; ``hr_image``, ``true_degradation`` and ``total_reward`` are shown when given."""
     panels = [("LR", lr_image)] + [(s, stage_images.get(s)) for s in STAGES]
-    lines = [f"{k}: {v}" for k, v in texts.items() if v] + [
-        "rewards: " + ", ".join(f"{k}={v:.3f}" for k, v in rewards.items())
-    ]
+    if hr_image is not None:
+        panels.append(("HR", hr_image))
+    lines = picture_lines(texts, rewards, true_degradation, total_reward)
+
     wrapped = [w for line in lines for w in textwrap.wrap(line, width=100)[:3]]
     canvas = Image.new("RGB", (TILE * len(panels), TILE + 16 + 12 * len(wrapped) + 8), "white")
     draw = ImageDraw.Draw(canvas)
@@ -32,15 +59,31 @@ def sample_picture(lr_image, stage_images: dict, texts: dict, rewards: dict[str,
     return canvas
 
 
-def log_pictures(trainer, inputs: list[dict], rewards: dict[str, list[float]], folder: Path) -> list[Path]:
-    """Save one picture per sample under ``folder`` and send them to TensorBoard / W&B when those are active."""
+def weighted_total(rewards: dict[str, float | None], weights: dict[str, float]) -> float | None:
+    """As TRL sums them: each reward times its weight, a not-applicable (None/NaN) one left out."""
+    import math
+
+    values = [weights.get(k, 1.0) * v for k, v in rewards.items() if v is not None and not math.isnan(v)]
+    return sum(values) if values else None
+
+
+def log_pictures(
+    trainer, inputs: list[dict], rewards: dict[str, list[float]], folder: Path, step: int, weights=None
+) -> list[Path]:
+    """Save one picture per sample under ``folder`` and send them to TensorBoard / W&B when those are active, at
+    ``step``: the step the scalars of this batch are logged at."""
     folder.mkdir(parents=True, exist_ok=True)
-    step = trainer.state.global_step
     paths, pictures = [], []
     for i, row in enumerate(inputs):
         sample_rewards = {name: values[i] for name, values in rewards.items() if i < len(values)}
         picture = sample_picture(
-            row["lr_image"], row.get("stage_images", {}), row.get("stage_texts", {}), sample_rewards
+            row["lr_image"],
+            row.get("stage_images", {}),
+            row.get("stage_texts", {}),
+            sample_rewards,
+            hr_image=row.get("hr_image"),
+            true_degradation=row.get("degradation_text"),
+            total_reward=weighted_total(sample_rewards, weights or {}),
         )
         path = folder / f"step{step:06d}_sample{i}.png"
         picture.save(path)

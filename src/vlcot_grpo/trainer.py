@@ -312,17 +312,21 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
         return loss
 
     def _maybe_log_pictures(self, inputs):
-        every = self.args.image_log_steps
-        if not every or self.state.global_step % every or not self.accelerator.is_main_process:
+        # The rollout runs inside the training step, before the optimizer step that the batch's scalars are logged
+        # at (global_step + 1): the pictures take that step too, and come at step 1 and every image_log_steps.
+        every, step = self.args.image_log_steps, self.state.global_step + 1
+        if not every or (step % every and step != 1) or not self.accelerator.is_main_process:
             return
-        if getattr(self, "_pictured_step", None) == self.state.global_step:
+        if getattr(self, "_pictured_step", None) == step:
             return
-        self._pictured_step = self.state.global_step
+        self._pictured_step = step
         from vlcot_grpo.pictures import log_pictures
 
         # the deque holds the last gathered batch; the main process owns its first rows
         rewards = {name: list(values)[: len(inputs)] for name, values in self._logs["rewards"].items()}
-        log_pictures(self, inputs[: self.args.image_log_samples], rewards, Path(self.args.output_dir) / "samples")
+        weights = dict(zip(self.reward_func_names, self.reward_weights.tolist()))
+        folder = Path(self.args.output_dir) / "samples"
+        log_pictures(self, inputs[: self.args.image_log_samples], rewards, folder, step, weights)
 
 
 def _padded(rows, width: int, like: torch.Tensor) -> torch.Tensor:
