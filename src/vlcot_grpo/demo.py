@@ -19,6 +19,28 @@ def _recipe(kind: str) -> Path:
     return path
 
 
+#: beside the GRPO output: the demo photos' LR inputs and HR references, for the README's upscale/evaluate commands
+DEMO_LR, DEMO_HR = "demo_lr", "demo_hr"
+
+
+def save_demo_photos(grpo_dir: str | Path) -> tuple[Path, Path]:
+    """Write the demo dataset's LR and HR images (as the run's vlcot_settings.json says it was built: HR size and
+    degradation seed) as PNG files into ``demo_lr/`` and ``demo_hr/`` beside ``grpo_dir``; returns the two."""
+    from vlcot_grpo.data.demo import build_demo_dataset
+    from vlcot_grpo.saved_settings import read_settings
+
+    data = read_settings(grpo_dir).get("dataset", {})
+    rows = build_demo_dataset(hr_size=data.get("hr_size", 64), seed=data.get("seed", 0))
+    folders = Path(grpo_dir).parent / DEMO_LR, Path(grpo_dir).parent / DEMO_HR
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        name = Path(row["source"]).stem
+        row["lr_image"].save(folders[0] / f"{name}.png")
+        row["hr_image"].save(folders[1] / f"{name}.png")
+    return folders
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -39,10 +61,12 @@ def main(argv=None) -> int:
     from vlcot_grpo import grpo
 
     out = grpo.main(["--config", str(_recipe("grpo")), "--model_name_or_path", str(policy), *argv])
+    lr_dir, hr_dir = save_demo_photos(out)
     print(f"[demo] finished in {time.perf_counter() - start:.0f} s")
     print(f"[demo] LoRA adapter:    {out}")
     print(f"[demo] reward plot:     {out / 'rewards.png'}")
     print(f"[demo] sample pictures: {out / 'samples'}")
+    print(f"[demo] LR / HR photos:  {lr_dir} / {hr_dir} (README: upscale and evaluate on them)")
     return 0
 
 

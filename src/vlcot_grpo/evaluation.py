@@ -121,8 +121,7 @@ def evaluate_folders(
 
     specs = resolve_metrics(metrics)
     sr_files, hr_files = image_files(Path(sr_dir), "--sr-dir"), image_files(Path(hr_dir), "--hr-dir")
-    if not sr_files:
-        raise FileNotFoundError(f"--sr-dir {sr_dir} holds no images")
+    # an --sr-dir without images (every chain failed) is not an exception: each HR image is counted missing_sr
     # every metric is created before any pair is scored: missing weights fail at once, naming the files
     created = {s.name: _create(s, device) for s in specs if not s.per_folder}
     per_folder = {s.name: _create(s, device) for s in specs if s.per_folder}
