@@ -285,6 +285,17 @@ def test_lora_saves_the_adapter_and_a_merged_model(tmp_path, monkeypatch, tiny_p
     ids = torch.randint(0, merged.config.text_config.vocab_size, (1, 24))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    # the run record and card: the merged model in out/, the adapter (with its base's fingerprint) in out/adapter
+    from vlcot_grpo import load_pretrained
+    from vlcot_grpo.saved_settings import read_settings
+
+    full, adapter = read_settings(out), read_settings(out / ADAPTER_SUBDIR)
+    assert full["method"] == "sft" and full["adapter"] is False and adapter["adapter"] is True
+    assert adapter["base_model"]["path"] == str(Path(tiny_path).resolve()) and full["lr_size"] == 32
+    assert "cold-start SFT" in (out / "README.md").read_text()
+    loaded, _ = load_pretrained(str(out / ADAPTER_SUBDIR), dtype="float32")  # base from adapter_config.json
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_a_stopped_cold_start_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, tiny_path, capsys):

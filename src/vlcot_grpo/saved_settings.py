@@ -105,7 +105,8 @@ def training_settings(method: str, model, script_args, training_args, model_args
     elif script_args.dataset_name == "demo":
         data.update(hr_size=script_args.demo_hr_size, seed=script_args.demo_seed)
     rewards = []
-    for name, weight in zip(getattr(script_args, "rewards", []) or [], training_args.reward_weights or []):
+    weights = getattr(training_args, "reward_weights", None) or []
+    for name, weight in zip(getattr(script_args, "rewards", []) or [], weights):
         kwargs = script_args.reward_kwargs or {}
         kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
         rewards.append({"name": name, "weight": weight, "kwargs": kwargs.get(name, {})})
