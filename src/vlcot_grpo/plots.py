@@ -17,6 +17,7 @@ def reward_figure(log_history: list[dict], weights: dict[str, float] | None = No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = sorted({k for row in log_history for k in row if k.startswith("rewards/") and k.endswith("/mean")})
     panels = [("reward", "weighted total (sum of weight x reward)")]
@@ -33,6 +34,7 @@ def reward_figure(log_history: list[dict], weights: dict[str, float] | None = No
         ax.plot(*zip(*_series(log_history, key)), marker="o", label=key)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
