@@ -291,6 +291,11 @@ class ImageTokenBackend(ABC):
         return self.tokenizer.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
 
     @property
+    def prompt_suffix_ids(self) -> list[int]:
+        """Forced ids after the prompt's text: the family's end of the user's turn (none by default)."""
+        return []
+
+    @property
     def bos_token_ids(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
         return [] if bos is None else [int(bos)]
