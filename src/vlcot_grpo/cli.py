@@ -1,5 +1,6 @@
 """``vlcot-grpo``: one console entry, one sub-command per job.
 
+vlcot-grpo convert --model DIR --vq FILE --out DST     Lumina-mGPT / PURE + LlamaGen VQ-8 -> one folder
 vlcot-grpo prepare --model SRC --out DST                once per real checkpoint: the VLCoT tags become tokens
 vlcot-grpo prepare-data --hr-dir DIR --out DIR [...]    build a VLCoT dataset from HR photos
 vlcot-grpo sft --config recipes/<model>/sft/<name>.yaml   cold-start SFT on VLCoT traces
@@ -17,11 +18,15 @@ import sys
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("prepare", "prepare-data", "sft", "grpo", "upscale", "evaluate", "demo")
+    commands = ("convert", "prepare", "prepare-data", "sft", "grpo", "upscale", "evaluate", "demo")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
+    if command == "convert":
+        from vlcot_grpo.models.convert import main as convert_main
+
+        return convert_main(rest)
     if command == "prepare":
         from vlcot_grpo.models.prepare import add_prepare_arguments, run_prepare
 
