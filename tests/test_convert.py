@@ -111,7 +111,7 @@ def test_converted_checkpoint_gives_the_upstream_models_logits(published, tmp_pa
 
 def test_converted_checkpoint_prepares_and_rolls_out(published, tmp_path, photo):
     from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
-    from vlcot_grpo.vlcot import encode_prompt, parse_completions
+    from vlcot_grpo.vlcot import encode_prompt
 
     src = published["pure"]
     out = convert_checkpoint(src / "model", src / "vq_ds8_c2i.pt", tmp_path / "converted")
@@ -123,8 +123,10 @@ def test_converted_checkpoint_prepares_and_rolls_out(published, tmp_path, photo)
     prompt = encode_prompt(backend, photo, (32, 32)) + [backend.tag_ids["<rough_image>"]]
     config = RolloutConfig(stage_sizes=sizes, max_new_tokens=30, do_sample=False)
     batch = RolloutEngine(model, backend, config).generate([prompt], 1)
-    parse = parse_completions(backend, batch.completion_ids, {s: (h // 8, w // 8) for s, (h, w) in sizes.items()})[0]
-    assert parse.blocks["rough_image"].error is None and parse.images["rough"].size == (32, 32)
+    ids = batch.completion_ids[0]
+    image = backend.parse_image_tokens(ids[: len(backend.image_template(4, 4))], (4, 4))
+    assert image.ok, image.error
+    assert backend.decode_codes(image.codes)[0].size == (32, 32)
 
 
 def _shards(folder):
