@@ -1059,6 +1059,33 @@ def test_benchmark_counts_the_weights_a_step_reads(bench):
     assert bench.model_bytes(model)[0] == sum(p.numel() * 4 for n, p in model.named_parameters() if "vqmodel" not in n)
 
 
+def test_benchmark_pure_7b_preset_has_the_papers_shape(bench):
+    """Built on the meta device (no memory): Chameleon 7B with PURE's vocabulary and LlamaGen VQ-8 at its published
+    shape, and PURE's image token counts at the paper's sizes."""
+    model, backend = bench.build_preset("pure-7b", torch.device("meta"), torch.bfloat16)
+    assert type(model).__name__ == "PureForConditionalGeneration" and backend.vocab_size == 73728
+    vq = sum(p.numel() for n, p in model.named_parameters() if n.startswith("image_tokenizer."))
+    assert vq == 70_109_835  # LlamaGen VQ-8's parameter count (its VQModel at ch_mult 1, 2, 2, 4)
+    assert 7.05e9 < sum(p.numel() for p in model.parameters()) - vq < 7.1e9
+    assert [len(backend.image_template(*backend.grid_for(s, s))) for s in (128, 256, 512)] == [276, 1060, 4164]
+    weights, kv_token = bench.model_bytes(model)
+    assert weights == 2 * (sum(p.numel() for p in model.parameters()) - vq - 73728 * 4096)  # bf16, no VQ, no lookup
+    assert kv_token == 2 * 32 * 32 * 128 * 2
+
+
+def test_benchmark_runs_on_the_pure_family_on_cpu(tmp_path, bench):
+    import json
+
+    out = tmp_path / "bench.json"
+    argv = "--preset pure-tiny --device cpu --lr-size 32 --stage-sizes 32,32,64 --max-new-tokens 200 --stock-steps 4"
+    results = bench.main(
+        [*argv.split(), "--engines", "static,reference", "--share", "--grpo-step", "--json", str(out)]
+    )
+    assert "error" not in json.dumps(results)
+    runs = {r["engine"]: r for r in results["runs"]}
+    assert runs["static"]["steps"] == runs["reference"]["steps"] > 24 + 24 + 76  # the forced chain, PURE's layout
+
+
 def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison with
     the compiled layers, stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error
@@ -1168,7 +1195,7 @@ def _static_equals_reference(bench, preset, variants, device="cuda"):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("preset", ["tiny", "1b"])
+@pytest.mark.parametrize("preset", ["tiny", "1b", "pure-tiny"])
 def test_gpu_greedy_equals_reference_preset(preset, bench):
     """The static engine with every kernel, and with the shared prompt cache, writes the reference's greedy tokens."""
     _static_equals_reference(bench, preset, [_attention(kernel) for kernel in KERNELS])

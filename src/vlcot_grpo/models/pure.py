@@ -184,9 +184,12 @@ class PureBackend(ImageTokenBackend):
     def code_token_ids(self) -> torch.Tensor:
         return code_ids_from_vocab(self.tokenizer.get_vocab(), self.vqmodel.config.num_embeddings)
 
+    smallest_grid = (CODES_PER_UNIT, CODES_PER_UNIT)
+
     @cached_property
     def layout_token_ids(self) -> list[int]:
-        return sorted({self._ids[t] for t in LAYOUT_TOKENS} | set(self._size_ids.values()))
+        # every size token, not only those of the smallest grid: none is ever text
+        return sorted(set(super().layout_token_ids) | set(self._size_ids.values()))
 
     @property
     def prompt_suffix_ids(self) -> list[int]:

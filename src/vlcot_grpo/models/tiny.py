@@ -137,7 +137,12 @@ class TinyPureSpec:
     )
     vq_embed_dim: int = field(default=8, metadata={"help": "Code vector size (VQ-8: 8)."})
     vq_latent_channels: int = field(default=32, metadata={"help": "VQ latent width (VQ-8: 256)."})
+    vq_num_res_blocks: int = field(default=1, metadata={"help": "VQ residual blocks per stage (VQ-8: 2)."})
     max_size_units: int = field(default=32, metadata={"help": "Size tokens <reserved08801>… (32-pixel units)."})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Pad the vocabulary with special filler tokens to this size (benchmarks: PURE's 73728)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
 
 
@@ -148,7 +153,9 @@ def pure_layout_tokens(max_size_units: int) -> list[str]:
     return [*LAYOUT_TOKENS, END_OF_TURN, *(size_token(n) for n in range(1, max_size_units + 1))]
 
 
-def build_tiny_pure_tokenizer(codebook_size: int, max_size_units: int) -> PreTrainedTokenizerFast:
+def build_tiny_pure_tokenizer(
+    codebook_size: int, max_size_units: int, vocab_size: int | None = None
+) -> PreTrainedTokenizerFast:
     """Character-level, as the tiny Emu3's; the codes' ``IMGIMG`` names sit in two blocks, before and after the
     text, as the published vocabulary holds 8192 in Chameleon's image slots and 8192 above the text."""
     from vlcot_grpo.models.pure import image_code_name
@@ -157,6 +164,8 @@ def build_tiny_pure_tokenizer(codebook_size: int, max_size_units: int) -> PreTra
     chars = [chr(c) for c in range(32, 127)]
     head = [PAD, BOS, EOS, UNK, *(image_code_name(c) for c in range(half)), *pure_layout_tokens(max_size_units)]
     tail = [*TAGS, *(image_code_name(c) for c in range(half, codebook_size))]
+    fillers = max(0, (vocab_size or 0) - len(head) - len(chars) - len(tail))
+    tail += [f"<filler_{i}>" for i in range(fillers)]
     vocab = {tok: i for i, tok in enumerate(head + chars + tail)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -201,7 +210,7 @@ def tiny_pure_config(spec: TinyPureSpec, vocab_size: int, pad_id: int, bos_id: i
             "latent_channels": spec.vq_latent_channels,
             "base_channels": spec.vq_base_channels,
             "channel_multiplier": list(spec.vq_channel_multiplier),
-            "num_res_blocks": 1,
+            "num_res_blocks": spec.vq_num_res_blocks,
         },
     )
 
@@ -218,7 +227,7 @@ def build_pure_model(config, seed: int):
 def build_tiny_pure(spec: TinyPureSpec | None = None):
     """A randomly initialised tiny PURE model and its tokenizer."""
     spec = spec or TinyPureSpec()
-    tokenizer = build_tiny_pure_tokenizer(spec.codebook_size, spec.max_size_units)
+    tokenizer = build_tiny_pure_tokenizer(spec.codebook_size, spec.max_size_units, spec.vocab_size)
     config = tiny_pure_config(
         spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
     )
