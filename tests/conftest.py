@@ -119,3 +119,17 @@ def prepared_path(lookalike_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("emu3-lookalike-prepared") / "model"
     prepare_checkpoint(lookalike_path, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pure_prepared_path(tmp_path_factory):
+    """A tiny PURE saved as published, converted (`vlcot-grpo convert`) and prepared (`vlcot-grpo prepare`)."""
+    from vlcot_grpo.models import prepare_checkpoint
+    from vlcot_grpo.models.convert import convert_checkpoint
+    from vlcot_grpo.models.lookalike import save_pure_lookalike
+
+    root = tmp_path_factory.mktemp("pure-published")
+    save_pure_lookalike(root)
+    converted = convert_checkpoint(root / "model", root / "vq_ds8_c2i.pt", root / "converted")
+    prepare_checkpoint(converted, root / "prepared")
+    return root / "prepared"

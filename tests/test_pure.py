@@ -156,3 +156,17 @@ def test_lora_targets_the_language_model_only(tiny_pure):
     layers = model.config.num_hidden_layers
     assert len(targeted) == 7 * layers
     assert all(".model.layers." in n and "image_tokenizer" not in n for n in targeted)
+
+
+def test_transformers_auto_classes_load_it_once_the_package_is_imported(tiny_pure_path):
+    """``import vlcot_grpo.models`` registers the ``vlcot_pure`` model type with transformers' Auto classes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import vlcot_grpo.models\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tiny_pure_path)!r})\n"
+        "assert type(m).__name__ == 'PureForConditionalGeneration', type(m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=300)
