@@ -5,7 +5,10 @@
 
 Models have random weights (no download). Presets: ``tiny`` (the test model's width, downsample 8), ``1b`` (~0.98 B,
 Emu3-shaped, grouped-query attention) and ``7b`` (7.08 B, Lumina-mGPT/Chameleon-shaped: hidden 4096, 32 layers,
-32 heads, vocabulary 73728, as in ../shared/REFERENCE.md section 2; built as an Emu3 model of that size).
+32 heads, vocabulary 73728, as in ../shared/REFERENCE.md section 2; built as an Emu3 model of that size). ``pure-7b``
+is the paper's own model as this project runs it: the PURE backend (``vlcot_grpo.models.pure``: transformers'
+Chameleon 7B with its query/key norms, vocabulary 73728, LlamaGen VQ-8 at its published shape), so the images have
+PURE's layout (276, 1060 and 4164 tokens at 128², 256² and 512²); ``pure-tiny`` is its CPU-sized twin.
 
 The paper's rollout shape is the default: G = 5 samples of one 512x512 LR prompt (~4.2k tokens), rough / middle /
 final images of 128 / 256 / 512 pixels, guidance 3.0 in transformers' convention (the paper's RL code uses 0.8 in
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from vlcot_grpo.models import load_backend
-from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3
+from vlcot_grpo.models.tiny import TINY_FAMILIES
 from vlcot_grpo.rollout import DECODE_ATTENTION, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import STAGES
 
@@ -66,6 +69,21 @@ PRESETS = {
         "codebook_size": 73609,  # + 119 text/special tokens = the reference's vocabulary of 73728
         "vq_channel_multiplier": (1, 1, 2, 2),
     },
+    "pure-tiny": {"family": "pure", "max_position_embeddings": 16384},
+    "pure-7b": {
+        "family": "pure",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 16384,
+        "codebook_size": 16384,  # LlamaGen VQ-8 (vq_ds8_c2i.pt)
+        "vq_base_channels": 128,
+        "vq_latent_channels": 256,
+        "vq_num_res_blocks": 2,
+        "vocab_size": 73728,  # PURE's published vocabulary; filler tokens stand in for the text it does not need
+    },
 }
 #: copy bandwidth (TB/s) used for the roofline when the device is named so and --bandwidth is not given:
 #: H200 as measured in ../shared/REFERENCE.md section 2; H100 SXM's 3.35 TB/s spec scaled by the same measured/spec
@@ -75,9 +93,10 @@ BANDWIDTH_TBS = {"H200": 4.24, "H100": 2.96}
 
 def build_preset(name: str, device: torch.device, dtype: torch.dtype):
     """(model, backend) of a preset with random weights, built directly on ``device`` and cast to ``dtype``."""
-    spec = TinyEmu3Spec(**PRESETS[name])
+    fields = dict(PRESETS[name])
+    spec_class, build = TINY_FAMILIES[fields.pop("family", "emu3")]
     with torch.device(device):
-        model, tokenizer = build_tiny_emu3(spec)
+        model, tokenizer = build(spec_class(**fields))
     model = model.to(dtype).eval()
     model.requires_grad_(False)
     if device.type == "cuda":
@@ -158,6 +177,10 @@ def measure_bandwidth(device) -> float:
     return 2 * n * reps / (time.perf_counter() - start) / 1e12
 
 
+#: Each family's VQ model (not read by a decode step).
+VQ_MODULES = ("model.vqmodel.", "image_tokenizer.")
+
+
 def model_bytes(model) -> tuple[int, int]:
     """(language-model weight bytes read per decode step, KV bytes per token per row). A step looks up a few rows
     of the input embedding table, so that table counts only where it is also the output layer (tied)."""
@@ -166,7 +189,7 @@ def model_bytes(model) -> tuple[int, int]:
     weights = sum(
         p.numel() * p.element_size()
         for n, p in model.named_parameters()
-        if "vqmodel" not in n and (tied or p is not lookup)
+        if not n.startswith(VQ_MODULES) and (tied or p is not lookup)
     )
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -185,7 +208,7 @@ def ideal_seconds(steps, rows, prompt_len, guide_ctx, weights, kv_token, bandwid
 
 def guidance_context(backend, completions, steps) -> list[int]:
     """Per decode step, the sum over rows of the tokens an unconditional row attends to (its image so far)."""
-    template = backend.image_template(1, 1).tolist()
+    template = backend.image_template(*backend.smallest_grid).tolist()
     start_id, end_id = template[0], template[-1]
     per_step = [0] * steps
     for ids in completions:
@@ -487,7 +510,7 @@ def run_stock(model, backend, prompts, args, device) -> dict:
         ids[i, width - len(p) :] = torch.tensor(p)
         attn[i, width - len(p) :] = 1
     ids, attn = ids.to(device), attn.to(device)
-    start_id = int(backend.image_template(1, 1)[0])
+    start_id = int(backend.image_template(*backend.smallest_grid)[0])
     kwargs = {"do_sample": True, "temperature": 0.9, "top_k": 2000, "pad_token_id": pad, "eos_token_id": None}
     if args.guidance != 1.0:
         kwargs.update(guidance_scale=args.guidance, negative_prompt_ids=torch.full((len(rows), 1), start_id))

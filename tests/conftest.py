@@ -20,16 +20,67 @@ def tiny_path(tmp_path_factory):
     return save_tiny_emu3(tmp_path_factory.mktemp("tiny-emu3"))
 
 
+class Tiny(tuple):
+    """(model, tokenizer, backend) of one tiny family, with the family's name and test sizes (pixels): ``sizes``
+    (stage -> (h, w)), ``grids`` (stage -> code grid) and ``lr`` (the prompt image's (h, w))."""
+
+    def __new__(cls, model, tokenizer, backend, family):
+        obj = super().__new__(cls, (model, tokenizer, backend))
+        obj.family = family
+        obj.sizes, obj.lr = FAMILY_SIZES[family]
+        obj.grids = {s: backend.grid_for(*hw) for s, hw in obj.sizes.items()}
+        return obj
+
+
+#: Stage sizes and LR size the backend-generic tests use per family: Emu3 at downsample 4; PURE in its 32-pixel
+#: units at downsample 8 (24, 76 and 160 tokens per image).
+FAMILY_SIZES = {
+    "emu3": ({"rough": (8, 8), "middle": (16, 16), "final": (32, 32)}, (16, 16)),
+    "pure": ({"rough": (32, 32), "middle": (64, 64), "final": (96, 96)}, (32, 32)),
+}
+FAMILIES = tuple(FAMILY_SIZES)
+
+
+def _load_tiny(path, family):
+    from transformers import AutoTokenizer
+
+    from vlcot_grpo.models import load_backend, load_model
+
+    model = load_model(str(path), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Tiny(model, tokenizer, load_backend(model, tokenizer), family)
+
+
 @pytest.fixture(scope="session")
-def tiny(tiny_path):
-    """(model, tokenizer, backend) loaded from disk through from_pretrained."""
-    from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+def tiny_emu3(tiny_path):
+    """The tiny Emu3 (model, tokenizer, backend), loaded from disk through from_pretrained; also where a module
+    runs its tests on each family under the name ``tiny``."""
+    return _load_tiny(tiny_path, "emu3")
 
-    from vlcot_grpo.models import load_backend
 
-    model = Emu3ForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
-    return model, tokenizer, load_backend(model, tokenizer)
+@pytest.fixture(scope="session")
+def tiny(tiny_emu3):
+    """The tiny Emu3, by its usual name."""
+    return tiny_emu3
+
+
+@pytest.fixture(scope="session")
+def tiny_pure_path(tmp_path_factory):
+    """A tiny PURE checkpoint (Chameleon + LlamaGen VQ-8 shape) on disk."""
+    from vlcot_grpo.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-pure"), "pure")
+
+
+@pytest.fixture(scope="session")
+def tiny_pure(tiny_pure_path):
+    return _load_tiny(tiny_pure_path, "pure")
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_family(request):
+    """Each family's tiny model in turn: backend-generic tests take this (or alias ``tiny`` to it)."""
+    return request.getfixturevalue(f"tiny_{request.param}")
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +121,20 @@ def prepared_path(lookalike_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("emu3-lookalike-prepared") / "model"
     prepare_checkpoint(lookalike_path, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pure_prepared_path(tmp_path_factory):
+    """A tiny PURE saved as published, converted (`vlcot-grpo convert`) and prepared (`vlcot-grpo prepare`)."""
+    from vlcot_grpo.models import prepare_checkpoint
+    from vlcot_grpo.models.convert import convert_checkpoint
+    from vlcot_grpo.models.lookalike import save_pure_lookalike
+
+    root = tmp_path_factory.mktemp("pure-published")
+    save_pure_lookalike(root)
+    converted = convert_checkpoint(root / "model", root / "vq_ds8_c2i.pt", root / "converted")
+    prepare_checkpoint(converted, root / "prepared")
+    return root / "prepared"
 
 
 GRPO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-emu3" / "grpo" / "config_demo.yaml"

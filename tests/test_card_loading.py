@@ -3,6 +3,7 @@ with plain PEFT and with vlcot_grpo.load_pretrained, and a refusal to load it on
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,23 @@ def test_an_adapter_given_as_a_model_folder_without_base_is_explained(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="names no base model"):
         vlcot_grpo.load_pretrained(str(tmp_path))
+
+
+def test_a_pure_adapter_card_snippet_imports_the_family_class_from_this_package(tmp_path, monkeypatch):
+    """PURE's class is the project's own, not transformers': the card's plain-PEFT snippet imports it from here."""
+    from vlcot_grpo import grpo
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-pure" / "grpo" / "config_demo.yaml"
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    out = grpo.main([
+        "--config", str(recipe), "--model_name_or_path", "model", "--output_dir", "out", "--max_completion_length",
+        "400", "--num_generations", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
+        "--image_log_steps", "0", "--tiny_model_spec", "{}", "--max_steps", "1", "--save_strategy", "no",
+    ])  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert "from vlcot_grpo.models.pure import PureForConditionalGeneration" in card
+    monkeypatch.chdir(tmp_path.parent)
+    namespace = {}
+    exec(re.search(r"```python\n(.*?)```", card, re.S)[1], namespace)
+    assert type(namespace["model"].get_base_model()).__name__ == "PureForConditionalGeneration"

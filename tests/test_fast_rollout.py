@@ -28,11 +28,11 @@ def one_thread():
 
 @pytest.fixture
 def hooks(tiny):
-    """Adds logit hooks to the tiny model for one test; removed afterwards."""
-    model = tiny[0]
+    """Adds logit hooks to a model (the tiny Emu3 unless ``model`` is given) for one test; removed afterwards."""
     handles = []
 
-    def add(fn, pre_embed=None):
+    def add(fn, pre_embed=None, model=None):
+        model = tiny[0] if model is None else model
         handles.append(model.lm_head.register_forward_hook(fn))
         if pre_embed is not None:
             handles.append(model.get_input_embeddings().register_forward_pre_hook(pre_embed, with_kwargs=True))
@@ -106,7 +106,7 @@ def _attention(kernel: str) -> dict:
 
 
 def _config(**kw):
-    base = {"stage_sizes": SIZES, "kv_bucket": 16, "sync_every": 5}
+    base = {"stage_sizes": SIZES, "kv_bucket": 16, "sync_every": 5}  # Emu3's sizes unless stage_sizes is given
     base.update(kw)
     return RolloutConfig(**base)
 
@@ -119,8 +119,8 @@ def _both(model, backend, prompts, g, seeds=None, **kw):
     return out["reference"], out["static"]
 
 
-def _prompts(backend, photo):
-    base = encode_prompt(backend, photo, (16, 16))
+def _prompts(backend, photo, lr=(16, 16)):
+    base = encode_prompt(backend, photo, lr)
     tags = backend.tag_ids
     return [
         base,
@@ -149,23 +149,25 @@ def small_pieces(monkeypatch):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-@pytest.mark.parametrize("max_new", [700, 37])
-def test_greedy_equals_reference(tiny, hooks, photo, guidance, max_new, kernel, small_pieces):
-    model, _, backend = tiny
-    hooks(_tag_bias(backend))
+@pytest.mark.parametrize("max_new", [700, "in-middle"])
+def test_greedy_equals_reference(tiny_family, hooks, photo, guidance, max_new, kernel, small_pieces):
+    model, _, backend = tiny = tiny_family
+    hooks(_tag_bias(backend), model=model)
     pre, hook = _chain_hooks(backend)
-    hooks(hook, pre_embed=pre)
-    prompts = _prompts(backend, photo)
+    hooks(hook, pre_embed=pre, model=model)
+    prompts = _prompts(backend, photo, tiny.lr)
+    if max_new == "in-middle":  # Emu3: 37; a limit that ends inside the middle image for the first two prompts
+        max_new = len(backend.image_template(*tiny.grids["rough"])) + 24
     kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": guidance, **_attention(kernel)}
-    ref, fast = _both(model, backend, prompts, 2, **kw)
+    ref, fast = _both(model, backend, prompts, 2, stage_sizes=tiny.sizes, **kw)
     assert (max(small_pieces) >= 4) if kernel == "split" else not small_pieces
     assert fast.completion_ids == ref.completion_ids
     assert fast.sampled_mask == ref.sampled_mask
     assert fast.finished == ref.finished
     assert fast.stage_tokens == ref.stage_tokens and fast.prompt_ids == ref.prompt_ids
-    parses = parse_completions(backend, fast.completion_ids, GRIDS, decode_images=False)
-    if max_new == 37:  # the length limit cuts every row inside an image (middle for the first two prompts)
-        assert not any(fast.finished) and all(len(c) == 37 for c in fast.completion_ids)
+    parses = parse_completions(backend, fast.completion_ids, tiny.grids, decode_images=False)
+    if max_new != 700:  # the length limit cuts every row inside an image (middle for the first two prompts)
+        assert not any(fast.finished) and all(len(c) == max_new for c in fast.completion_ids)
         assert all("truncated" in p.blocks["middle_image"].error for p in parses[:4])
     else:  # whole chains (the first opened from text mode), rows of different lengths
         assert sum(len(p.blocks) for p in parses) >= 10 and all(fast.finished)
@@ -392,15 +394,16 @@ def _multinomial_is_exponential_race() -> bool:
 
 @pytest.mark.skipif(not _multinomial_is_exponential_race(), reason="torch.multinomial draws differently here")
 @pytest.mark.parametrize("guidance,shared", [(1.0, False), (3.0, False), (3.0, True)])
-def test_seeded_samples_equal_reference(tiny, hooks, photo, guidance, shared):
+def test_seeded_samples_equal_reference(tiny_family, hooks, photo, guidance, shared):
     """torch.multinomial is the exponential race the static engine runs, drawn in the same order: one seed gives the
     reference path's sampled rollouts token for token (every stage, text and codes, entropy top-k and top-p), with
     and without share_prompt_cache."""
-    model, _, backend = tiny
-    hooks(_tag_bias(backend))
+    model, _, backend = tiny = tiny_family
+    hooks(_tag_bias(backend), model=model)
     kw = {"image_top_k": -1, "text_top_p": 0.9, "text_temperature": 1.3, "guidance_scale": guidance}
     kw["share_prompt_cache"] = shared
-    ref, fast = _both(model, backend, _prompts(backend, photo), 3, seeds=(5, 5), max_new_tokens=500, **kw)
+    prompts = _prompts(backend, photo, tiny.lr)
+    ref, fast = _both(model, backend, prompts, 3, seeds=(5, 5), max_new_tokens=500, stage_sizes=tiny.sizes, **kw)
     # The two attention paths round differently (~1e-7), which can flip a near-tie in one draw of one row on some
     # platform; every row but one must match exactly (all do here), masks and finished flags included.
     same = [a == b for a, b in zip(fast.completion_ids, ref.completion_ids)]
@@ -411,7 +414,7 @@ def test_seeded_samples_equal_reference(tiny, hooks, photo, guidance, shared):
     assert all(fast.top_k[i] == ref.top_k[i] for i in rows) and any(max(fast.top_k[i]) > 0 for i in rows)
     for i in rows:
         torch.testing.assert_close(torch.tensor(fast.logprobs[i]), torch.tensor(ref.logprobs[i]), atol=1e-4, rtol=0)
-    parses = parse_completions(backend, fast.completion_ids, GRIDS, decode_images=False)
+    parses = parse_completions(backend, fast.completion_ids, tiny.grids, decode_images=False)
     assert sum(len(p.blocks) for p in parses) >= 6 and len({len(c) for c in fast.completion_ids}) > 3
 
 
@@ -431,17 +434,19 @@ def _record(engine, prompt):
     return batch.completion_ids[0], torch.stack(decoder.uncond)[:, 0], torch.stack(decoder.cond)[:, 0]
 
 
-def test_guidance_rows_see_only_the_current_image(tiny, hooks, photo):
+def test_guidance_rows_see_only_the_current_image(tiny_family, hooks, photo):
     """Unconditional logits inside an image depend only on that image's tokens: not on the prompt, the text before
     it, or earlier images (the guidance cache restarts at each image start)."""
-    model, _, backend = tiny
+    model, _, backend = tiny = tiny_family
     code_bias = torch.zeros(backend.vocab_size)
     code_bias[backend.code_token_ids[7]] = 50.0  # every code is the same, whatever the context
     pre, hook = _chain_hooks(backend, code_bias)
-    hooks(hook, pre_embed=pre)
+    hooks(hook, pre_embed=pre, model=model)
     tags = backend.tag_ids
-    base = encode_prompt(backend, photo, (16, 16))
-    engine = RolloutEngine(model, backend, _config(max_new_tokens=200, do_sample=False, guidance_scale=3.0))
+    base = encode_prompt(backend, photo, tiny.lr)
+    limit = sum(len(backend.image_template(*g)) for g in tiny.grids.values()) + 20
+    config = _config(max_new_tokens=limit, do_sample=False, guidance_scale=3.0, stage_sizes=tiny.sizes)
+    engine = RolloutEngine(model, backend, config)
     # run A: rough, middle, final after one prompt; run B: middle, final after another prompt and other text
     ids_a, uncond_a, cond_a = _record(engine, base + backend.encode_text("a cat") + [tags["<rough_image>"]])
     ids_b, uncond_b, cond_b = _record(
@@ -450,7 +455,7 @@ def test_guidance_rows_see_only_the_current_image(tiny, hooks, photo):
     starts_b = {"middle": 0, "final": ids_b.index(tags["<final_image>"]) + 1}  # B's prompt opened the middle image
     for stage in ("middle", "final"):
         start_a, start_b = ids_a.index(tags[f"<{stage}_image>"]) + 1, starts_b[stage]
-        n = len(backend.image_template(*GRIDS[stage])) - 1  # logits after each image token but the last
+        n = len(backend.image_template(*tiny.grids[stage])) - 1  # logits after each image token but the last
         torch.testing.assert_close(uncond_a[start_a : start_a + n], uncond_b[start_b : start_b + n])
         assert not torch.allclose(cond_a[start_a : start_a + n], cond_b[start_b : start_b + n], atol=1e-3)
     assert (
@@ -459,16 +464,21 @@ def test_guidance_rows_see_only_the_current_image(tiny, hooks, photo):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_every_image_block_is_well_formed(tiny, hooks, photo, guidance):
-    model, _, backend = tiny
-    hooks(_tag_bias(backend))
+def test_every_image_block_is_well_formed(tiny_family, hooks, photo, guidance):
+    model, _, backend = tiny = tiny_family
+    hooks(_tag_bias(backend), model=model)
     config = _config(
-        max_new_tokens=700, text_temperature=1.5, image_top_k=-1, guidance_scale=guidance, engine="static"
+        max_new_tokens=700,
+        text_temperature=1.5,
+        image_top_k=-1,
+        guidance_scale=guidance,
+        engine="static",
+        stage_sizes=tiny.sizes,
     )
     batch = RolloutEngine(model, backend, config).generate(
-        _prompts(backend, photo), 3, torch.Generator().manual_seed(0)
+        _prompts(backend, photo, tiny.lr), 3, torch.Generator().manual_seed(0)
     )
-    parses = parse_completions(backend, batch.completion_ids, GRIDS)
+    parses = parse_completions(backend, batch.completion_ids, tiny.grids)
     opened = 0
     for parse, mask, ids in zip(parses, batch.sampled_mask, batch.completion_ids):
         assert len(mask) == len(ids)
@@ -476,7 +486,8 @@ def test_every_image_block_is_well_formed(tiny, hooks, photo, guidance):
             if block in parse.blocks:
                 opened += 1
                 assert parse.blocks[block].error is None, parse.problems
-                assert parse.images[block.removesuffix("_image")].size == SIZES[block.removesuffix("_image")]
+                stage = block.removesuffix("_image")
+                assert parse.images[stage].size == tiny.sizes[stage]
         assert not any("malformed" in p for p in parse.problems)
     assert opened >= 8
 
@@ -1048,6 +1059,33 @@ def test_benchmark_counts_the_weights_a_step_reads(bench):
     assert bench.model_bytes(model)[0] == sum(p.numel() * 4 for n, p in model.named_parameters() if "vqmodel" not in n)
 
 
+def test_benchmark_pure_7b_preset_has_the_papers_shape(bench):
+    """Built on the meta device (no memory): Chameleon 7B with PURE's vocabulary and LlamaGen VQ-8 at its published
+    shape, and PURE's image token counts at the paper's sizes."""
+    model, backend = bench.build_preset("pure-7b", torch.device("meta"), torch.bfloat16)
+    assert type(model).__name__ == "PureForConditionalGeneration" and backend.vocab_size == 73728
+    vq = sum(p.numel() for n, p in model.named_parameters() if n.startswith("image_tokenizer."))
+    assert vq == 70_109_835  # LlamaGen VQ-8's parameter count (its VQModel at ch_mult 1, 2, 2, 4)
+    assert 7.05e9 < sum(p.numel() for p in model.parameters()) - vq < 7.1e9
+    assert [len(backend.image_template(*backend.grid_for(s, s))) for s in (128, 256, 512)] == [276, 1060, 4164]
+    weights, kv_token = bench.model_bytes(model)
+    assert weights == 2 * (sum(p.numel() for p in model.parameters()) - vq - 73728 * 4096)  # bf16, no VQ, no lookup
+    assert kv_token == 2 * 32 * 32 * 128 * 2
+
+
+def test_benchmark_runs_on_the_pure_family_on_cpu(tmp_path, bench):
+    import json
+
+    out = tmp_path / "bench.json"
+    argv = "--preset pure-tiny --device cpu --lr-size 32 --stage-sizes 32,32,64 --max-new-tokens 200 --stock-steps 4"
+    results = bench.main(
+        [*argv.split(), "--engines", "static,reference", "--share", "--grpo-step", "--json", str(out)]
+    )
+    assert "error" not in json.dumps(results)
+    runs = {r["engine"]: r for r in results["runs"]}
+    assert runs["static"]["steps"] == runs["reference"]["steps"] > 24 + 24 + 76  # the forced chain, PURE's layout
+
+
 def test_benchmark_runs_every_section_on_cpu(tmp_path, bench):
     """benchmarks/rollout.py end to end at a small shape: every section the device check runs (kernel comparison with
     the compiled layers, stock generate, both engines, LoRA GRPO step, merged vs unmerged) finishes without an error
@@ -1157,7 +1195,7 @@ def _static_equals_reference(bench, preset, variants, device="cuda"):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("preset", ["tiny", "1b"])
+@pytest.mark.parametrize("preset", ["tiny", "1b", "pure-tiny"])
 def test_gpu_greedy_equals_reference_preset(preset, bench):
     """The static engine with every kernel, and with the shared prompt cache, writes the reference's greedy tokens."""
     _static_equals_reference(bench, preset, [_attention(kernel) for kernel in KERNELS])

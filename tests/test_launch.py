@@ -16,7 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--lr_size", "16", "--rough_size", "4", "--middle_size", "8", "--final_size", "16", "--tiny_model_spec", "{}"]
 
 
-def launch(tmp_path, zero: str, method: str, *extra, fails: bool = False, processes: int = 1) -> str:
+#: The PURE family's smallest sizes (32-pixel units): 24-token rough and middle images, a 76-token final one.
+PURE_SMALL = ["--lr_size", "32", "--rough_size", "32", "--middle_size", "32", "--final_size", "64",
+              "--demo_hr_size", "64", "--tiny_model_spec", "{}"]  # fmt: skip
+
+
+def launch(
+    tmp_path, zero: str, method: str, *extra, fails: bool = False, processes: int = 1, family: str = "emu3"
+) -> str:
     """Run `accelerate launch -m vlcot_grpo.<method>` on the tiny demo recipe; returns the log, fails on an error
     (or, ``fails``, on a run that does not fail). ``zero``: a DeepSpeed config of accelerate_configs/ on
     ``processes`` CPU ranks (DeepSpeed's shared-memory communication op, built on first use), or "cpu":
@@ -32,9 +39,9 @@ def launch(tmp_path, zero: str, method: str, *extra, fails: bool = False, proces
         device = ["--use_cpu", "false" if processes == 1 else "true"]
     cmd = [
         str(accelerate), "launch", *where,
-        "-m", f"vlcot_grpo.{method}", "--config", str(ROOT / "recipes" / "tiny-emu3" / method / "config_demo.yaml"),
+        "-m", f"vlcot_grpo.{method}", "--config", str(ROOT / "recipes" / f"tiny-{family}" / method / "config_demo.yaml"),
         "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "2", *device, *SMALL, *extra,
+        "--max_steps", "2", *device, *(SMALL if family == "emu3" else PURE_SMALL), *extra,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
@@ -70,6 +77,30 @@ def test_grpo_under_accelerate_launch_with_deepspeed(tmp_path, zero):
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").exists()
     assert any((out / "samples").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_pure_family_under_accelerate_launch_with_deepspeed(tmp_path, zero, method):
+    """The paper's family (tiny PURE) trains under real DeepSpeed: SFT and GRPO, ZeRO-2 and ZeRO-3 (there with the
+    static engine on the gathered weights, the VQ model's included)."""
+    extra = ["--save_strategy", "no"]
+    if method == "grpo":
+        extra += ["--max_completion_length", "260", "--image_log_steps", "1"]
+        if zero == "zero3":
+            extra += ["--rollout_engine", "static"]
+    else:
+        extra += ["--format_check_samples", "1"]
+    log = launch(tmp_path, zero, method, *extra, family="pure")
+    out = tmp_path / "out"
+    if method == "grpo":
+        assert (out / "adapter_model.safetensors").exists() and any((out / "samples").iterdir())
+        assert ("rollout engine: static" if zero == "zero3" else "rollout engine: reference") in log, log[-2000:]
+    else:
+        from vlcot_grpo.models import load_model
+
+        assert type(load_model(str(out))).__name__ == "PureForConditionalGeneration"
 
 
 @pytest.mark.slow

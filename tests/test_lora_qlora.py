@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from vlcot_grpo import grpo, sft
-from vlcot_grpo.models import Emu3Backend, check_vlcot_tokens, load_model
+from vlcot_grpo.models import Emu3Backend, PureBackend, check_vlcot_tokens, load_model
 from vlcot_grpo.rollout import has_quantized_weights
 from vlcot_grpo.script_utils import load_policy, load_train_dataset, peft_config_for
 
@@ -206,3 +206,21 @@ def test_model_revision_reaches_from_pretrained(prepared_path, tmp_path, monkeyp
 def test_an_unprepared_checkpoint_is_refused_naming_the_step(lookalike_path, tmp_path):
     with pytest.raises(ValueError, match=rf"{lookalike_path}: .*'<degradation>'.*vlcot-grpo prepare --model SRC"):
         sft.main(["--model_name_or_path", str(lookalike_path), "--output_dir", str(tmp_path / "o"), *CPU])
+
+
+def test_pure_qlora_quantizes_the_language_model_only_and_trains_the_tag_rows(pure_prepared_path, tmp_path):
+    """The paper's family: 4-bit language-model layers, LlamaGen's VQ model and the head in full precision
+    (PureBackend.full_precision_modules), LoRA on the language model and the tags' rows trainable."""
+    script_args, training_args, model_args = _sft_args(
+        pure_prepared_path, tmp_path, "--use_peft", "true", "--load_in_4bit", "true",
+        "--lr_size", "32", "--rough_size", "32", "--middle_size", "64", "--final_size", "96",
+    )  # fmt: skip
+    model, tokenizer = load_policy(model_args, _cpu_args(), script_args)
+    attention = model.model.layers[0].self_attn
+    assert all(type(getattr(attention, p)) is bnb.nn.Linear4bit for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.image_tokenizer.modules())
+    assert type(model.lm_head) is torch.nn.Linear
+    ids = sorted(check_vlcot_tokens(tokenizer).values())
+    config = peft_config_for(model_args, model, tokenizer)
+    assert config.trainable_token_indices == {"model.embed_tokens": ids, "lm_head": ids}
+    assert config.target_modules == PureBackend.lora_target_modules

@@ -1,31 +1,45 @@
 import pytest
 import torch
-from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+from transformers import AutoTokenizer
 
-from vlcot_grpo.models import CODE, load_backend
+from vlcot_grpo.models import CODE, load_backend, load_model
 from vlcot_grpo.models.emu3 import END_OF_ROW, IMAGE_START
-from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3, ensure_tiny_emu3
+from vlcot_grpo.models.tiny import TINY_FAMILIES, TinyEmu3Spec, build_tiny_emu3, ensure_tiny_emu3
 
 
-@pytest.mark.parametrize("size", [(64, 64), (32, 48), (16, 8)])
-def test_encode_decode_keeps_requested_size(tiny, photo, size):
+@pytest.fixture
+def tiny(tiny_family):
+    """Every test of this module that takes ``tiny`` runs on each family (``tiny_emu3``: Emu3 only)."""
+    return tiny_family
+
+
+def _step(tiny) -> int:
+    """Codes per side unit of the family's layout (PURE counts sides in 4-code units)."""
+    return 4 if tiny.family == "pure" else 1
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (1, 3), (3, 1)])
+def test_encode_decode_keeps_requested_size(tiny, photo, shape):
     _, _, backend = tiny
+    unit = tiny.sizes["rough"][0]  # a side every family takes: 8 pixels for Emu3, 32 for PURE
+    size = (shape[0] * unit, shape[1] * unit)
     codes = backend.encode_images([photo, photo.convert("L")], size)
-    assert codes.shape == (2, size[0] // 4, size[1] // 4)
+    assert codes.shape == (2, size[0] // backend.downsample, size[1] // backend.downsample)
     assert int(codes.min()) >= 0 and int(codes.max()) < backend.codebook_size
     images = backend.decode_codes(codes)
     assert [im.size for im in images] == [(size[1], size[0])] * 2
     assert all(im.mode == "RGB" for im in images)
 
 
-def test_size_not_multiple_of_downsample_is_a_clear_error(tiny, photo):
+def test_size_not_multiple_of_downsample_is_a_clear_error(tiny_emu3, photo):
     with pytest.raises(ValueError, match="30x32.*downsample factor 4"):
-        tiny[2].encode_images([photo], (30, 32))
+        tiny_emu3[2].encode_images([photo], (30, 32))
 
 
 @pytest.mark.parametrize("grid", [(1, 1), (4, 4), (3, 7), (8, 2), (16, 16)])
 def test_layout_round_trip(tiny, grid):
     backend = tiny[2]
+    grid = (grid[0] * _step(tiny), grid[1] * _step(tiny))
     codes = torch.randint(0, backend.codebook_size, grid)
     ids = backend.codes_to_token_ids(codes)
     template = backend.image_template(*grid)
@@ -37,8 +51,8 @@ def test_layout_round_trip(tiny, grid):
     assert backend.parse_image_tokens(ids, expected_grid=grid).ok
 
 
-def test_layout_is_emu3s(tiny):
-    _, tokenizer, backend = tiny
+def test_layout_is_emu3s(tiny_emu3):
+    _, tokenizer, backend = tiny_emu3
     ids = backend.codes_to_token_ids(torch.zeros(2, 3, dtype=torch.long)).tolist()
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens[:5] == [IMAGE_START, "2", "*", "3", "<|image token|>"]
@@ -46,47 +60,55 @@ def test_layout_is_emu3s(tiny):
     assert tokens.count(END_OF_ROW) == 2
 
 
-def _ids(backend, grid=(3, 4)):
+def _grid(tiny) -> tuple[int, int]:
+    return 3 * _step(tiny), 4 * _step(tiny)
+
+
+def _ids(tiny):
     torch.manual_seed(0)
-    return backend.codes_to_token_ids(torch.randint(0, backend.codebook_size, grid)).tolist()
+    return tiny[2].codes_to_token_ids(torch.randint(0, tiny[2].codebook_size, _grid(tiny))).tolist()
 
 
 def test_malformed_missing_row_end(tiny):
     backend = tiny[2]
-    ids = _ids(backend)
-    prefix = len(backend._image_prefix(3, 4))
-    del ids[prefix + 4]  # first row's end-of-row token
+    ids = _ids(tiny)
+    rows, cols = _grid(tiny)
+    prefix = len(backend._image_prefix(rows, cols))
+    del ids[prefix + cols]  # first row's end-of-row token
     result = backend.parse_image_tokens(ids)
     assert not result.ok and result.codes is None
-    assert "row 0, column 4" in result.error and "<|extra_200|>" in result.error
+    row_end = tiny[1].convert_ids_to_tokens(backend._row_end()[0])
+    assert f"row 0, column {cols}" in result.error and row_end in result.error
 
 
 def test_malformed_truncated(tiny):
-    result = tiny[2].parse_image_tokens(_ids(tiny[2])[:-5])
+    result = tiny[2].parse_image_tokens(_ids(tiny)[:-5])
     assert not result.ok and "truncated image" in result.error
 
 
 def test_malformed_text_inside_image(tiny):
     backend = tiny[2]
-    ids = _ids(backend)
-    ids[len(backend._image_prefix(3, 4)) + 2] = backend.encode_text("a")[0]
+    ids = _ids(tiny)
+    ids[len(backend._image_prefix(*_grid(tiny))) + 2] = backend.encode_text("a")[0]
     result = backend.parse_image_tokens(ids)
     assert not result.ok and "expected an image code" in result.error and "'a'" in result.error
 
 
 def test_malformed_wrong_size_tokens(tiny):
     backend = tiny[2]
-    result = backend.parse_image_tokens(_ids(backend), expected_grid=(4, 4))
-    assert not result.ok and "3x4" in result.error and "expected 4x4" in result.error
-    garbled = _ids(backend)
+    rows, cols = _grid(tiny)
+    square = 4 * _step(tiny)
+    result = backend.parse_image_tokens(_ids(tiny), expected_grid=(square, square))
+    assert not result.ok and f"{rows}x{cols}" in result.error and f"expected {square}x{square}" in result.error
+    garbled = _ids(tiny)
     garbled[1] = backend.encode_text("x")[0]
     result = backend.parse_image_tokens(garbled)
-    assert not result.ok and "size tokens" in result.error
+    assert not result.ok and "size token" in result.error
 
 
 def test_malformed_inputs_never_raise(tiny):
     backend = tiny[2]
-    for ids in ([], [10**6], [backend.tag_ids["<rough_image>"]] * 5, _ids(backend) + [1, 2]):
+    for ids in ([], [10**6], [backend.tag_ids["<rough_image>"]] * 5, _ids(tiny) + [1, 2]):
         assert not backend.parse_image_tokens(ids).ok
 
 
@@ -102,16 +124,18 @@ def test_masks_partition_the_vocabulary(tiny):
     assert len(backend.tag_ids) == 14 and len(set(backend.tag_ids.values())) == 14
 
 
-def test_saved_and_reloaded_gives_identical_logits(tiny_path, tiny):
+def test_saved_and_reloaded_gives_identical_logits(tiny, request):
     model, tokenizer, _ = tiny
-    again = Emu3ForConditionalGeneration.from_pretrained(tiny_path).eval()
+    path = request.getfixturevalue("tiny_path" if tiny.family == "emu3" else f"tiny_{tiny.family}_path")
+    again = load_model(str(path)).eval()
     ids = torch.randint(0, len(tokenizer), (2, 300))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
-    fresh, _ = build_tiny_emu3(TinyEmu3Spec())  # same seed -> same weights
+    spec_class, build = TINY_FAMILIES[tiny.family]
+    fresh, _ = build(spec_class())  # same seed -> same weights
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert AutoTokenizer.from_pretrained(tiny_path).get_vocab() == tokenizer.get_vocab()
+    assert AutoTokenizer.from_pretrained(path).get_vocab() == tokenizer.get_vocab()
 
 
 def test_different_seed_gives_different_model():
@@ -128,10 +152,10 @@ def test_ensure_reuses_and_rebuilds(tmp_path):
     assert (path / "model.safetensors").stat().st_mtime_ns != stamp
 
 
-def test_forward_of_a_few_thousand_tokens_stays_small(tiny):
+def test_forward_of_a_few_thousand_tokens_stays_small(tiny_emu3):
     """The tests' model is small enough for paper-length sequences on a CPU (its speed is not a test's business:
     benchmarks/rollout.py --preset tiny measures it)."""
-    model, tokenizer, _ = tiny
+    model, tokenizer, _ = tiny_emu3
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     assert model.config.text_config._attn_implementation == "sdpa"  # no (T, T) attention matrix per head
     ids = torch.randint(0, len(tokenizer), (1, 3000))

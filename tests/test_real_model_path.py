@@ -44,11 +44,12 @@ EXTRA = {
 }  # fmt: skip
 
 
-def readme_commands() -> list[list[str]]:
-    """The commands of the README's real-model block, each split as a shell would."""
+def readme_commands(heading: str = "## Training a real model") -> list[list[str]]:
+    """The commands of the first block of README's section ``heading`` that runs ``vlcot-grpo``, split as a shell
+    would."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Training a real model") :]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    section = readme[readme.index(heading) :]
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "\nvlcot-grpo " in "\n" + b)
     commands = [shlex.split(line) for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert all(c[0] == "vlcot-grpo" for c in commands), commands
     return [c[1:] for c in commands]
@@ -111,7 +112,56 @@ def test_readme_real_model_path_on_an_emu3_lookalike(lookalike_path, tmp_path, m
     assert set(scores["mean"]) == {"psnr", "ssim"} and len(scores["per_image"]) == 2
 
 
-@pytest.mark.parametrize("family", ["emu3"])
+PURE_HEADING = "## The paper's model: PURE / Lumina-mGPT"
+PURE_SIZES = ["--lr_size", "32", "--rough_size", "32", "--middle_size", "64", "--final_size", "96"]
+PURE_TRAIN = [*PURE_SIZES, *CPU, "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "0"]
+PURE_EXTRA = {
+    "convert": [],
+    "prepare": [],
+    "prepare-data": ["--hr-size", "96", "--scale", "2", "--no-progress"],
+    "sft": [
+        *PURE_TRAIN, "--max_steps", "60", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+        "--warmup_steps", "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+        "--image_loss_weight", "0.1", "--format_check_samples", "2",
+    ],
+    "grpo": [
+        *PURE_TRAIN, "--max_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2",
+        "--max_completion_length", "600", "--image_log_steps", "1",
+        "--rewards", "format", "degradation", "understanding", "fidelity", "--reward_weights", "1", "1", "1", "1",
+    ],
+    "upscale": ["--lr-size", "32", "--sizes", "32", "64", "96", "--max-new-tokens", "600", "--greedy", "--device",
+                "cpu", "--dtype", "float32"],
+}  # fmt: skip
+
+
+def test_readme_pure_path_on_a_published_pure_lookalike(tmp_path, monkeypatch, capsys):
+    """The paper's model: the published PURE folder and vq_ds8_c2i.pt (a tiny look-alike) through convert, prepare,
+    prepare-data, SFT, GRPO and upscale as the README writes them."""
+    from vlcot_grpo.models.lookalike import save_pure_lookalike
+
+    download = save_pure_lookalike(tmp_path / "download")
+    monkeypatch.chdir(tmp_path)
+    _photos(tmp_path / "photos", 192)
+    _photos(tmp_path / "lr_photos", 32)
+    commands = readme_commands(PURE_HEADING)
+    assert [c[0] for c in commands] == ["convert", "prepare", "prepare-data", "sft", "grpo", "upscale"]
+    swap = {"PURE": str(download / "model"), "vq_ds8_c2i.pt": str(download / "vq_ds8_c2i.pt")}
+    for argv in commands:
+        argv = [swap.get(a, str(ROOT / a) if a.startswith("recipes/") else a) for a in argv]
+        code = cli([*argv, *PURE_EXTRA[argv[0]]])
+        assert code == 0, (argv, capsys.readouterr())
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "models" / "pure-vlcot" / "vlcot_tokens.json").read_text())["how"] == "added"
+    assert "format-valid rate of 2 greedy rollouts" in printed
+    grpo = load_model(str(tmp_path / "outputs" / "pure" / "grpo"))
+    assert type(grpo).__name__ == "PureForConditionalGeneration"
+    assert (tmp_path / "outputs" / "pure" / "grpo" / "rewards.png").exists()
+    outputs = sorted(p.name for p in (tmp_path / "sr-pure").iterdir())
+    assert "astronaut.png" in outputs, outputs
+    assert Image.open(tmp_path / "sr-pure" / "astronaut.png").size == (96, 96)
+
+
+@pytest.mark.parametrize("family", ["emu3", "vlcot_pure"])
 def test_each_family_has_a_lookalike(family):
     from vlcot_grpo.models import BACKENDS
     from vlcot_grpo.models.lookalike import LOOKALIKES

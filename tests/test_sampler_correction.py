@@ -5,10 +5,11 @@ refuses."""
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+from transformers import AutoTokenizer
 
 from vlcot_grpo.config import VLCoTGRPOConfig
 from vlcot_grpo.logprobs import importance_weights
+from vlcot_grpo.models import load_model
 from vlcot_grpo.sampling import code_scores
 from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
@@ -62,10 +63,10 @@ def _length_reward(prompts, completions, completion_ids, **kwargs):
 def _trainer(tiny_path, dataset, tmp_path, **overrides):
     """The tiny model with sharpened logits (so top-k cuts the 256 codes) and +6 on the image-opening tags (so rows
     write images)."""
-    model = Emu3ForConditionalGeneration.from_pretrained(tiny_path)
+    model = load_model(str(tiny_path))
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
     tags = [tokenizer.convert_tokens_to_ids(f"<{s}_image>") for s in ("rough", "middle", "final")]
-    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
     bias[tags] = 30.0
 
     def hook(module, inputs, output):
@@ -99,6 +100,19 @@ def test_guided_trains_the_log_probs_that_were_sampled(tiny_path, dataset, tmp_p
     assert _logged(trainer, "vlcot/tokens_rough_image")[0] > 0  # images were written, so codes were scored
     if top_k == -1:
         assert 14 <= _logged(trainer, "vlcot/image_top_k")[0] < 256  # the rule's k, cutting the 256 codes
+
+
+@pytest.mark.parametrize("guidance,top_k", [(3.0, 12), (0.8, -1)], ids=["cfg-k", "paper"])
+def test_guided_trains_the_log_probs_that_were_sampled_on_pure(tiny_pure_path, dataset, tmp_path, guidance, top_k):
+    """The same on the paper's family (PURE layout, sizes in 32-pixel units): one head, full logits."""
+    sizes = {"lr_size": 32, "rough_size": 32, "middle_size": 32, "final_size": 64}
+    trainer = _trainer(
+        tiny_pure_path, dataset, tmp_path, guidance_scale=guidance, image_top_k=top_k, top_k=20, **sizes
+    )
+    trainer.train()
+    gap = _logged(trainer, "sampling/sampling_logp_difference/max")
+    assert gap and gap[0] < 2e-4
+    assert _logged(trainer, "vlcot/tokens_rough_image")[0] > 0
 
 
 def test_none_leaves_the_gap_that_guided_closes(tiny_path, dataset, tmp_path):

@@ -23,9 +23,11 @@ class _Args(SimpleNamespace):
 
 def test_tiny_model_is_built_from_the_spec_and_rebuilt_when_it_changes(tmp_path):
     path = tmp_path / "tiny"
-    _ensure_tiny_model(str(path), {"hidden_size": 32}, _Args())
+    _ensure_tiny_model(str(path), "emu3", {"hidden_size": 32}, _Args())
     assert AutoConfig.from_pretrained(path).text_config.hidden_size == 32
-    _ensure_tiny_model(str(path), '{"hidden_size": 48, "num_hidden_layers": 1}', _Args())  # from the command line
+    _ensure_tiny_model(
+        str(path), "emu3", '{"hidden_size": 48, "num_hidden_layers": 1}', _Args()
+    )  # from the command line
     config = AutoConfig.from_pretrained(path).text_config
     assert (config.hidden_size, config.num_hidden_layers) == (48, 1)
 
@@ -34,7 +36,7 @@ def test_a_checkpoint_that_is_not_a_tiny_build_is_never_overwritten(tmp_path):
     path = save_tiny_emu3(tmp_path / "trained")
     (path / SPEC_FILE).unlink()  # what a fine-tuned model saved by a trainer looks like
     weights = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
-    _ensure_tiny_model(str(path), {"hidden_size": 32}, _Args())
+    _ensure_tiny_model(str(path), "emu3", {"hidden_size": 32}, _Args())
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == weights
 
 
@@ -55,13 +57,30 @@ def test_other_processes_look_at_the_folder_only_after_the_main_one_built_it(tmp
             waited.append(desc)
             yield
 
-    _ensure_tiny_model(str(path), {}, Waiting())
+    _ensure_tiny_model(str(path), "emu3", {}, Waiting())
     assert waited and (path / SPEC_FILE).exists() and AutoConfig.from_pretrained(path).model_type == "emu3"
 
 
 def test_unknown_spec_field_is_named(tmp_path):
-    with pytest.raises(ValueError, match="tiny_model_spec.*hiden_size"):
-        _ensure_tiny_model(str(tmp_path / "tiny"), {"hiden_size": 32}, _Args())
+    with pytest.raises(ValueError, match="tiny_model_spec.*hiden_size.*TinyEmu3Spec"):
+        _ensure_tiny_model(str(tmp_path / "tiny"), "emu3", {"hiden_size": 32}, _Args())
+    with pytest.raises(ValueError, match="tiny_model_spec.*vq_embed_dimm.*TinyPureSpec"):
+        _ensure_tiny_model(str(tmp_path / "tiny"), "pure", {"vq_embed_dimm": 4}, _Args())
+    with pytest.raises(ValueError, match="tiny_model_family 'janos': expected one of \\['emu3', 'pure'\\]"):
+        _ensure_tiny_model(str(tmp_path / "tiny"), "janos", {}, _Args())
+
+
+def test_the_family_is_part_of_what_a_tiny_build_is_checked_against(tmp_path):
+    """A tiny Emu3 at the path is rebuilt as a tiny PURE when the recipe asks for that family, and kept otherwise."""
+    import json
+
+    path = tmp_path / "tiny"
+    _ensure_tiny_model(str(path), "emu3", {}, _Args())
+    _ensure_tiny_model(str(path), "pure", {}, _Args())
+    assert json.loads((path / "config.json").read_text())["model_type"] == "vlcot_pure"
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    _ensure_tiny_model(str(path), "pure", {}, _Args())
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def _dataset_folder(tmp_path):

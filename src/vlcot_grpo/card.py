@@ -89,15 +89,15 @@ def _snippet(settings: dict, location: str) -> str:
             f"model, tokenizer = vlcot_grpo.load_pretrained({location!r})  # base: {base}, adapter merged\n\n"
             "# or with plain PEFT, on the family's class (AutoModelForCausalLM would load a text-only model):\n"
             "from peft import PeftModel\n"
-            f"from transformers import {settings['model_class']}\n\n"
+            f"from {settings.get('model_module') or 'transformers'} import {settings['model_class']}\n\n"
             f"base = {settings['model_class']}.from_pretrained({base!r})\n"
             f"model = PeftModel.from_pretrained(base, {location!r})"
         )
     return (
         "import vlcot_grpo\n\n"
         f"model, tokenizer = vlcot_grpo.load_pretrained({location!r})\n\n"
-        "# or with transformers alone:\n"
-        f"from transformers import {settings['model_class']}\n\n"
+        "# or with the family's class alone:\n"
+        f"from {settings.get('model_module') or 'transformers'} import {settings['model_class']}\n\n"
         f"model = {settings['model_class']}.from_pretrained({location!r})"
     )
 

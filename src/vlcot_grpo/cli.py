@@ -8,6 +8,7 @@ import sys
 
 #: sub-command -> (usage, what it does); the help and the README list these
 COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("--model DIR --vq FILE --out DST", "Lumina-mGPT / PURE + LlamaGen VQ-8 -> one folder"),
     "prepare": ("--model SRC --out DST", "once per real checkpoint: the VLCoT tags become tokens"),
     "prepare-data": ("--hr-dir DIR --out DIR [...]", "build a VLCoT dataset from HR photos (optionally tagged)"),
     "sft": ("--config recipes/<model>/sft/<name>.yaml", "cold-start SFT on VLCoT traces"),
@@ -31,6 +32,10 @@ def help_text() -> str:
 def _run(command: str, rest: list[str]) -> int:
     import argparse
 
+    if command == "convert":
+        from vlcot_grpo.models.convert import main as convert_main
+
+        return convert_main(rest)
     if command == "prepare":
         from vlcot_grpo.models.prepare import add_prepare_arguments, run_prepare
 

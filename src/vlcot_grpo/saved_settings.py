@@ -79,6 +79,13 @@ def _recipe(argv: list[str]) -> dict:
     return {"file": None, "text": None, "overrides": argv}
 
 
+def _public_module(cls) -> str:
+    """``transformers`` when the class is exported there, else its own module."""
+    import transformers
+
+    return "transformers" if getattr(transformers, cls.__name__, None) is cls else cls.__module__
+
+
 def training_settings(method: str, model, script_args, training_args, model_args, argv, dataset=None) -> dict:
     """Everything a run saves: the family, the base (path, Hub id, fingerprint), sizes, prompt, sampling, rewards,
     data, training settings and the recipe as run. ``model`` is the base as loaded, before any adapter."""
@@ -115,6 +122,8 @@ def training_settings(method: str, model, script_args, training_args, model_args
         "method": method,
         "family": family,
         "model_class": BACKENDS[family].model_class.__name__ if family in BACKENDS else None,
+        # where the class is imported from: transformers for Emu3, this package for a family it defines (PURE)
+        "model_module": _public_module(BACKENDS[family].model_class) if family in BACKENDS else None,
         "adapter": bool(model_args.use_peft),
         "base_model": {
             "path": str(Path(base_path).resolve()) if Path(base_path).exists() else base_path,

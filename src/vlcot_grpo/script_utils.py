@@ -33,8 +33,8 @@ class SharedScriptArguments:
     build_tiny_model: bool = field(
         default=False,
         metadata={
-            "help": "Build the tiny offline Emu3 at model_name_or_path if nothing is there, or rebuild it there if "
-            "it was built from another tiny_model_spec (demo, tests)."
+            "help": "Build the tiny offline model (tiny_model_family) at model_name_or_path if nothing is there, or "
+            "rebuild it there if it was built from another family or tiny_model_spec (demo, tests)."
         },
     )
     base_model_id: str | None = field(
@@ -45,10 +45,14 @@ class SharedScriptArguments:
             "absolute local path."
         },
     )
+    tiny_model_family: str = field(
+        default="emu3",
+        metadata={"help": "Family of the tiny model for build_tiny_model: emu3 or pure (Chameleon + LlamaGen VQ-8)."},
+    )
     tiny_model_spec: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Fields of vlcot_grpo.models.tiny.TinyEmu3Spec for build_tiny_model, e.g. "
+            "help": "Fields of vlcot_grpo.models.tiny.TinyEmu3Spec (TinyPureSpec for pure) for build_tiny_model, e.g. "
             "{hidden_size: 128, num_hidden_layers: 4}; unset fields keep their defaults."
         },
     )
@@ -183,7 +187,7 @@ def load_policy(model_args, training_args, data_args):
     if not path:
         raise ValueError("model_name_or_path is required (a checkpoint folder or hub id)")
     if data_args.build_tiny_model:
-        _ensure_tiny_model(path, data_args.tiny_model_spec, training_args)
+        _ensure_tiny_model(path, data_args.tiny_model_family, data_args.tiny_model_spec, training_args)
     check_model_path(path)
     dtype = model_args.dtype
     if dtype not in (None, "auto"):
@@ -254,22 +258,25 @@ def check_model_path(path: str) -> None:
         )
 
 
-def _ensure_tiny_model(path: str, spec_fields, training_args) -> None:
-    from vlcot_grpo.models.tiny import SPEC_FILE, TinyEmu3Spec, ensure_tiny_emu3
+def _ensure_tiny_model(path: str, family: str, spec_fields, training_args) -> None:
+    from vlcot_grpo.models.tiny import SPEC_FILE, TINY_FAMILIES, ensure_tiny_model
 
     # The spec is checked first, by every process: a malformed one is an error even beside a real checkpoint, and
     # raised inside the wait below it would leave the other processes waiting.
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"tiny_model_family {family!r}: expected one of {sorted(TINY_FAMILIES)}")
+    spec_class = TINY_FAMILIES[family][0]
     fields = json.loads(spec_fields) if isinstance(spec_fields, str) else dict(spec_fields or {})
     try:
-        spec = TinyEmu3Spec(**fields)
+        spec = spec_class(**fields)
     except TypeError as err:
-        raise ValueError(f"tiny_model_spec {fields}: {err} (the fields are those of TinyEmu3Spec)") from None
+        raise ValueError(f"tiny_model_spec {fields}: {err} (the fields are those of {spec_class.__name__})") from None
     # One writer, the others wait; they look at the folder only afterwards: one that exists without the spec file
     # may be the main process's half-written model, not a real checkpoint.
     with training_args.main_process_first(desc="build the tiny model"):
         if Path(path).exists() and not (Path(path) / SPEC_FILE).exists():
             return  # a real checkpoint: never overwritten
-        ensure_tiny_emu3(path, spec)
+        ensure_tiny_model(path, family, spec)
 
 
 def load_train_dataset(data_args: SharedScriptArguments, training_args):

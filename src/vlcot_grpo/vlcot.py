@@ -240,7 +240,8 @@ def build_completion_ids(
 def encode_prompt(
     backend: ImageTokenBackend, lr_image: Image.Image, lr_size: tuple[int, int], prompt: str = DEFAULT_PROMPT
 ) -> list[int]:
-    """Token ids of the prompt: BOS, the instruction text, and the low-quality image's tokens at the placeholder.
+    """Token ids of the prompt: BOS, the instruction text with the low-quality image's tokens at the placeholder, and
+    the family's end of turn (``prompt_suffix_ids``).
 
     The image is resized to ``lr_size`` (height, width) before tokenisation (the paper: 512x512).
     """
@@ -251,7 +252,8 @@ def encode_prompt(
     before, after = prompt.split(IMAGE_PLACEHOLDER)
     codes = backend.encode_images([lr_image], lr_size)[0]
     image_ids = backend.codes_to_token_ids(codes).tolist()
-    return backend.bos_token_ids + backend.encode_text(before) + image_ids + backend.encode_text(after)
+    text = backend.encode_text(before) + image_ids + backend.encode_text(after)
+    return backend.bos_token_ids + text + backend.prompt_suffix_ids
 
 
 def stage_sizes_of(config) -> dict[str, tuple[int, int]]:

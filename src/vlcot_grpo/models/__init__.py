@@ -1,15 +1,17 @@
 """Model backends: one small interface (``ImageTokenBackend``) over each unified model family.
 
 ``load_backend(model, tokenizer)`` picks the backend from the model's config, so callers never name a family.
-Adding Lumina-mGPT/PURE or Janus-Pro means one subclass and one entry in ``BACKENDS``.
+Emu3 and PURE / Lumina-mGPT (the paper's model: ``vlcot-grpo convert`` builds its folder) are here; adding a family
+(Janus-Pro) means one subclass and one entry in ``BACKENDS``.
 """
 
 from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend, without_zero3_init
 from vlcot_grpo.models.emu3 import Emu3Backend, unwrap_model
 from vlcot_grpo.models.prepare import TagTokens, add_vlcot_tokens, check_vlcot_tokens, prepare_checkpoint
+from vlcot_grpo.models.pure import PureBackend, PureConfig, PureForConditionalGeneration
 
 #: model_type in the transformers config -> backend class
-BACKENDS: dict[str, type[ImageTokenBackend]] = {"emu3": Emu3Backend}
+BACKENDS: dict[str, type[ImageTokenBackend]] = {"emu3": Emu3Backend, "vlcot_pure": PureBackend}
 
 
 def load_model(path: str, **from_pretrained_kwargs):
@@ -61,6 +63,9 @@ __all__ = [
     "Emu3Backend",
     "ImageParse",
     "ImageTokenBackend",
+    "PureBackend",
+    "PureConfig",
+    "PureForConditionalGeneration",
     "TagTokens",
     "add_vlcot_tokens",
     "check_vlcot_tokens",

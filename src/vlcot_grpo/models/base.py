@@ -143,10 +143,13 @@ class ImageTokenBackend(ABC):
         table[self.code_token_ids] = torch.arange(self.codebook_size)
         return table
 
+    #: The smallest code grid the family's layout can announce (PURE counts sides in 4-code units).
+    smallest_grid: tuple[int, int] = (1, 1)
+
     @cached_property
     def layout_token_ids(self) -> list[int]:
         """Tokens that only ever appear as forced image layout (never sampled as text)."""
-        template = self.image_template(1, 1).tolist()
+        template = self.image_template(*self.smallest_grid).tolist()
         ids = set(template) - {CODE}
         # Size tokens may be ordinary text (Emu3 writes "16*16"): keep those sampleable as text.
         ids -= set(self._size_token_ids(1, 1))
@@ -289,6 +292,11 @@ class ImageTokenBackend(ABC):
         2**32 on, and a model's output can hold anything)."""
         ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
         return self.tokenizer.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
+
+    @property
+    def prompt_suffix_ids(self) -> list[int]:
+        """Forced ids after the prompt's text: the family's end of the user's turn (none by default)."""
+        return []
 
     @property
     def bos_token_ids(self) -> list[int]:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from vlcot_grpo.models.emu3 import (
     END_OF_FRAME,
     IMAGE_END,
@@ -184,3 +186,224 @@ def save_emu3_lookalike(path: str | Path, spec: TinyEmu3Spec | None = None, bpe_
 
 #: model_type -> function saving that family's look-alike checkpoint at a path.
 LOOKALIKES = {"emu3": save_emu3_lookalike}
+
+
+# ----- PURE / Lumina-mGPT ---------------------------------------------------------------------------------------------
+# What ``vlcot-grpo convert`` reads, saved as published (facts from the upstream sources, not their code):
+#
+# * the checkpoint folder (``nonwhy/PURE``, ``Alpha-VLLM/Lumina-mGPT-7B-*``): ``config.json`` of PURE's
+#   ``ChameleonXLLMXConfig`` (model_type ``chameleon``, ``model_parallel_size``, ``mask_image_logits``,
+#   ``z_loss_weight``, the tokenizer's ``vocabulary_map``), sharded safetensors in transformers' Chameleon key names
+#   with the query/key LayerNorms as ``(model_parallel_size, head_dim)`` (PURE ``modeling_chameleon.py``
+#   ``ChameleonLayerNorm``), Chameleon's VQGAN under ``model.vqmodel``, and a fast tokenizer whose first ids are
+#   ``<s> <pad> </s> <unk>``, then Chameleon's 8192 image slots ``IMGIMG…`` (ids 4-8195), then special and
+#   ``<reservedNNNNN>`` tokens and the BPE text; PURE's 8192 further codes sit above the text (65536-73727), a
+#   Lumina-mGPT base has none;
+# * ``vq_ds8_c2i.pt``: ``{"model": LlamaGen VQModel state dict, ...}`` (LlamaGen ``tokenizer/tokenizer_image/
+#   vq_train.py`` also saves the optimiser, the discriminator, the step and its ``argparse`` options), keys as
+#   ``llamagen_vq_shapes`` lists them.
+PURE_BOS, PURE_PAD, PURE_EOS, PURE_UNK = "<s>", "<pad>", "</s>", "<unk>"
+
+
+def llamagen_vq_shapes(base=32, multiplier=(1, 2, 2, 4), res_blocks=1, latent=32, codebook=256, code_dim=8):
+    """Key -> shape of LlamaGen's ``VQModel`` state dict (``tokenizer/tokenizer_image/vq_model.py``: ``Encoder``
+    and ``Decoder`` hold ``conv_blocks`` of ``res`` ResnetBlocks, ``attn`` AttnBlocks at the lowest resolution and
+    a ``downsample`` / ``upsample`` conv; ``mid`` is [ResnetBlock, AttnBlock, ResnetBlock]; the decoder's levels run
+    from the lowest resolution up, with one ResnetBlock more per level; ``quantize`` keeps ``codebook_used``)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, out, inp, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp, k, k), (out,)
+
+    def norm(name, ch):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (ch,), (ch,)
+
+    def res(name, inp, out):
+        norm(f"{name}.norm1", inp), conv(f"{name}.conv1", out, inp, 3)
+        norm(f"{name}.norm2", out), conv(f"{name}.conv2", out, out, 3)
+        if inp != out:
+            conv(f"{name}.nin_shortcut", out, inp, 1)
+
+    def attn(name, ch):
+        norm(f"{name}.norm", ch)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{part}", ch, ch, 1)
+
+    last = len(multiplier) - 1
+    conv("encoder.conv_in", base, 3, 3)
+    block_in = base
+    for i, m in enumerate(multiplier):
+        for j in range(res_blocks):
+            res(f"encoder.conv_blocks.{i}.res.{j}", block_in, base * m)
+            block_in = base * m
+            if i == last:
+                attn(f"encoder.conv_blocks.{i}.attn.{j}", block_in)
+        if i != last:
+            conv(f"encoder.conv_blocks.{i}.downsample.conv", block_in, block_in, 3)
+    for side in ("encoder", "decoder"):
+        ch = base * multiplier[-1]
+        res(f"{side}.mid.0", ch, ch), attn(f"{side}.mid.1", ch), res(f"{side}.mid.2", ch, ch)
+    norm("encoder.norm_out", block_in), conv("encoder.conv_out", latent, block_in, 3)
+    conv("decoder.conv_in", block_in, latent, 3)
+    for idx, i in enumerate(reversed(range(len(multiplier)))):
+        for j in range(res_blocks + 1):
+            res(f"decoder.conv_blocks.{idx}.res.{j}", block_in, base * multiplier[i])
+            block_in = base * multiplier[i]
+            if i == last:
+                attn(f"decoder.conv_blocks.{idx}.attn.{j}", block_in)
+        if i != 0:
+            conv(f"decoder.conv_blocks.{idx}.upsample.conv", block_in, block_in, 3)
+    norm("decoder.norm_out", block_in), conv("decoder.conv_out", 3, block_in, 3)
+    conv("quant_conv", code_dim, latent, 1), conv("post_quant_conv", latent, code_dim, 1)
+    shapes["quantize.embedding.weight"] = (codebook, code_dim)
+    shapes["quantize.codebook_used"] = (65536,)
+    return shapes
+
+
+def pure_vocabulary(codebook_size: int, bpe: dict[str, int], codes_above_text: bool, max_size_units: int = 32):
+    """The look-alike's vocabulary (token -> id) in the published order (see above)."""
+    from vlcot_grpo.models.pure import IMAGE_END, IMAGE_START, image_code_name, size_token
+    from vlcot_grpo.models.tiny import pure_layout_tokens
+
+    half = codebook_size // 2
+    head = [PURE_BOS, PURE_PAD, PURE_EOS, PURE_UNK, *(image_code_name(c) for c in range(half))]
+    head += [t for t in pure_layout_tokens(max_size_units) if t not in (IMAGE_START, IMAGE_END)]
+    head = head[: 4 + half] + [IMAGE_END, IMAGE_START] + head[4 + half :]
+    assert size_token(1) in head
+    vocab = {tok: i for i, tok in enumerate(head)}
+    for tok in sorted(bpe, key=bpe.get):
+        vocab.setdefault(tok, len(vocab))
+    if codes_above_text:
+        for c in range(half, codebook_size):
+            vocab[image_code_name(c)] = len(vocab)
+    return vocab, len(head)
+
+
+def _save_pure_tokenizer(path: Path, vocab: dict[str, int], specials: int, merges: list[str]) -> None:
+    special_ids = set(range(specials)) | {i for t, i in vocab.items() if t.startswith("IMGIMG")}
+    added = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for t, i in sorted(vocab.items(), key=lambda kv: kv[1])
+        if i in special_ids
+    ]  # fmt: skip
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    _write_json(
+        path / "tokenizer.json",
+        {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": None,
+            "pre_tokenizer": byte_level,
+            "post_processor": None,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": PURE_UNK, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                      "merges": merges},
+        },
+    )  # fmt: skip
+    _write_json(
+        path / "tokenizer_config.json",
+        {
+            "bos_token": PURE_BOS,
+            "eos_token": PURE_EOS,
+            "pad_token": PURE_PAD,
+            "unk_token": PURE_UNK,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1000000000000000019884624838656,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+    )
+
+
+def build_upstream_chameleon(spec=None, vocab_size: int = 0, seed: int = 0):
+    """A stock transformers ``ChameleonForConditionalGeneration`` of the tiny PURE shape, its query/key norms equal
+    across the heads of each shard (``model_parallel_size`` 1): the model a published checkpoint is the weights of."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    from vlcot_grpo.models.tiny import TinyPureSpec
+
+    spec = spec or TinyPureSpec()
+    config = ChameleonConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        vocabulary_map={},
+        vq_config={"base_channels": 32, "channel_multiplier": [1], "num_res_blocks": 1, "embed_dim": 4,
+                   "num_embeddings": 16, "latent_channels": 32, "resolution": 32},
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = ChameleonForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "_norm." in name and "self_attn" in name:
+                param.copy_((1 + 0.1 * torch.randn(param.shape[-1])).expand_as(param) if name.endswith("weight")
+                            else (0.1 * torch.randn(param.shape[-1])).expand_as(param))  # fmt: skip
+    return model
+
+
+def save_pure_lookalike(path: str | Path, spec=None, variant: str = "pure", bpe_vocab_size: int = 400) -> Path:
+    """A tiny PURE (``variant="pure"``) or Lumina-mGPT base (``"lumina"``: half the codes named) saved as published:
+    ``path/model`` (the checkpoint folder) and ``path/vq_ds8_c2i.pt``. ``vlcot-grpo convert`` turns it into a
+    ``PureForConditionalGeneration`` folder. Returns ``path``."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from vlcot_grpo.models.tiny import TinyPureSpec
+
+    spec = spec or TinyPureSpec()
+    path = Path(path)
+    folder = path / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe, merges = _emu3_bpe(bpe_vocab_size)
+    vocab, specials = pure_vocabulary(spec.codebook_size, bpe, variant == "pure", spec.max_size_units)
+    _save_pure_tokenizer(folder, vocab, specials, merges)
+    model = build_upstream_chameleon(spec, len(vocab), spec.seed)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if "self_attn" in key and "_norm." in key:
+            tensor = tensor[:1]  # one shard: (model_parallel_size, head_dim)
+        state[key] = tensor.contiguous()
+    keys = sorted(state)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": {}}
+    for n, part in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in part}, folder / name, metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in part})
+    _write_json(folder / "model.safetensors.index.json", index)
+    config = model.config.to_dict()
+    config.update(
+        architectures=["ChameleonXLLMXForConditionalGeneration"],
+        model_parallel_size=1,
+        mask_image_logits=False,
+        z_loss_weight=1e-5,
+        vocabulary_map=vocab,
+    )
+    _write_json(folder / "config.json", config)
+    shapes = llamagen_vq_shapes(
+        spec.vq_base_channels, spec.vq_channel_multiplier, 1, spec.vq_latent_channels, spec.codebook_size,
+        spec.vq_embed_dim,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(spec.seed + 1)
+    vq = {k: 0.05 * torch.randn(s, generator=generator) for k, s in shapes.items()}
+    for k in vq:
+        if ".norm" in k and k.endswith(".weight"):
+            vq[k] = vq[k] + 1.0
+    vq["quantize.codebook_used"] = torch.zeros(65536)
+    options = argparse.Namespace(vq_model="VQ-8", codebook_size=spec.codebook_size)
+    torch.save({"model": vq, "steps": 1, "args": options}, path / "vq_ds8_c2i.pt")
+    return path
+
+
+LOOKALIKES["vlcot_pure"] = save_pure_lookalike

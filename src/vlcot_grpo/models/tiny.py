@@ -1,4 +1,5 @@
-"""Tiny Emu3-architecture models built from a config, for tests, the demo and benchmarks. No download, seedable.
+"""Tiny models of each family (Emu3; PURE: Chameleon + LlamaGen VQ-8) built from a config, for tests, the demo and
+benchmarks. No download, seedable.
 
 The tokenizer is character-level (``tokenizers`` WordLevel over printable ASCII) plus special tokens: Emu3's image
 layout tokens, the 14 VLCoT tags and one token per VQ code. It is saved next to the model and loaded back through
@@ -109,21 +110,155 @@ def build_tiny_emu3(spec: TinyEmu3Spec | None = None):
 
 
 def save_tiny_emu3(path: str | Path, spec: TinyEmu3Spec | None = None) -> Path:
-    """Build a tiny model and save model + tokenizer to ``path`` (a checkpoint loadable by ``from_pretrained``)."""
-    spec = spec or TinyEmu3Spec()
-    path = Path(path)
-    model, tokenizer = build_tiny_emu3(spec)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
-    return path
+    """Build a tiny Emu3 and save model + tokenizer to ``path`` (a checkpoint loadable by ``from_pretrained``)."""
+    return save_tiny_model(path, "emu3", spec)
 
 
 def ensure_tiny_emu3(path: str | Path, spec: TinyEmu3Spec | None = None) -> Path:
-    """Reuse the tiny checkpoint at ``path`` if it was built from the same spec, else (re)build it."""
-    spec = spec or TinyEmu3Spec()
+    """Reuse the tiny Emu3 at ``path`` if it was built from the same spec, else (re)build it."""
+    return ensure_tiny_model(path, "emu3", spec)
+
+
+# ----- PURE / Lumina-mGPT (Chameleon language model, LlamaGen VQ-8 image tokenizer) ----------------------------------
+@dataclass
+class TinyPureSpec:
+    """Shape of a tiny PURE model: Chameleon's architecture and LlamaGen VQ-8's (four stages: downsample 8)."""
+
+    hidden_size: int = field(default=64, metadata={"help": "Width of the language model."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Decoder layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    num_key_value_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
+    intermediate_size: int = field(default=128, metadata={"help": "MLP width."})
+    max_position_embeddings: int = field(default=4096, metadata={"help": "Longest sequence (RoPE)."})
+    codebook_size: int = field(default=256, metadata={"help": "VQ codebook entries (one token each)."})
+    vq_base_channels: int = field(default=32, metadata={"help": "VQ conv width; a multiple of 32 (GroupNorm)."})
+    vq_channel_multiplier: tuple[int, ...] = field(
+        default=(1, 2, 2, 4), metadata={"help": "VQ stages (LlamaGen VQ-8's); downsample is 2 ** (len - 1)."}
+    )
+    vq_embed_dim: int = field(default=8, metadata={"help": "Code vector size (VQ-8: 8)."})
+    vq_latent_channels: int = field(default=32, metadata={"help": "VQ latent width (VQ-8: 256)."})
+    vq_num_res_blocks: int = field(default=1, metadata={"help": "VQ residual blocks per stage (VQ-8: 2)."})
+    max_size_units: int = field(default=32, metadata={"help": "Size tokens <reserved08801>… (32-pixel units)."})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Pad the vocabulary with special filler tokens to this size (benchmarks: PURE's 73728)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
+
+
+def pure_layout_tokens(max_size_units: int) -> list[str]:
+    """PURE's image layout tokens, its end of turn and its size tokens (see ``vlcot_grpo.models.pure``)."""
+    from vlcot_grpo.models.pure import END_OF_TURN, LAYOUT_TOKENS, size_token
+
+    return [*LAYOUT_TOKENS, END_OF_TURN, *(size_token(n) for n in range(1, max_size_units + 1))]
+
+
+def build_tiny_pure_tokenizer(
+    codebook_size: int, max_size_units: int, vocab_size: int | None = None
+) -> PreTrainedTokenizerFast:
+    """Character-level, as the tiny Emu3's; the codes' ``IMGIMG`` names sit in two blocks, before and after the
+    text, as the published vocabulary holds 8192 in Chameleon's image slots and 8192 above the text."""
+    from vlcot_grpo.models.pure import image_code_name
+
+    half = codebook_size // 2
+    chars = [chr(c) for c in range(32, 127)]
+    head = [PAD, BOS, EOS, UNK, *(image_code_name(c) for c in range(half)), *pure_layout_tokens(max_size_units)]
+    tail = [*TAGS, *(image_code_name(c) for c in range(half, codebook_size))]
+    fillers = max(0, (vocab_size or 0) - len(head) - len(chars) - len(tail))
+    tail += [f"<filler_{i}>" for i in range(fillers)]
+    vocab = {tok: i for i, tok in enumerate(head + chars + tail)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in head[4:] + tail]})
+    return tokenizer
+
+
+def tiny_pure_config(spec: TinyPureSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    """The ``PureConfig`` of a tiny model of shape ``spec``."""
+    from vlcot_grpo.models.pure import PureConfig
+
+    return PureConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        vocabulary_map={},
+        # Chameleon's own VQGAN is built by ChameleonModel and then dropped (PureForConditionalGeneration): keep it
+        # small so that building costs nothing
+        vq_config={
+            "base_channels": 32,
+            "channel_multiplier": [1],
+            "num_res_blocks": 1,
+            "embed_dim": 4,
+            "num_embeddings": 16,
+            "latent_channels": 32,
+            "resolution": 32,
+        },
+        image_tokenizer_config={
+            "num_embeddings": spec.codebook_size,
+            "embed_dim": spec.vq_embed_dim,
+            "latent_channels": spec.vq_latent_channels,
+            "base_channels": spec.vq_base_channels,
+            "channel_multiplier": list(spec.vq_channel_multiplier),
+            "num_res_blocks": spec.vq_num_res_blocks,
+        },
+    )
+
+
+def build_pure_model(config, seed: int):
+    """A randomly initialised ``PureForConditionalGeneration`` of ``config``, deterministic for ``seed``."""
+    from vlcot_grpo.models.pure import PureForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with without_zero3_init():
+        return PureForConditionalGeneration(config).eval()
+
+
+def build_tiny_pure(spec: TinyPureSpec | None = None):
+    """A randomly initialised tiny PURE model and its tokenizer."""
+    spec = spec or TinyPureSpec()
+    tokenizer = build_tiny_pure_tokenizer(spec.codebook_size, spec.max_size_units, spec.vocab_size)
+    config = tiny_pure_config(
+        spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    return build_pure_model(config, spec.seed), tokenizer
+
+
+#: family -> (spec class, builder): what ``build_tiny_model`` (``tiny_model_family``) can build.
+TINY_FAMILIES = {"emu3": (TinyEmu3Spec, build_tiny_emu3), "pure": (TinyPureSpec, build_tiny_pure)}
+
+
+def save_tiny_model(path: str | Path, family: str = "emu3", spec=None) -> Path:
+    """Build a tiny model of ``family`` and save model + tokenizer to ``path``."""
+    spec_class, build = TINY_FAMILIES[family]
+    spec = spec or spec_class()
+    path = Path(path)
+    model, tokenizer = build(spec)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / SPEC_FILE).write_text(json.dumps({"family": family, **asdict(spec)}, indent=2))
+    return path
+
+
+def ensure_tiny_model(path: str | Path, family: str = "emu3", spec=None) -> Path:
+    """Reuse the tiny checkpoint at ``path`` if it was built from the same family and spec, else (re)build it."""
+    spec = spec or TINY_FAMILIES[family][0]()
     path = Path(path)
     marker = path / SPEC_FILE
-    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(asdict(spec))):
-        return path
-    return save_tiny_emu3(path, spec)
+    want = json.loads(json.dumps({"family": family, **asdict(spec)}))
+    if marker.exists():
+        have = json.loads(marker.read_text())
+        have.setdefault("family", "emu3")  # written before there was a second family
+        if have == want:
+            return path
+    return save_tiny_model(path, family, spec)
