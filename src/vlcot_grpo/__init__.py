@@ -6,10 +6,14 @@ Heavy parts (trl, deepspeed, pyiqa) are imported lazily, so ``import vlcot_grpo`
 import logging
 from importlib import import_module
 
-# bitsandbytes logs an error-looking warning on import on CPUs with AVX512-BF16 when the optional `kernels` package
-# is missing (its 4-bit CPU kernel then falls back to its own, which works); PEFT imports it on every command, QLoRA
-# or not, so the line only alarms. Real bitsandbytes errors (level ERROR) still show.
+# On CPUs with AVX512-BF16, bitsandbytes tries on import to fetch a 4-bit CPU kernel from the Hub through the
+# `kernels` package (a dependency of transformers since 5.25) and falls back to its own kernel, which works, when that
+# fails. PEFT imports bitsandbytes on every command, QLoRA or not, so two lines only alarm: bitsandbytes' "Failed to
+# load" warning, and, offline, kernels' "Skipping publisher trust check" for that one repository. Real bitsandbytes
+# errors (level ERROR) and kernels' warnings about any other repository still show.
+_BNB_KERNEL_REPO = "kernels-community/quantization-bitsandbytes"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").addFilter(lambda record: _BNB_KERNEL_REPO not in record.getMessage())
 
 __version__ = "0.1.0"
 
