@@ -32,11 +32,12 @@ class Tiny(tuple):
         return obj
 
 
-#: Stage sizes and LR size the backend-generic tests use per family: Emu3 at downsample 4; PURE in its 32-pixel
-#: units at downsample 8 (24, 76 and 160 tokens per image).
+#: Stage sizes and LR size the backend-generic tests use per family: Emu3 and Janus at downsample 4; PURE in its
+#: 32-pixel units at downsample 8 (24, 76 and 160 tokens per image).
 FAMILY_SIZES = {
     "emu3": ({"rough": (8, 8), "middle": (16, 16), "final": (32, 32)}, (16, 16)),
     "pure": ({"rough": (32, 32), "middle": (64, 64), "final": (96, 96)}, (32, 32)),
+    "janus": ({"rough": (8, 8), "middle": (16, 16), "final": (32, 32)}, (32, 32)),
 }
 FAMILIES = tuple(FAMILY_SIZES)
 
@@ -75,6 +76,19 @@ def tiny_pure_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pure(tiny_pure_path):
     return _load_tiny(tiny_pure_path, "pure")
+
+
+@pytest.fixture(scope="session")
+def tiny_janus_path(tmp_path_factory):
+    """A tiny Janus checkpoint (image codes on their own table and head) on disk."""
+    from vlcot_grpo.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-janus"), "janus")
+
+
+@pytest.fixture(scope="session")
+def tiny_janus(tiny_janus_path):
+    return _load_tiny(tiny_janus_path, "janus")
 
 
 @pytest.fixture(scope="session", params=FAMILIES)

@@ -45,7 +45,8 @@ def test_layout_round_trip(tiny, grid):
     template = backend.image_template(*grid)
     assert len(ids) == len(template)
     assert int((template == CODE).sum()) == grid[0] * grid[1]
-    parsed = backend.parse_image_tokens(ids)
+    # a layout without size tokens (Janus) is read against the grid expected of it
+    parsed = backend.parse_image_tokens(ids, None if backend.announces_grid else grid)
     assert parsed.ok, parsed.error
     assert torch.equal(parsed.codes, codes)
     assert backend.parse_image_tokens(ids, expected_grid=grid).ok
@@ -69,8 +70,15 @@ def _ids(tiny):
     return tiny[2].codes_to_token_ids(torch.randint(0, tiny[2].codebook_size, _grid(tiny))).tolist()
 
 
+def _expected(tiny):
+    """The grid to parse ``_ids`` against: none where the layout announces it (read from the size tokens)."""
+    return None if tiny[2].announces_grid else _grid(tiny)
+
+
 def test_malformed_missing_row_end(tiny):
     backend = tiny[2]
+    if not backend._row_end():
+        pytest.skip(f"{tiny.family} has no end-of-row token")
     ids = _ids(tiny)
     rows, cols = _grid(tiny)
     prefix = len(backend._image_prefix(rows, cols))
@@ -82,7 +90,7 @@ def test_malformed_missing_row_end(tiny):
 
 
 def test_malformed_truncated(tiny):
-    result = tiny[2].parse_image_tokens(_ids(tiny)[:-5])
+    result = tiny[2].parse_image_tokens(_ids(tiny)[:-5], _expected(tiny))
     assert not result.ok and "truncated image" in result.error
 
 
@@ -90,12 +98,14 @@ def test_malformed_text_inside_image(tiny):
     backend = tiny[2]
     ids = _ids(tiny)
     ids[len(backend._image_prefix(*_grid(tiny))) + 2] = backend.encode_text("a")[0]
-    result = backend.parse_image_tokens(ids)
+    result = backend.parse_image_tokens(ids, _expected(tiny))
     assert not result.ok and "expected an image code" in result.error and "'a'" in result.error
 
 
 def test_malformed_wrong_size_tokens(tiny):
     backend = tiny[2]
+    if not backend.announces_grid:
+        pytest.skip(f"{tiny.family} has no size tokens")
     rows, cols = _grid(tiny)
     square = 4 * _step(tiny)
     result = backend.parse_image_tokens(_ids(tiny), expected_grid=(square, square))
@@ -185,3 +195,22 @@ def test_import_is_offline_and_light():
 
     code = "import sys, vlcot_grpo; assert 'trl' not in sys.modules and 'deepspeed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+
+
+def test_janus_images_are_read_against_the_stage_grid(tiny_janus):
+    """Janus writes no size or end-of-row token: the same codes read as any grid of their count, so an image is
+    parsed against its stage's grid; without one, only a square grid can be read, and anything else is an error
+    that says why."""
+    backend = tiny_janus[2]
+    codes = torch.arange(24).view(4, 6) % backend.codebook_size
+    ids = backend.codes_to_token_ids(codes)
+    assert backend.parse_image_tokens(ids, (4, 6)).codes.tolist() == codes.tolist()
+    assert backend.parse_image_tokens(ids, (6, 4)).codes.tolist() == codes.view(6, 4).tolist()
+    unread = backend.parse_image_tokens(ids)
+    assert not unread.ok and "no size tokens" in unread.error and "26 tokens" in unread.error
+    square = backend.codes_to_token_ids(codes.view(-1)[:16].view(4, 4))
+    assert backend.parse_image_tokens(square).grid == (4, 4)
+    short = backend.parse_image_tokens(ids[:-2], (4, 6))
+    assert not short.ok and "truncated image: 24 of 26 tokens" in short.error
+    stub = backend.parse_image_tokens(ids[:10], (4, 6))
+    assert not stub.ok and "the stage expects a 4x6 grid, but the image has only 10 tokens" in stub.error

@@ -47,12 +47,16 @@ class SharedScriptArguments:
     )
     tiny_model_family: str = field(
         default="emu3",
-        metadata={"help": "Family of the tiny model for build_tiny_model: emu3 or pure (Chameleon + LlamaGen VQ-8)."},
+        metadata={
+            "help": "Family of the tiny model for build_tiny_model: emu3, pure (Chameleon + LlamaGen VQ-8) or "
+            "janus (Llama; image codes on their own table and head)."
+        },
     )
     tiny_model_spec: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Fields of vlcot_grpo.models.tiny.TinyEmu3Spec (TinyPureSpec for pure) for build_tiny_model, e.g. "
+            "help": "Fields of vlcot_grpo.models.tiny.TinyEmu3Spec (TinyPureSpec, TinyJanusSpec for the others) for "
+            "build_tiny_model, e.g. "
             "{hidden_size: 128, num_hidden_layers: 4}; unset fields keep their defaults."
         },
     )

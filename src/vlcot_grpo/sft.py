@@ -162,11 +162,8 @@ class VLCoTSFTTrainer(ModelCardMixin, SFTTrainer):
                 raise ValueError(
                     f"{name}={side} is not a multiple of the model's downsample factor {backend.downsample}"
                 )
-        # The VQ model only defines the targets; nothing in the loss reaches it. Frozen explicitly so that optimisers
-        # that step every parameter (DeepSpeed: zero gradients + weight decay) cannot change it.
-        vqmodel = getattr(backend, "vqmodel", None)
-        if vqmodel is not None:
-            vqmodel.requires_grad_(False)
+        for module in backend.frozen_modules():
+            module.requires_grad_(False)
 
         self.trace_dataset = self._as_traces(backend, train_dataset, args)
         super().__init__(
@@ -178,6 +175,8 @@ class VLCoTSFTTrainer(ModelCardMixin, SFTTrainer):
         )
         _let_fused_head_read_token_rows(self.model)
         self.backend = load_backend(self.model, processing_class)
+        if not self.backend.single_output_layer:
+            _score_fused_calls_from_full_logits(self.model)
         self._code_mask = self.backend.image_code_mask.to(self.accelerator.device)
 
     @staticmethod
@@ -262,6 +261,59 @@ def _let_fused_head_read_token_rows(model) -> None:
     head = unwrap_model(model).get_output_embeddings()
     if type(head) is TrainableTokensWrapper:
         head.__class__ = _FusedHeadTokens
+
+
+def _score_fused_calls_from_full_logits(model) -> None:
+    """SFTTrainer scores labels through TRL's fused LM head, which multiplies the hidden states by
+    ``get_output_embeddings().weight`` alone. A family whose logits come from more than one head (Janus: the text
+    head and the image head, ``single_output_layer = False``) would be scored on its text head only, so for it the
+    fused call is answered from the model's own full logits: the same fields, log-softmaxed in float32 in chunks of
+    positions. It costs the full logits of a batch, as the GRPO loss does."""
+    base = unwrap_model(model)  # TRL patched the transformers model itself, under any PEFT wrapper
+    own_forward = type(base).forward.__get__(base)
+
+    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return own_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        logits = own_forward(*args, **{**kwargs, "use_cache": False}).logits
+        if shift_labels is None:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        return _fused_output(logits, labels, num_items_in_batch)
+
+    base.forward = forward
+
+
+def _fused_output(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, chunk: int = 1024):
+    """TRL's ``FusedCausalLMOutput`` (log-probs, entropy, top-1 of each label; ``-100`` = no label) from full logits."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    mask = labels != -100
+    rows, targets = logits[mask], labels[mask]
+    log_probs, entropy, is_top1 = [], [], []
+    for start in range(0, max(len(targets), 1), chunk):  # an empty batch still runs once: its loss stays connected
+        scores = torch.log_softmax(rows[start : start + chunk].float(), dim=-1)
+        target = targets[start : start + chunk, None]
+        log_probs.append(scores.gather(-1, target)[:, 0])
+        with torch.no_grad():
+            entropy.append(-(scores.exp() * scores).sum(-1))
+            is_top1.append(scores.argmax(-1) == target[:, 0])
+
+    def spread(values, dtype=torch.float32):
+        flat = torch.cat(values)
+        return torch.zeros(mask.shape, dtype=dtype, device=logits.device).masked_scatter(mask, flat)
+
+    per_token = spread(log_probs)
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(
+        loss=-per_token.sum() / count,
+        log_probs=per_token,
+        entropy=spread(entropy),
+        is_top1=spread(is_top1, torch.bool),
+        label_mask=mask,
+    )
 
 
 def _check_weighted_loss_supported(args: VLCoTSFTConfig, trainer_kwargs: dict) -> None:

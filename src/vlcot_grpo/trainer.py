@@ -72,6 +72,8 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
                 "once per rollout (the ranks decode different numbers of steps). Set it to true, or use ZeRO-2."
             )
         self.backend = load_backend(self.model, processing_class)
+        for module in self.backend.frozen_modules():  # before the optimiser exists (created when training starts)
+            module.requires_grad_(False)
         rollout_config = args.rollout_config()
         self.stage_grids = {s: self.backend.grid_for(*rollout_config.stage_sizes[s]) for s in STAGES}
         self.backend.grid_for(args.lr_size, args.lr_size)  # fail now, not at the first step, on a bad size

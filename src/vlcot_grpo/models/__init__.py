@@ -1,17 +1,19 @@
 """Model backends: one small interface (``ImageTokenBackend``) over each unified model family.
 
 ``load_backend(model, tokenizer)`` picks the backend from the model's config, so callers never name a family.
-Emu3 and PURE / Lumina-mGPT (the paper's model: ``vlcot-grpo convert`` builds its folder) are here; adding a family
-(Janus-Pro) means one subclass and one entry in ``BACKENDS``.
+Emu3, PURE / Lumina-mGPT (the paper's model: ``vlcot-grpo convert`` builds its folder) and Janus / Janus-Pro (image
+codes on their own table and head, shown as one vocabulary) are here; adding a family means one subclass and one entry
+in ``BACKENDS``.
 """
 
 from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend, without_zero3_init
 from vlcot_grpo.models.emu3 import Emu3Backend, unwrap_model
+from vlcot_grpo.models.janus import JanusBackend, JanusForVLCoT
 from vlcot_grpo.models.prepare import TagTokens, add_vlcot_tokens, check_vlcot_tokens, prepare_checkpoint
 from vlcot_grpo.models.pure import PureBackend, PureConfig, PureForConditionalGeneration
 
 #: model_type in the transformers config -> backend class
-BACKENDS: dict[str, type[ImageTokenBackend]] = {"emu3": Emu3Backend, "vlcot_pure": PureBackend}
+BACKENDS: dict[str, type[ImageTokenBackend]] = {"emu3": Emu3Backend, "vlcot_pure": PureBackend, "janus": JanusBackend}
 
 
 def load_model(path: str, **from_pretrained_kwargs):
@@ -63,6 +65,8 @@ __all__ = [
     "Emu3Backend",
     "ImageParse",
     "ImageTokenBackend",
+    "JanusBackend",
+    "JanusForVLCoT",
     "PureBackend",
     "PureConfig",
     "PureForConditionalGeneration",

@@ -122,6 +122,14 @@ class ImageTokenBackend(ABC):
 
     # ----- vocabulary -------------------------------------------------------------------------------------------
     @property
+    def logits_module(self) -> torch.nn.Module:
+        """The module whose output is the logits over the whole vocabulary, where a forward hook on them attaches:
+        the output head, or Janus's join of its two heads."""
+        from vlcot_grpo.models.emu3 import unwrap_model
+
+        return unwrap_model(self.model).get_output_embeddings()
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
@@ -145,6 +153,12 @@ class ImageTokenBackend(ABC):
 
     #: The smallest code grid the family's layout can announce (PURE counts sides in 4-code units).
     smallest_grid: tuple[int, int] = (1, 1)
+    #: Whether an image's layout says its grid (size tokens, end-of-row tokens). Janus's does not: an image is then
+    #: parsed against the grid expected of it, and ``_read_grid`` is asked only when none is given.
+    announces_grid: bool = True
+    #: Whether the logits over the whole vocabulary are one linear layer (``get_output_embeddings``), as TRL's fused
+    #: LM head assumes. Janus's are two heads side by side.
+    single_output_layer: bool = True
 
     @cached_property
     def layout_token_ids(self) -> list[int]:
@@ -185,6 +199,12 @@ class ImageTokenBackend(ABC):
 
     def _size_token_ids(self, rows: int, cols: int) -> list[int]:
         return []
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules no loss reaches (the VQ model, which only defines targets and pictures): the trainers freeze them,
+        so that optimisers that step every parameter (DeepSpeed: zero gradients + weight decay) cannot change them."""
+        vq = getattr(self, "vqmodel", None)
+        return [] if vq is None else [vq]
 
     # ----- sizes ------------------------------------------------------------------------------------------------
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
@@ -238,7 +258,10 @@ class ImageTokenBackend(ABC):
         With ``expected_grid`` the size tokens must announce exactly that grid; without it the grid is read from them.
         """
         ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
-        grid = self._read_grid(ids)
+        if expected_grid is not None and not self.announces_grid:
+            grid = tuple(expected_grid)
+        else:
+            grid = self._read_grid(ids)
         if isinstance(grid, str):
             return ImageParse(error=grid)
         if expected_grid is not None and tuple(grid) != tuple(expected_grid):
@@ -249,7 +272,8 @@ class ImageTokenBackend(ABC):
         if rows * (cols + len(self._row_end())) > len(ids):  # checked before the template is built: an absurd
             # header (99999999*99999999) must not allocate it
             return ImageParse(
-                error=f"truncated image: size tokens announce a {rows}x{cols} grid, but the image has only "
+                error=f"truncated image: {'size tokens announce' if self.announces_grid else 'the stage expects'} "
+                f"a {rows}x{cols} grid, but the image has only "
                 f"{len(ids)} tokens"
             )
         template = self.image_template(rows, cols).tolist()

@@ -23,7 +23,6 @@ import re
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import (
     AutoConfig,
@@ -38,6 +37,7 @@ from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocab
 
 from vlcot_grpo.models.base import ImageTokenBackend
 from vlcot_grpo.models.emu3 import unwrap_model
+from vlcot_grpo.models.llamagen import decode_codes, encode_to_codes
 
 MODEL_TYPE = "vlcot_pure"
 IMAGE_START = "<racm3:break>"
@@ -118,7 +118,7 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
     key: ``vlcot_grpo.models.convert``). Its quantizer is not used: LlamaGen picks the nearest code after
     l2-normalising both the feature and the codebook, and ``JanusVQVAEVectorQuantizer.forward`` does not normalise
     (it picks another code for ~17 % of positions on VQ-8), and its ``decode`` takes square grids of one fixed size
-    only. ``PureBackend`` does both steps, on any grid. The VQ model stays in float32, as PURE runs it.
+    only. ``vlcot_grpo.models.llamagen`` does both steps, on any grid. The VQ model stays in float32, as PURE runs it.
     """
 
     config_class = PureConfig
@@ -237,24 +237,9 @@ class PureBackend(ImageTokenBackend):
             sides.append(units[ids[pos]] * CODES_PER_UNIT)
         return sides[0], sides[1]
 
-    # ----- pixels <-> codes: LlamaGen's VQModel.encode / decode_code, on any grid -------------------------------
-    def _codebook(self) -> torch.Tensor:
-        """The l2-normalised codebook. Read through the embedding module's call so that ZeRO-3 gathers it."""
-        embedding = self.vqmodel.quantize.embedding
-        index = torch.arange(embedding.num_embeddings, device=embedding.weight.device)
-        return F.normalize(embedding(index), p=2, dim=-1)
-
+    # ----- pixels <-> codes: LlamaGen's VQModel.encode / decode_code, on any grid (vlcot_grpo.models.llamagen) ----
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        vq = self.vqmodel
-        param = vq.quant_conv.weight
-        features = vq.quant_conv(vq.encoder(pixels.to(param.device, param.dtype)))
-        z = F.normalize(features.permute(0, 2, 3, 1), p=2, dim=-1)
-        codebook = self._codebook()
-        # LlamaGen's distance, term by term (|z|² + |e|² - 2 z·e), so near-ties break as upstream's do
-        distance = z.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1) - 2 * z @ codebook.T
-        return distance.argmin(-1)
+        return encode_to_codes(self.vqmodel, pixels)
 
     def _decode_grids(self, codes: torch.Tensor) -> torch.Tensor:
-        vq = self.vqmodel
-        quantized = self._codebook()[codes.to(vq.quant_conv.weight.device)].permute(0, 3, 1, 2)
-        return vq.decoder(vq.post_quant_conv(quantized))
+        return decode_codes(self.vqmodel, codes)

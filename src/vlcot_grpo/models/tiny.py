@@ -262,3 +262,117 @@ def ensure_tiny_model(path: str | Path, family: str = "emu3", spec=None) -> Path
         if have == want:
             return path
     return save_tiny_model(path, family, spec)
+
+
+# ----- Janus / Janus-Pro (Llama language model; image codes on their own table and head) ---------------------------
+@dataclass
+class TinyJanusSpec:
+    """Shape of a tiny Janus: Llama language model, SigLIP understanding encoder, LlamaGen VQ image tokenizer."""
+
+    hidden_size: int = field(default=64, metadata={"help": "Width of the language model."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Decoder layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    num_key_value_heads: int = field(default=2, metadata={"help": "Key/value heads (Janus-Pro: as many as heads)."})
+    intermediate_size: int = field(default=128, metadata={"help": "MLP width."})
+    max_position_embeddings: int = field(default=4096, metadata={"help": "Longest sequence (RoPE)."})
+    codebook_size: int = field(default=256, metadata={"help": "VQ codebook entries (Janus: 16384)."})
+    vq_base_channels: int = field(default=32, metadata={"help": "VQ conv width; a multiple of 32 (GroupNorm)."})
+    vq_channel_multiplier: tuple[int, ...] = field(
+        default=(1, 1, 2), metadata={"help": "VQ stages; downsample is 2 ** (len - 1) (Janus's VQ-16: 1,1,2,2,4)."}
+    )
+    vq_embed_dim: int = field(default=8, metadata={"help": "Code vector size (Janus: 8)."})
+    vq_latent_channels: int = field(default=32, metadata={"help": "VQ latent width (Janus: 256)."})
+    vq_num_res_blocks: int = field(default=1, metadata={"help": "VQ residual blocks per stage (Janus: 2)."})
+    unused_text_rows: int = field(
+        default=16, metadata={"help": "Text-table rows beyond the tokenizer (Janus-Pro: 102400 rows, 100015 ids)."}
+    )
+    vocab_size: int | None = field(
+        default=None, metadata={"help": "Pad the text table to this many rows (benchmarks: Janus-Pro's 102400)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
+
+
+#: Janus's special tokens that the tiny tokenizers carry (image start / end, understanding placeholder, roles)
+JANUS_SPECIALS = ("<begin_of_image>", "<end_of_image>", "<image_placeholder>", "<|User|>", "<|Assistant|>")
+
+
+def build_tiny_janus_tokenizer(with_tags: bool = True) -> PreTrainedTokenizerFast:
+    """Character-level, as the other tiny tokenizers; no code tokens: Janus's codes live outside the text table."""
+    chars = [chr(c) for c in range(32, 127)]
+    specials = [PAD, BOS, EOS, UNK, *JANUS_SPECIALS, *(TAGS if with_tags else ())]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
+    return tokenizer
+
+
+def tiny_janus_config(spec: TinyJanusSpec, tokenizer):
+    """The ``JanusConfig`` of a tiny model of shape ``spec`` over ``tokenizer``."""
+    from transformers import JanusConfig
+
+    rows = max(len(tokenizer) + spec.unused_text_rows, spec.vocab_size or 0)
+    hidden = spec.hidden_size
+    return JanusConfig(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": rows,
+            "hidden_size": hidden,
+            "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.num_hidden_layers,
+            "num_attention_heads": spec.num_attention_heads,
+            "num_key_value_heads": spec.num_key_value_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "tie_word_embeddings": False,
+        },
+        # the understanding encoder is not used by the VLCoT path: the smallest that builds
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+            "projection_dim": hidden,
+            "num_image_tokens": 4,
+        },
+        vq_config={
+            "num_embeddings": spec.codebook_size,
+            "embed_dim": spec.vq_embed_dim,
+            "latent_channels": spec.vq_latent_channels,
+            "base_channels": spec.vq_base_channels,
+            "channel_multiplier": list(spec.vq_channel_multiplier),
+            "num_res_blocks": spec.vq_num_res_blocks,
+            "num_patches": 8,
+            # the image aligner writes, and the image head reads, the language model's width
+            "projection_dim": hidden,
+            "image_token_embed_dim": hidden,
+        },
+        image_token_id=int(tokenizer.convert_tokens_to_ids("<image_placeholder>")),
+        tie_word_embeddings=False,
+    )
+
+
+def build_janus_model(config, seed: int, cls=None):
+    """A randomly initialised Janus of ``config`` (``JanusForVLCoT`` unless ``cls``), deterministic for ``seed``."""
+    from vlcot_grpo.models.janus import JanusForVLCoT
+
+    torch.manual_seed(seed)
+    with without_zero3_init():
+        return (cls or JanusForVLCoT)(config).eval()
+
+
+def build_tiny_janus(spec: TinyJanusSpec | None = None):
+    """A randomly initialised tiny Janus and its tokenizer."""
+    spec = spec or TinyJanusSpec()
+    tokenizer = build_tiny_janus_tokenizer()
+    return build_janus_model(tiny_janus_config(spec, tokenizer), spec.seed), tokenizer
+
+
+TINY_FAMILIES["janus"] = (TinyJanusSpec, build_tiny_janus)
