@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from vlcot_grpo import fast_rollout
-from vlcot_grpo.models import load_backend
 from vlcot_grpo.fast_rollout import StaticDecoder
+from vlcot_grpo.models import load_backend
 from vlcot_grpo.rollout import RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import IMAGE_BLOCKS, encode_prompt, parse_completions
 
