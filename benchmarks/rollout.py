@@ -41,6 +41,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationMixin
 
 from vlcot_grpo.models import load_backend
 from vlcot_grpo.models.tiny import TINY_FAMILIES
@@ -70,6 +71,38 @@ PRESETS = {
         "vq_channel_multiplier": (1, 1, 2, 2),
     },
     "pure-tiny": {"family": "pure", "max_position_embeddings": 16384},
+    "janus-tiny": {"family": "janus", "max_position_embeddings": 16384, "vq_channel_multiplier": (1, 1, 2, 2, 4)},
+    # Janus-Pro-1B / -7B: DeepSeek-LLM language models (multi-head attention, vocabulary 102400), LlamaGen VQ-16
+    "janus-1b": {
+        "family": "janus",
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "intermediate_size": 5632,
+        "max_position_embeddings": 16384,
+        "codebook_size": 16384,
+        "vq_base_channels": 128,
+        "vq_channel_multiplier": (1, 1, 2, 2, 4),
+        "vq_latent_channels": 256,
+        "vq_num_res_blocks": 2,
+        "vocab_size": 102400,  # Janus-Pro's text table; the tiny tokenizer's ids are its first rows
+    },
+    "janus-7b": {
+        "family": "janus",
+        "hidden_size": 4096,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 16384,
+        "codebook_size": 16384,
+        "vq_base_channels": 128,
+        "vq_channel_multiplier": (1, 1, 2, 2, 4),
+        "vq_latent_channels": 256,
+        "vq_num_res_blocks": 2,
+        "vocab_size": 102400,
+    },
     "pure-7b": {
         "family": "pure",
         "hidden_size": 4096,
@@ -140,7 +173,7 @@ def add_chain_hooks(model, backend):
 
     return [
         model.get_input_embeddings().register_forward_pre_hook(pre, with_kwargs=True),
-        model.get_output_embeddings().register_forward_hook(post),
+        backend.logits_module.register_forward_hook(post),
     ]
 
 
@@ -177,8 +210,15 @@ def measure_bandwidth(device) -> float:
     return 2 * n * reps / (time.perf_counter() - start) / 1e12
 
 
-#: Each family's VQ model (not read by a decode step).
-VQ_MODULES = ("model.vqmodel.", "image_tokenizer.")
+#: What a decode step does not read: each family's VQ model; Janus's understanding encoder and its aligner, and the
+#: codes' input table, of which a step looks up one row.
+VQ_MODULES = (
+    "model.vqmodel.",
+    "image_tokenizer.",
+    "model.vision_model.",
+    "model.aligner.",
+    "model.generation_embeddings.",
+)
 
 
 def model_bytes(model) -> tuple[int, int]:
@@ -515,12 +555,15 @@ def run_stock(model, backend, prompts, args, device) -> dict:
     if args.guidance != 1.0:
         kwargs.update(guidance_scale=args.guidance, negative_prompt_ids=torch.full((len(rows), 1), start_id))
         kwargs["negative_prompt_ids"] = kwargs["negative_prompt_ids"].to(device)
+    # Janus's own generate turns guidance off in text mode: the generate every transformers model inherits is the
+    # stock baseline for every family
+    generate = GenerationMixin.generate.__get__(model)
     times = {}
     reset_peak(device)
     for n in (1, args.stock_steps):
         sync(device)
         start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, **kwargs)
         sync(device)
         times[n] = time.perf_counter() - start
     decode = times[args.stock_steps] - times[1]

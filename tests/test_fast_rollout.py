@@ -1078,6 +1078,36 @@ def test_benchmark_pure_7b_preset_has_the_papers_shape(bench):
     assert kv_token == 2 * 32 * 32 * 128 * 2
 
 
+@pytest.mark.parametrize("preset, language_model", [("janus-1b", (1.6e9, 1.7e9)), ("janus-7b", (6.85e9, 6.95e9))])
+def test_benchmark_janus_presets_have_janus_pros_shape(bench, preset, language_model):
+    """Built on the meta device: DeepSeek-LLM's 1.x B and 6.9 B language models with Janus-Pro's 102400-row text table,
+    LlamaGen VQ-16 (downsample 16, 16384 codes) and the codes' own table, aligner and head; at 128, 256 and 384
+    pixels an image is 8², 16² and 24² codes between image start and end."""
+    model, backend = bench.build_preset(preset, torch.device("meta"), torch.bfloat16)
+    assert type(model).__name__ == "JanusForVLCoT" and backend.text_rows == 102400
+    assert backend.vocab_size == 102400 + 16384 and backend.downsample == 16
+    params = {n: p.numel() for n, p in model.named_parameters()}
+    lm = sum(v for n, v in params.items() if n.startswith(("model.language_model.", "lm_head.")))
+    assert language_model[0] < lm < language_model[1]
+    assert [len(backend.image_template(*backend.grid_for(s, s))) for s in (128, 256, 384)] == [66, 258, 578]
+    weights, _ = bench.model_bytes(model)
+    image_path = sum(
+        v for n, v in params.items() if n.startswith(("model.generation_head.", "model.generation_aligner."))
+    )
+    text_lookup = 102400 * model.config.text_config.hidden_size
+    assert weights == 2 * (lm - text_lookup + image_path)  # bf16; no VQ, no understanding encoder, no table lookups
+
+
+def test_benchmark_runs_on_the_janus_family_on_cpu(tmp_path, bench):
+    import json
+
+    argv = "--preset janus-tiny --device cpu --lr-size 32 --stage-sizes 16,32,32 --max-new-tokens 200 --stock-steps 4"
+    results = bench.main([*argv.split(), "--engines", "static,reference", "--share", "--grpo-step"])
+    assert "error" not in json.dumps(results)
+    runs = {r["engine"]: r for r in results["runs"]}
+    assert runs["static"]["steps"] == runs["reference"]["steps"] > 3 + 6 + 3 + 6  # the forced chain, Janus's layout
+
+
 def test_benchmark_runs_on_the_pure_family_on_cpu(tmp_path, bench):
     import json
 
@@ -1200,7 +1230,7 @@ def _static_equals_reference(bench, preset, variants, device="cuda"):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("preset", ["tiny", "1b", "pure-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "1b", "pure-tiny", "janus-tiny"])
 def test_gpu_greedy_equals_reference_preset(preset, bench):
     """The static engine with every kernel, and with the shared prompt cache, writes the reference's greedy tokens."""
     _static_equals_reference(bench, preset, [_attention(kernel) for kernel in KERNELS])

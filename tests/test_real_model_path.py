@@ -161,9 +161,104 @@ def test_readme_pure_path_on_a_published_pure_lookalike(tmp_path, monkeypatch, c
     assert Image.open(tmp_path / "sr-pure" / "astronaut.png").size == (96, 96)
 
 
-@pytest.mark.parametrize("family", ["emu3", "vlcot_pure"])
+@pytest.mark.parametrize("family", ["emu3", "vlcot_pure", "janus"])
 def test_each_family_has_a_lookalike(family):
     from vlcot_grpo.models import BACKENDS
     from vlcot_grpo.models.lookalike import LOOKALIKES
 
     assert set(LOOKALIKES) == set(BACKENDS) and family in LOOKALIKES
+
+
+JANUS_HEADING = "## Janus-Pro: the smallest real unified model"
+JANUS_SIZES = ["--lr_size", "32", "--rough_size", "8", "--middle_size", "16", "--final_size", "32"]
+JANUS_TRAIN = [
+    *JANUS_SIZES,
+    *CPU,
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+]
+JANUS_EXTRA = {
+    "prepare": [],
+    "prepare-data": ["--hr-size", "64", "--scale", "2", "--no-progress"],
+    "sft": [
+        *JANUS_TRAIN, "--max_steps", "10", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+        "--warmup_steps", "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+        "--image_loss_weight", "0.1", "--format_check_samples", "2", "--lora_r", "16", "--lora_alpha", "32",
+    ],
+    "grpo": [
+        *JANUS_TRAIN, "--max_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2",
+        "--max_completion_length", "400", "--image_log_steps", "1", "--guidance_scale", "2.0", "--lora_r", "16",
+        "--lora_alpha", "32",
+        "--rewards", "format", "degradation", "understanding", "fidelity", "--reward_weights", "1", "1", "1", "1",
+    ],
+    "upscale": ["--lr-size", "32", "--sizes", "8", "16", "32", "--max-new-tokens", "400", "--greedy", "--device",
+                "cpu", "--dtype", "float32"],
+}  # fmt: skip
+
+
+def test_readme_janus_path_on_a_published_janus_lookalike(tmp_path, monkeypatch, capsys, bench):
+    """Janus-Pro: the published checkpoint (a tiny look-alike: the stock class, more text rows than tokenizer ids)
+    through prepare, prepare-data, SFT and GRPO with LoRA, and upscale, as the README writes them; the SFT adapter
+    then loads onto transformers' stock JanusForConditionalGeneration with PEFT, as a Hub user would load it.
+
+    LoRA on a random tiny model (frozen random heads) does not learn the chain's format in a few steps, so upscale
+    runs with logit hooks that open the rough image at once and chain the stages (benchmarks/rollout.py)."""
+    from peft import PeftModel
+    from transformers import JanusForConditionalGeneration
+
+    from vlcot_grpo import inference
+    from vlcot_grpo.models.lookalike import save_janus_lookalike
+
+    load = inference.load_for_inference
+
+    def load_with_hooks(*args, **kwargs):
+        model, tokenizer, backend = load(*args, **kwargs)
+        bench.add_chain_hooks(model, backend)
+        bias = torch.zeros(backend.vocab_size)
+        bias[backend.tag_ids["<rough_image>"]] = 50.0
+        backend.logits_module.register_forward_hook(lambda m, i, out: out + bias)
+        return model, tokenizer, backend
+
+    monkeypatch.setattr(inference, "load_for_inference", load_with_hooks)
+    download = save_janus_lookalike(tmp_path / "download")
+    monkeypatch.chdir(tmp_path)
+    _photos(tmp_path / "photos", 128)
+    _photos(tmp_path / "lr_photos", 32)
+    commands = readme_commands(JANUS_HEADING)
+    assert [c[0] for c in commands] == ["prepare", "prepare-data", "sft", "grpo", "upscale"]
+    for argv in commands:
+        argv = [str(download) if a == "deepseek-community/Janus-Pro-1B" else a for a in argv]
+        argv = [str(ROOT / a) if a.startswith("recipes/") else a for a in argv]
+        code = cli([*argv, *JANUS_EXTRA[argv[0]]])
+        assert code == 0, (argv, capsys.readouterr())
+    printed = capsys.readouterr().out
+    prepared = tmp_path / "models" / "janus-pro-1b-vlcot"
+    record = json.loads((prepared / "vlcot_tokens.json").read_text())
+    text_rows = json.loads((prepared / "config.json").read_text())["text_config"]["vocab_size"]
+    assert record["how"] == "added" and max(record["ids"].values()) < text_rows  # unused rows: nothing resized
+    assert text_rows == json.loads((download / "config.json").read_text())["text_config"]["vocab_size"]
+    assert "format-valid rate of 2 greedy rollouts" in printed
+    assert Image.open(tmp_path / "sr-janus" / "astronaut.png").size == (32, 32)
+    upscaled = json.loads((tmp_path / "sr-janus" / "astronaut.json").read_text())
+    assert upscaled["final"] == "sr-janus/astronaut.png"  # the hooked chain has images only: text blocks are missing
+
+    sft = tmp_path / "outputs" / "janus-pro-1b" / "sft"
+    merged = load_model(str(sft)).eval()
+    assert type(merged).__name__ == "JanusForVLCoT"
+    stock = JanusForConditionalGeneration.from_pretrained(prepared, dtype=torch.float32)
+    hub_user = PeftModel.from_pretrained(stock, sft / "adapter").eval()
+    ids = torch.tensor([[1, 2, 3, *record["ids"].values(), 4, 5]])
+    with torch.no_grad():
+        theirs = hub_user(input_ids=ids).logits
+        ours = merged(input_ids=ids).logits
+    assert ours.shape[-1] == text_rows + stock.config.vq_config.num_embeddings
+    torch.testing.assert_close(ours[..., :text_rows], theirs, rtol=1e-4, atol=1e-4)
+    plain = JanusForConditionalGeneration.from_pretrained(prepared, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits, theirs, atol=1e-3)  # the adapter does something

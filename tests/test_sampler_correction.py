@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from vlcot_grpo.config import VLCoTGRPOConfig
 from vlcot_grpo.logprobs import importance_weights
-from vlcot_grpo.models import load_model
+from vlcot_grpo.models import load_backend, load_model
 from vlcot_grpo.sampling import code_scores
 from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
@@ -65,14 +65,15 @@ def _trainer(tiny_path, dataset, tmp_path, **overrides):
     write images)."""
     model = load_model(str(tiny_path))
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    backend = load_backend(model, tokenizer)
     tags = [tokenizer.convert_tokens_to_ids(f"<{s}_image>") for s in ("rough", "middle", "final")]
-    bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+    bias = torch.zeros(backend.vocab_size)
     bias[tags] = 30.0
 
     def hook(module, inputs, output):
         return output * 25.0 + bias.to(output.dtype)
 
-    model.lm_head.register_forward_hook(hook)
+    backend.logits_module.register_forward_hook(hook)
     return VLCoTGRPOTrainer(
         model=model,
         reward_funcs=[_length_reward],
@@ -100,6 +101,17 @@ def test_guided_trains_the_log_probs_that_were_sampled(tiny_path, dataset, tmp_p
     assert _logged(trainer, "vlcot/tokens_rough_image")[0] > 0  # images were written, so codes were scored
     if top_k == -1:
         assert 14 <= _logged(trainer, "vlcot/image_top_k")[0] < 256  # the rule's k, cutting the 256 codes
+
+
+@pytest.mark.parametrize("guidance,top_k", [(1.0, 0), (3.0, 12), (0.8, -1)], ids=["plain", "cfg-k", "paper"])
+def test_guided_trains_the_log_probs_that_were_sampled_on_janus(tiny_janus_path, dataset, tmp_path, guidance, top_k):
+    """The same on Janus: codes embedded by their own table and scored by their own head, in one forward with the
+    unconditional rows; the trainer's log-probs come from the joined logits."""
+    trainer = _trainer(tiny_janus_path, dataset, tmp_path, guidance_scale=guidance, image_top_k=top_k, top_k=20)
+    trainer.train()
+    gap = _logged(trainer, "sampling/sampling_logp_difference/max")
+    assert gap and gap[0] < 2e-4
+    assert _logged(trainer, "vlcot/tokens_rough_image")[0] > 0
 
 
 @pytest.mark.parametrize("guidance,top_k", [(3.0, 12), (0.8, -1)], ids=["cfg-k", "paper"])

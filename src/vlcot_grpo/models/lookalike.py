@@ -407,3 +407,90 @@ def save_pure_lookalike(path: str | Path, spec=None, variant: str = "pure", bpe_
 
 
 LOOKALIKES["vlcot_pure"] = save_pure_lookalike
+
+
+# ----- Janus / Janus-Pro ----------------------------------------------------------------------------------------------
+# ``deepseek-community/Janus-Pro-1B`` (and -7B, Janus-1.3B) is published in transformers' own format, written by
+# transformers' ``models/janus/convert_janus_weights_to_hf.py`` (facts read from it, not its code):
+#
+# * config: ``JanusConfig`` with a ``LlamaConfig`` text config (the original ``language_config``'s vocabulary size
+#   102400, widths and layers; pad/bos/eos ids from the tokenizer), a ``JanusVisionConfig`` and a
+#   ``JanusVQVAEConfig`` (codebook 16384 of dimension 8; aligner and head widths), ``image_token_id`` = the id of
+#   ``<image_placeholder>``; ``tie_word_embeddings`` left at JanusConfig's default;
+# * generation config: temperature 1, ``guidance_scale`` 5, ``pad_token_id`` = ``<｜▁pad▁｜>``, ``boi_token_id`` =
+#   ``<begin_of_image>``;
+# * tokenizer: DeepSeek's byte-level BPE loaded from ``tokenizer.json`` with the extra special tokens
+#   ``image_token`` ``<image_placeholder>``, ``boi_token`` ``<begin_of_image>``, ``eoi_token`` ``<end_of_image>``;
+#   its chat template writes ``<|User|>: …\n\n<|Assistant|>:``; a ``JanusProcessor`` is saved beside it.
+#
+# DeepSeek's tokenizer puts ``<｜begin▁of▁sentence｜>`` (bos) at 100000 and ``<｜▁pad▁｜>`` at 100002 and pads on the
+# left; the text table has more rows (102400) than the tokenizer has ids. The look-alike keeps that order (BPE, then
+# bos, eos, pad, then the role and image tokens) and the unused rows; the other specials' exact ids are not copied.
+JANUS_BOS, JANUS_EOS, JANUS_PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+
+
+def janus_special_tokens() -> list[str]:
+    """The look-alike's special tokens in id order (after the BPE)."""
+    from vlcot_grpo.models.tiny import JANUS_SPECIALS
+
+    return [JANUS_BOS, JANUS_EOS, JANUS_PAD, *JANUS_SPECIALS]
+
+
+def _save_janus_tokenizer(path: Path, bpe_vocab_size: int):
+    """Write a Janus-like tokenizer to ``path`` and load it back (as ``from_pretrained`` sees it)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab, merges = _emu3_bpe(bpe_vocab_size)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=JANUS_BOS,
+        eos_token=JANUS_EOS,
+        pad_token=JANUS_PAD,
+        padding_side="left",
+        extra_special_tokens={
+            "image_token": "<image_placeholder>",
+            "boi_token": "<begin_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+    )
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in janus_special_tokens()], special_tokens=True
+    )
+    tokenizer.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def save_janus_lookalike(path: str | Path, spec=None, bpe_vocab_size: int = 400, text_rows: int | None = None) -> Path:
+    """A tiny Janus saved as ``deepseek-community/Janus-Pro-1B`` is published (see above): the stock
+    ``JanusForConditionalGeneration``, no VLCoT tags, more text rows than tokenizer ids."""
+    from dataclasses import replace
+
+    from transformers import GenerationConfig, JanusForConditionalGeneration
+
+    from vlcot_grpo.models.tiny import TinyJanusSpec, build_janus_model, tiny_janus_config
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _save_janus_tokenizer(path, bpe_vocab_size)
+    spec = spec or TinyJanusSpec()
+    spec = replace(spec, vocab_size=text_rows or len(tokenizer) + 64)
+    config = tiny_janus_config(spec, tokenizer)
+    config.tie_word_embeddings = type(config)().tie_word_embeddings  # the converter leaves JanusConfig's default
+    model = build_janus_model(config, spec.seed, cls=JanusForConditionalGeneration)
+    model.generation_config = GenerationConfig(
+        temperature=1.0,
+        guidance_scale=5,
+        pad_token_id=tokenizer.convert_tokens_to_ids(JANUS_PAD),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        boi_token_id=tokenizer.convert_tokens_to_ids("<begin_of_image>"),
+    )
+    model.save_pretrained(path, max_shard_size=LOOKALIKE_SHARD_SIZE)
+    return path
+
+
+LOOKALIKES["janus"] = save_janus_lookalike

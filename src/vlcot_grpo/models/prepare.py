@@ -60,6 +60,8 @@ class TagTokens:
     replaced: dict[str, str] = field(default_factory=dict)
     #: tag -> ids of the pieces its text tokenised into before, whose mean row initialised it
     pieces: dict[str, list[int]] = field(default_factory=dict)
+    #: whether the embeddings grew ("added"); false where the new ids fit in unused rows (Janus-Pro's text table)
+    resized: bool = False
 
 
 def _single_token_id(tokenizer, text: str) -> int | None:
@@ -197,6 +199,7 @@ def add_vlcot_tokens(model, tokenizer, new_tokens: bool = False):
     pieces = {tag: list(tokenizer(tag, add_special_tokens=False)["input_ids"]) for tag in TAGS}
     reserved = None if new_tokens else _backend_class(model).reserved_tag_tokens
     vocabulary_map = getattr(model.config, "vocabulary_map", None)
+    resized = False
     if reserved:
         reserved_ids = _check_reserved(tokenizer, model, reserved)
         renames = dict(zip(reserved, TAGS))
@@ -208,7 +211,8 @@ def add_vlcot_tokens(model, tokenizer, new_tokens: bool = False):
     else:
         tokenizer.add_tokens([AddedToken(tag, special=True, normalized=False) for tag in TAGS], special_tokens=True)
         rows = model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > rows:
+        resized = len(tokenizer) > rows
+        if resized:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         expected = {tag: int(tokenizer.convert_tokens_to_ids(tag)) for tag in TAGS}
         if vocabulary_map is not None:
@@ -218,7 +222,7 @@ def add_vlcot_tokens(model, tokenizer, new_tokens: bool = False):
     if ids != expected:
         raise ValueError(f"after preparation the tags encode to {ids}, expected {expected}")
     _init_rows(model, ids, pieces)
-    return model, tokenizer, TagTokens(how=how, ids=ids, replaced=replaced, pieces=pieces)
+    return model, tokenizer, TagTokens(how=how, ids=ids, replaced=replaced, pieces=pieces, resized=resized)
 
 
 def _local_folder(src: str, revision: str | None) -> Path:
@@ -300,7 +304,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     if record.how == "present":
         print(f"{args.model} already has the {len(TAGS)} VLCoT tags as single tokens: nothing written, train from it")
         return 0
-    how = "re-purposed reserved tokens" if record.how == "repurposed" else "new tokens (embeddings resized)"
+    how = {
+        "repurposed": "re-purposed reserved tokens",
+        "added": "new tokens (embeddings resized)" if record.resized else "new tokens (in unused embedding rows)",
+    }[record.how]
     first, last = min(record.ids.values()), max(record.ids.values())
     print(f"prepared {args.out}: the {len(TAGS)} VLCoT tags are {how}, ids {first}-{last} (see {RECORD_FILE})")
     return 0
