@@ -151,6 +151,18 @@ def pure_prepared_path(tmp_path_factory):
     return root / "prepared"
 
 
+@pytest.fixture(scope="session")
+def janus_prepared_path(tmp_path_factory):
+    """A tiny Janus saved as Janus-Pro is published, then prepared (`vlcot-grpo prepare`)."""
+    from vlcot_grpo.models import prepare_checkpoint
+    from vlcot_grpo.models.lookalike import save_janus_lookalike
+
+    root = tmp_path_factory.mktemp("janus-published")
+    save_janus_lookalike(root / "published")
+    prepare_checkpoint(root / "published", root / "prepared")
+    return root / "prepared"
+
+
 GRPO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-emu3" / "grpo" / "config_demo.yaml"
 
 

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from vlcot_grpo import grpo, sft
-from vlcot_grpo.models import Emu3Backend, PureBackend, check_vlcot_tokens, load_model
+from vlcot_grpo.models import Emu3Backend, JanusBackend, PureBackend, check_vlcot_tokens, load_model
 from vlcot_grpo.rollout import has_quantized_weights
 from vlcot_grpo.script_utils import load_policy, load_train_dataset, peft_config_for
 
@@ -224,3 +224,37 @@ def test_pure_qlora_quantizes_the_language_model_only_and_trains_the_tag_rows(pu
     config = peft_config_for(model_args, model, tokenizer)
     assert config.trainable_token_indices == {"model.embed_tokens": ids, "lm_head": ids}
     assert config.target_modules == PureBackend.lora_target_modules
+
+
+def test_janus_qlora_keeps_the_image_path_exact_and_trains_through_both_heads(janus_prepared_path, tmp_path):
+    """Janus-Pro: 4-bit language-model layers; the VQ model, the codes' table, aligner and head, and the text head in
+    full precision (JanusBackend.full_precision_modules); LoRA on the language model only; then a QLoRA SFT step, whose
+    loss is scored from the model's own joined logits (text and image head), trains the adapters."""
+    script_args, training_args, model_args = _sft_args(
+        janus_prepared_path, tmp_path, "--use_peft", "true", "--load_in_4bit", "true", "--max_steps", "2",
+        "--lr_size", "32", "--learning_rate", "1e-2", "--logging_steps", "1",
+    )  # fmt: skip
+    model, tokenizer = load_policy(model_args, _cpu_args(), script_args)
+    attention = model.model.language_model.layers[0].self_attn
+    assert all(type(getattr(attention, p)) is bnb.nn.Linear4bit for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    janus = model.model
+    for module in (janus.vqmodel, janus.generation_embeddings, janus.generation_aligner, janus.generation_head):
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
+    assert type(model.lm_head) is torch.nn.Linear
+    ids = sorted(check_vlcot_tokens(tokenizer).values())
+    config = peft_config_for(model_args, model, tokenizer)
+    assert config.target_modules == JanusBackend.lora_target_modules
+    assert set(config.trainable_token_indices) <= {"model.language_model.embed_tokens", "lm_head"}
+    assert all(v == ids for v in config.trainable_token_indices.values())
+
+    out = sft.main(
+        ["--model_name_or_path", str(janus_prepared_path), "--output_dir", str(tmp_path / "run"), "--dataset_name",
+         "demo", "--demo_hr_size", "32", "--lr_size", "32", "--rough_size", "8", "--middle_size", "16",
+         "--final_size", "32", *CPU, "--per_device_train_batch_size", "2", "--use_peft", "true", "--load_in_4bit",
+         "true", "--max_steps", "2", "--learning_rate", "1e-2", "--format_check_samples", "0"]
+    )  # fmt: skip
+    adapter = Path(out) / "adapter"
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        lora = [k for k in f.keys() if "lora_" in k]
+        assert lora and all(".language_model.layers." in k for k in lora)
+        assert any("lora_B" in k and f.get_tensor(k).abs().sum() > 0 for k in lora)  # the step trained them
