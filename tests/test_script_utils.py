@@ -66,7 +66,7 @@ def test_unknown_spec_field_is_named(tmp_path):
         _ensure_tiny_model(str(tmp_path / "tiny"), "emu3", {"hiden_size": 32}, _Args())
     with pytest.raises(ValueError, match="tiny_model_spec.*vq_embed_dimm.*TinyPureSpec"):
         _ensure_tiny_model(str(tmp_path / "tiny"), "pure", {"vq_embed_dimm": 4}, _Args())
-    with pytest.raises(ValueError, match="tiny_model_family 'janos': expected one of \\['emu3', 'pure'\\]"):
+    with pytest.raises(ValueError, match="tiny_model_family 'janos': expected one of \\['emu3', 'janus', 'pure'\\]"):
         _ensure_tiny_model(str(tmp_path / "tiny"), "janos", {}, _Args())
 
 
