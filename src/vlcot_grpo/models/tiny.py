@@ -349,7 +349,6 @@ def tiny_janus_config(spec: TinyJanusSpec, tokenizer):
             "base_channels": spec.vq_base_channels,
             "channel_multiplier": list(spec.vq_channel_multiplier),
             "num_res_blocks": spec.vq_num_res_blocks,
-            "num_patches": 8,
             # the image aligner writes, and the image head reads, the language model's width
             "projection_dim": hidden,
             "image_token_embed_dim": hidden,
