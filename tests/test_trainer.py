@@ -178,9 +178,14 @@ def test_forced_tokens_are_out_of_the_loss(tiny_path, dataset, tmp_path):
     assert checked > 50
 
 
+@pytest.mark.parametrize("family", ["emu3", "janus"])
 @pytest.mark.parametrize("support", ["restricted", "full"])
-def test_logps_equal_manual_forward_over_the_same_support(tiny_path, dataset, tmp_path, support):
-    model, tokenizer = _load(tiny_path)
+def test_logps_equal_manual_forward_over_the_same_support(request, dataset, tmp_path, support, family):
+    """Also on Janus, whose code logits come from their own head: the joined logits are what is scored."""
+    from vlcot_grpo.models import load_model
+
+    path = request.getfixturevalue("tiny_path" if family == "emu3" else f"tiny_{family}_path")
+    model, tokenizer = load_model(str(path)), AutoTokenizer.from_pretrained(path)
     args = _args(tmp_path, logprob_support=support, sampler_correction="none", temperature=0.7, image_temperature=1.3)
     trainer = VLCoTGRPOTrainer(
         model=model, reward_funcs=[Recorder()], args=args, train_dataset=dataset, processing_class=tokenizer
