@@ -235,3 +235,36 @@ def test_tensor_columns_are_split_per_sample_when_diagnosing():
 
     with pytest.raises(RewardError, match="on sample 2"):
         call(guard_reward(reads_a_tensor_column, "t"), ["a", "b", "c"], scores=torch.tensor([1.0, 2.0, -1.0]))
+
+
+def test_the_documented_recipe_entries_load_through_the_grpo_script(tmp_path, monkeypatch):
+    """The YAML that rewards/loader.py documents, in a recipe, through the GRPO script's parser and build_rewards:
+    plain names and mappings with kwargs and weights, a file path and an import path."""
+    import re
+    import sys
+
+    from vlcot_grpo import grpo
+    from vlcot_grpo.rewards import loader
+
+    block = re.search(r"\n( *rewards:\n(?: +- .*\n)+)", loader.__doc__)[1]
+    (tmp_path / "rewards").mkdir()
+    (tmp_path / "rewards" / "my_reward.py").write_text(CUSTOM_REWARD_SOURCE.replace("LengthReward", "MyReward"))
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "my_module.py").write_text(
+        "def my_reward(completions, **kwargs):\n    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent(block) + "output_dir: out\nbf16: false\nuse_cpu: true\n")
+    script_args, training_args, _ = grpo.parse_args(["--config", str(recipe)])
+    funcs = grpo.build_rewards(script_args, training_args)
+    assert [f.__name__ for f in funcs] == ["format", "degradation", "length", "my_reward"]
+    assert training_args.reward_weights == [1.0, 1.0, 0.5, 1.0]
+    assert sys.modules["my_pkg.my_module"]
+    weighted = recipe.read_text() + "reward_weights: [1, 1, 1, 1]\n"
+    recipe.write_text(weighted)
+    script_args, training_args, _ = grpo.parse_args(["--config", str(recipe)])
+    with pytest.raises(ValueError, match=r"rewards \['degradation', 'rewards/my_reward.py:MyReward'\] carry a weight"):
+        grpo.build_rewards(script_args, training_args)

@@ -335,7 +335,7 @@ def test_quantized_base_is_found_and_not_merged(tiny_path, dataset, tmp_path):
     args = _args(tmp_path)
     assert args.rollout_merge_adapters  # the default
     trainer = VLCoTGRPOTrainer(model, [Recorder()], args, dataset, AutoTokenizer.from_pretrained(tiny_path))
-    assert quantized_base(trainer.model) is None and trainer._merge_for_rollouts
+    assert quantized_base(trainer.model) is None and trainer.merges_adapters_for_rollouts
     layer = next(m for m in model.modules() if hasattr(m, "get_base_layer") and hasattr(m, "merged"))
     weight = layer.get_base_layer().weight
     layer.get_base_layer().weight = torch.nn.Parameter(weight.detach().to(torch.int8), requires_grad=False)
@@ -343,7 +343,7 @@ def test_quantized_base_is_found_and_not_merged(tiny_path, dataset, tmp_path):
     with pytest.raises(ValueError, match="quantized"), merged_adapters(model):
         pass
     trainer = VLCoTGRPOTrainer(model, [Recorder()], args, dataset, AutoTokenizer.from_pretrained(tiny_path))
-    assert not trainer._merge_for_rollouts
+    assert not trainer.merges_adapters_for_rollouts
 
 
 def test_trainer_rolls_out_merged_and_trains_the_adapters(tiny_path, dataset, tmp_path):

@@ -214,8 +214,8 @@ def checkpointing_default(config) -> None:
 
 
 def check_recipe_keys(argv: list[str] | None, dataclass_types) -> None:
-    """Fail on a recipe key that no argument dataclass knows (TRL's parser would drop it silently), naming the file
-    and suggesting the closest known key."""
+    """Fail on a recipe key that no argument dataclass knows, naming the file and suggesting the closest known key.
+    TRL's parser refuses such a key too, but names neither the file nor a likely spelling."""
     import dataclasses
     import difflib
     import sys

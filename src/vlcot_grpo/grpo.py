@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class GRPOScriptArguments(SharedScriptArguments):
         default_factory=lambda: ["format", "degradation", "understanding", "fidelity"],
         metadata={
             "help": "Rewards by short name (format, degradation, understanding, generation, fidelity), file path "
-            "('rewards/my_reward.py:MyReward') or import path ('my_pkg.mod:fn'). Weights: `reward_weights`."
+            "('rewards/my_reward.py:MyReward') or import path ('my_pkg.mod:fn'). Weights: `reward_weights`. In a "
+            "YAML recipe an entry may also be a mapping {name, kwargs, weight, label} (vlcot_grpo.rewards.loader)."
         },
     )
     reward_kwargs: dict | str | None = field(
@@ -60,16 +62,35 @@ def build_rewards(script_args: GRPOScriptArguments, training_args):
     kwargs = script_args.reward_kwargs or {}
     if isinstance(kwargs, str):
         kwargs = json.loads(kwargs)
-    unknown = set(kwargs) - set(script_args.rewards)
+    # an entry is a name, or (in YAML) a mapping in the loader's documented form
+    entries = [dict(e) if isinstance(e, Mapping) else {"name": e} for e in script_args.rewards]
+    names = [str(e.get("name")) for e in entries]
+    unknown = set(kwargs) - set(names)
     if unknown:
         raise ValueError(f"reward_kwargs names rewards that are not in `rewards`: {sorted(unknown)}")
-    weights = training_args.reward_weights or [1.0] * len(script_args.rewards)
-    if len(weights) != len(script_args.rewards):
-        raise ValueError(f"reward_weights has {len(weights)} entries for {len(script_args.rewards)} rewards")
-    specs = [{"name": n, "kwargs": kwargs.get(n, {}), "weight": w} for n, w in zip(script_args.rewards, weights)]
+    weighted = [n for n, e in zip(names, entries) if "weight" in e]
+    if weighted and training_args.reward_weights:
+        raise ValueError(
+            f"rewards {weighted} carry a weight and reward_weights is set too: give the weights in one place"
+        )
+    weights = training_args.reward_weights or [e.get("weight", 1.0) for e in entries]
+    if len(weights) != len(entries):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(entries)} rewards")
+    specs = [
+        {**e, "kwargs": _merged_kwargs(kwargs.get(n), e.get("kwargs")), "weight": w}
+        for n, e, w in zip(names, entries, weights)
+    ]
     funcs, weights = load_rewards(specs)
     training_args.reward_weights = list(weights)
     return funcs
+
+
+def _merged_kwargs(from_reward_kwargs, from_entry):
+    """An entry's own kwargs over those ``reward_kwargs`` gives its name; anything but a mapping is left for the
+    loader to reject with its message."""
+    if from_entry is not None and not isinstance(from_entry, Mapping):
+        return from_entry
+    return {**(from_reward_kwargs or {}), **(from_entry or {})}
 
 
 def check_completion_budget(model, tokenizer, training_args) -> None:
@@ -122,7 +143,7 @@ def main(argv=None) -> Path:
         static and rollout.resolved_compile(device),
         static and rollout.shares_prompt_cache(training_args.num_generations),
         static and rollout.resolved_fuse(device),
-        trainer._merge_for_rollouts,
+        trainer.merges_adapters_for_rollouts,
     )
     trainer.train(resume_from_checkpoint=resume)
     output_dir = Path(training_args.output_dir)

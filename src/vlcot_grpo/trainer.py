@@ -87,14 +87,16 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
         self._sampler_settings = sampler_settings(rollout_config)
         self._rollout_seconds = 0.0
         self._merge_buffers: dict = {}  # host copies of the base weights for rollout_merge_adapters, reused
-        self._merge_for_rollouts = args.rollout_merge_adapters
+        #: whether rollouts run on the LoRA adapters merged into the weights (rollout_merge_adapters, unless the base
+        #: is quantized)
+        self.merges_adapters_for_rollouts = args.rollout_merge_adapters
         quantized = quantized_base(self.model) if args.rollout_merge_adapters else None
         if quantized is not None:  # QLoRA: merging would be lossy, so the rollouts use the unmerged adapters
             logger.warning(
                 "rollout_merge_adapters: the base weight %s is quantized; rollouts run on the unmerged adapters",
                 quantized,
             )
-            self._merge_for_rollouts = False
+            self.merges_adapters_for_rollouts = False
         for reward in self.reward_funcs:  # load metric weights etc. now, so a missing file fails at start
             if hasattr(reward, "prepare"):
                 reward.prepare(self.accelerator.device)
@@ -173,7 +175,7 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
             ) as unwrapped,
             torch.no_grad(),
             _eval_mode(unwrapped),
-            merged_adapters(unwrapped, self._merge_buffers) if self._merge_for_rollouts else nullcontext(),
+            merged_adapters(unwrapped, self._merge_buffers) if self.merges_adapters_for_rollouts else nullcontext(),
         ):
             prompt_ids = [
                 encode_prompt(self.backend, inputs[i]["lr_image"], (self.args.lr_size,) * 2, inputs[i]["prompt"])
