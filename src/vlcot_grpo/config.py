@@ -98,8 +98,8 @@ class VLCoTGRPOConfig(GRPOConfig):
         metadata={
             "help": "Static engine: compile the decoder layers and the sampler for the decode steps "
             "(RolloutConfig.compile_step; once per process, at the first rollout). Unset: on where the decode "
-            "steps are CUDA graphs (1.15x at 7B on an H100, docs/benchmarks.md), off on the CPU; a failed compile "
-            "then logs why and the rollouts go on uncompiled (set true, it is an error)."
+            "steps are CUDA graphs, off on the CPU; a failed compile then logs why and the rollouts go on "
+            "uncompiled (set true, it is an error)."
         },
     )
     rollout_share_prompt_cache: bool | None = field(
@@ -107,26 +107,24 @@ class VLCoTGRPOConfig(GRPOConfig):
         metadata={
             "help": "Static engine: keep each prompt's keys/values once and let its num_generations rows read them "
             "together (RolloutConfig.share_prompt_cache): the prompt is read once per decode step instead of once "
-            "per generation, and its cache held once (1.19x the decode steps/s at 7B on an H100, "
-            "docs/benchmarks.md). Unset: on wherever it applies."
+            "per generation, and its cache held once. Unset: on wherever it applies."
         },
     )
     rollout_fuse_projections: bool | None = field(
         default=None,
         metadata={
             "help": "Static engine: q/k/v and gate/up as one matrix product each during the decode steps "
-            "(RolloutConfig.fuse_projections), over a temporary copy of those weights (~9 GB at 7B; 1.04x on an "
-            "H100). Unset: on with CUDA graphs, and off (with a warning) from the first rollout where the copy does not "
-            "fit; true makes that an error."
+            "(RolloutConfig.fuse_projections), over a temporary copy of those weights. Unset: on with CUDA graphs, "
+            "and off (with a warning) from the first rollout where the copy does not fit; true makes that an error."
         },
     )
     rollout_merge_adapters: bool = field(
         default=True,
         metadata={
-            "help": "With LoRA: merge the adapters into the base weights for each rollout (1.37x the decode steps/s "
-            "of unmerged adapters at 7B on an H100, docs/benchmarks.md) and restore the exact base weights "
-            "afterwards from a host copy. Costs host memory: one pinned copy of the adapted base weights per "
-            "process (~13 GB at 7B with every linear adapted). Quantized bases (QLoRA) are never merged."
+            "help": "With LoRA: merge the adapters into the base weights for each rollout (rollouts then run at the "
+            "base model's speed) and restore the exact base weights afterwards from a host copy. Costs host "
+            "memory: one pinned copy of the adapted base weights per process. Quantized bases (QLoRA) are never "
+            "merged."
         },
     )
     logprob_support: str = field(

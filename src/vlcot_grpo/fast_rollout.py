@@ -28,27 +28,24 @@ buffer and the last ``R`` to the guidance buffer; the custom ``cache`` object on
 heads are folded into the query length so keys/values are never repeated. The trade-off: two small attention calls
 per layer instead of one, and reads rounded up to a bucket (up to ``kv_bucket - 1`` unused positions per row, plus
 ``sync_every`` for guidance rows) in exchange for few graphs; nothing reads the full-length buffer for guidance rows.
-The kernel is ``decode_attention``: torch's SDPA (with a mask on an H100: cuDNN's kernel) or "split" (SDPA on pieces
-of the cache merged by log-sum-exp, flash-decoding style, for few rows: more thread blocks). On an H100 at the 7B
-preset SDPA was the fastest (docs/benchmarks.md: compiled, 78.1 against 75.2 decode steps/s for "split") and streams
-the cache at ~80 % of the copy bandwidth. Two more kernels were measured there and removed: two batched matrix
-products (0.68x SDPA) and flash attention's variable-length form with each row's key count as a device tensor (no
-mask, nothing read past the written key; 0.87x: it streams the cache at ~1.7 TB/s against cuDNN's ~2.6).
+The kernel is ``decode_attention``: torch's SDPA (with a mask on recent NVIDIA GPUs: cuDNN's kernel) or "split" (SDPA
+on pieces of the cache merged by log-sum-exp, flash-decoding style, for few rows: more thread blocks). SDPA measured
+fastest at the 7B preset (docs/benchmarks.md). Two more kernels were measured and removed as slower: two batched
+matrix products, and flash attention's variable-length form with each row's key count as a device tensor.
 The masks are additive (0 / -inf in the model's dtype), made once per step and shared by every layer: a boolean mask
 is converted inside every attention call.
 
 Shared prompt cache (``share_prompt_cache``; unset, on wherever it applies). The G rows of a prompt hold the same
-prompt keys/values, and above each row reads its own copy every step: at the 7B paper shape (one 4191-token prompt,
-G = 5) that is over half of the conditional cache bytes a step reads. With the option each prompt's prefill cache is
+prompt keys/values, and above each row reads its own copy every step: at the paper shape (one ~4.2k-token prompt,
+G = 5) that is most of the conditional cache bytes a step reads. With the option each prompt's prefill cache is
 kept once, (P, kv_heads, W', head_dim) with W' = W rounded up to whole pieces (``prompt_pieces``) and its padding
 masked once for the whole call, and the conditional buffers hold only the generated tokens (column = decode step).
 Attention then runs twice per layer: the prompt's G rows as G x rep query positions of one attention over each piece
 of their prompt (as grouped query heads share a key head; the pieces, as in "split", give every SM work: one block
 per (prompt, head) would be 32 blocks at 7B), and each row over its own tokens. Both return log-sum-exps (the private
-SDPA ops, as "split") and one small (compiled) kernel merges the pieces and the row's own part. By count that reads
-about a quarter fewer bytes per step over a paper-shape rollout and holds ~8.5 GB less cache at 7B; the price is a
-second attention call and the merge in every layer. On an H100 the saving wins: 1.19x the compiled decode steps/s
-at 7B and 1.23x at 1B over the same 512 steps (docs/benchmarks.md).
+SDPA ops, as "split") and one small (compiled) kernel merges the pieces and the row's own part. Fewer bytes are read
+per step and the prompt's cache is held once; the price is a second attention call and the merge in every layer
+(measured: the saving wins, docs/benchmarks.md).
 
 Sampling and state. Text and code candidates are computed for every row every step (fixed shapes) by
 ``vlcot_grpo.sampling``, as the reference path computes them (guidance, entropy, top-k, temperature for codes; top-k,
@@ -72,9 +69,8 @@ price is capturing again at every call (``StaticDecoder.capture_seconds`` says h
 same step runs eagerly; its capture-readiness is checked there by tracing it with ``torch.compile(fullgraph=True)``.
 
 Compiled layers (``compile_step``; unset, on wherever the step is a CUDA graph). ``torch.compile`` (inductor) fuses
-the ~40 small kernels per layer (norms, rotary, activations, residuals), each a few microseconds even inside a graph:
-on an H100 a 7B step went from 1731 kernels to 914 and the decode from 67.7 to 78.1 steps/s (1.15x; 1.24x at 1B). What is
-compiled is each decoder layer (regional compilation: one compiled code for all layers, so compile time does not grow
+the small kernels of each layer (norms, rotary, activations, residuals), each a few microseconds even inside a graph,
+to about half as many (docs/benchmarks.md). What is compiled is each decoder layer (regional compilation: one compiled code for all layers, so compile time does not grow
 with depth) and the sampling function; the cache writes and the split attention stay outside, since they index
 per-layer buffers. The code is compiled with dynamic shapes once per process (a new bucket or row count does not
 compile again; share_prompt_cache's small merge may, for new prompt or generation counts) and used for the decode
@@ -163,7 +159,7 @@ def _attend(query, keys, values, bias, scaling, kernel="sdpa"):
     """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under the additive mask
     ``bias`` (B, 1, 1, L).
 
-    ``kernel``: "sdpa" (torch's fused attention; with a mask on an H100 that is cuDNN's kernel, one thread block per
+    ``kernel``: "sdpa" (torch's fused attention; with a mask on recent NVIDIA GPUs that is cuDNN's kernel, one block per
     (row, head): few blocks for a decode step), "split" (the same kernel on pieces of the cache, merged by their
     log-sum-exps, as flash-decoding does; ``bias`` is then ``split_bias``'s (B * Hkv, pieces, 1, L / pieces)). Which
     one streams the cache faster is a GPU measurement (``benchmarks/rollout.py --compare-attention``)."""
@@ -177,11 +173,10 @@ def _attend(query, keys, values, bias, scaling, kernel="sdpa"):
 
 
 # "split" (flash-decoding): one decode step has B x kv_heads (row, head) pairs, and SDPA gives each pair one thread
-# block that walks the whole cache. At the 7B paper shape that is 160 blocks for 132 SMs, and the cache streamed at
-# ~80 % of the copy bandwidth. Cutting each pair's keys into pieces gives every SM several blocks; the pieces' partial
-# attentions are merged with their log-sum-exps, which only torch's private SDPA ops return. Measured on an H100 it
-# was ~4 % slower than plain SDPA at 7B and 1B (the merge's extra kernels cost what the pieces gained), so it is an
-# option, not the default.
+# block that walks the whole cache: at the paper shape about one block per SM. Cutting each pair's keys into pieces
+# gives every SM several blocks; the pieces' partial attentions are merged with their log-sum-exps, which only torch's
+# private SDPA ops return. Measured slightly slower than plain SDPA (the merge's extra kernels cost what the pieces
+# gained; docs/benchmarks.md), so it is an option, not the default.
 SPLIT_MIN_PIECE = 128  # positions per piece, at least
 SPLIT_BLOCKS_PER_UNIT = 8  # aim: this many (row, head, piece) blocks per SM (per CPU thread)
 SPLIT_ALIGN = 16  # pieces are multiples of this: the memory-efficient kernel wants aligned mask rows
@@ -234,7 +229,7 @@ def _attention_with_lse(q, k, v, bias, scale):
     )
     with off:
         if q.device.type == "cuda":
-            if q.dtype in (torch.float16, torch.bfloat16):  # cuDNN: what SDPA picks for masked bf16 on an H100
+            if q.dtype in (torch.float16, torch.bfloat16):  # cuDNN: what SDPA picks for masked bf16 on Hopper
                 out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, scale=scale)[:2]
                 return out, lse.reshape(q.shape[:3])
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
@@ -413,7 +408,7 @@ _compiled_sample_tokens = torch.compile(sample_tokens, dynamic=True)
 # A decode step multiplies ~10 rows by each weight matrix, so every product is a pass over its weights. q, k and v
 # (and gate and up) read the same input: one product over their concatenated weights makes one pass with more thread
 # blocks instead of three, and cuBLAS splits the narrower products along K with an extra reduction kernel each
-# (seen on an H100 at 7B: 160 such kernels per step). The modules keep their names and call order: the first
+# (docs/benchmarks.md counts them). The modules keep their names and call order: the first
 # computes every output, the others hand back their part.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -464,7 +459,7 @@ def _concatenated(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.T
 @contextmanager
 def _fused_projections(model, on_out_of_memory: Callable[[Exception], None] | None = None):
     """Within: in each decoder layer, each group of ``FUSED_GROUPS`` that compute plain linear maps of one input
-    (``_plain_linear``) runs as one matrix product. Costs a copy of those weights while it lasts (~9 GB at 7B). If
+    (``_plain_linear``) runs as one matrix product. Costs a copy of those weights while it lasts. If
     the copies do not fit: with ``on_out_of_memory`` it is called and nothing is fused, else the error is raised."""
     groups = []
     parents = [m for layer in _decoder_layers(model) for m in layer.modules()]  # not e.g. a VQ model's attention
@@ -510,8 +505,7 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream of the warm-ups before capture: one per device for the process. cuBLAS keeps a workspace for every
     stream it has run on, allocated through torch's caching allocator and never returned; a fresh stream per capture
-    left ~33 MB behind per graph (seen on an H100: +335 MB per tiny-model generate, until torch's pool of 32
-    streams came round)."""
+    left its workspace behind per graph, until torch's pool of 32 streams came round."""
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]

@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 #: The rollout engines (``RolloutConfig.engine``); "auto" is the static one on CUDA and the reference one elsewhere.
 ENGINES = ("auto", "reference", "static")
 DECODE_ATTENTION = ("sdpa", "split")
-# measured on an H100 at 7B, slower than sdpa, and removed (docs/benchmarks.md): named in the error for old configs
-REMOVED_ATTENTION = {"varlen": "0.87x sdpa", "matmul": "0.68x sdpa"}
+# measured slower than sdpa and removed (docs/benchmarks.md, "Two kernels removed"): named in the error for old configs
+REMOVED_ATTENTION = ("varlen", "matmul")
 
 
 @dataclass
@@ -78,9 +78,8 @@ class RolloutConfig:
         default="auto",
         metadata={
             "help": "'auto' (static on CUDA unless the weights are quantized, reference elsewhere), 'static' "
-            "(vlcot_grpo.fast_rollout: static caches, CUDA graphs on CUDA; with its defaults 11.2x stock "
-            "generate with guidance at 7B, 22x at 1B on an H100) or 'reference' (DynamicCache, eager). Same tokens "
-            "under greedy decoding.",
+            "(vlcot_grpo.fast_rollout: static caches, CUDA graphs on CUDA) or 'reference' (DynamicCache, eager). "
+            "Same tokens under greedy decoding; speeds in docs/benchmarks.md.",
             "choices": list(ENGINES),
         },
     )
@@ -103,21 +102,20 @@ class RolloutConfig:
         metadata={
             "help": "Static engine: fuse the small kernels of the decode steps (norms, rotary, activations, sampling) "
             "with torch.compile (each decoder layer, one code for all layers) before capturing them. Compiles once "
-            "per process, at the first rollout (on an H100 ~18 s for the layers at 7B, 34.5 s at 1B with "
-            "share_prompt_cache and fuse_projections, which compile code of their own). Unset: on with CUDA graphs (1.15x the decode "
-            "steps/s at 7B, 1.24x at 1B on an H100), off elsewhere (no graphs: slower than eager on the CPU). If "
-            "compiling fails where it was left unset, a warning says why and the decode steps run uncompiled; set "
-            "to true, the failure is an error.",
+            "per process, at the first rollout (share_prompt_cache and fuse_projections compile code of their "
+            "own). Unset: on with CUDA graphs, off elsewhere (without graphs it is slower than eager). If compiling "
+            "fails where it was left unset, a warning says why and the decode steps run uncompiled; set to true, "
+            "the failure is an error.",
         },
     )
     fuse_projections: bool | None = field(
         default=None,
         metadata={
             "help": "Static engine: during the decode steps, run q/k/v and gate/up as one matrix product each over "
-            "a temporary copy of their concatenated weights (~9 GB at 7B). Fewer, wider products for the few rows "
-            "of a decode step: 1.04x the decode steps/s at 7B on an H100 (with share_prompt_cache). Unset: on with "
-            "CUDA graphs, off elsewhere, and off from the first rollout where the copy does not fit (a warning "
-            "says so); set false where those 9 GB are needed, true to make a failed copy an error."
+            "a temporary copy of their concatenated weights (the size of those projections' weights). Fewer, wider "
+            "products for the few rows of a decode step. Unset: on with CUDA graphs, off elsewhere, and off from "
+            "the first rollout where the copy does not fit (a warning says so); set false where that memory is "
+            "needed, true to make a failed copy an error."
         },
     )
     decode_attention: str = field(
@@ -125,8 +123,7 @@ class RolloutConfig:
         metadata={
             "help": "Static engine: attention kernel of a decode step, 'sdpa' (torch's fused kernel), 'split' (that "
             "kernel on pieces of the cache merged afterwards, flash-decoding style: more thread blocks for few "
-            "rows): same result, speed depends on the GPU and shape (on an H100 at the 7B paper shape: split 0.96x "
-            "sdpa).",
+            "rows): same result; which is faster depends on the GPU and shape (docs/benchmarks.md).",
             "choices": list(DECODE_ATTENTION),
         },
     )
@@ -136,9 +133,9 @@ class RolloutConfig:
         metadata={
             "help": "Static engine, decode_attention 'sdpa': keep each prompt's keys/values once (not once per "
             "generation) and let its num_generations rows read them together in one attention call, merged with "
-            "each row's own tokens by log-sum-exp. Reads the prompt once per step instead of num_generations times: "
-            "at the 7B paper shape 1.19x the decode steps/s on an H100 and ~8.5 GB less cache. Unset: on wherever "
-            "it applies (decode_attention 'sdpa', kv_bucket a multiple of 16, more than one generation)."
+            "each row's own tokens by log-sum-exp. Reads the prompt once per step instead of num_generations times, "
+            "and holds its cache once. Unset: on wherever it applies (decode_attention 'sdpa', kv_bucket a multiple "
+            "of 16, more than one generation)."
         },
     )
 
@@ -152,11 +149,9 @@ class RolloutConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be 'auto', 'reference' or 'static', got {self.engine!r}")
         if self.decode_attention not in DECODE_ATTENTION:
-            removed = REMOVED_ATTENTION.get(self.decode_attention)
+            removed = self.decode_attention in REMOVED_ATTENTION
             why = (
-                f" ({self.decode_attention!r} was removed: {removed} on an H100, docs/benchmarks.md)"
-                if removed
-                else ""
+                f" ({self.decode_attention!r} was removed: slower than 'sdpa', docs/benchmarks.md)" if removed else ""
             )
             raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}{why}")
         if self.sync_every < 1 or self.kv_bucket < 1:
