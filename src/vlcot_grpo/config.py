@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
 from vlcot_grpo.logprobs import IMPORTANCE_MODES
-from vlcot_grpo.rollout import ENGINES, RolloutConfig
+from vlcot_grpo.rollout import RolloutConfig
 from vlcot_grpo.vlcot import DEFAULT_PROMPT, stage_sizes_of
 
 #: the choices of VLCoTGRPOConfig.sampler_correction
@@ -22,6 +23,24 @@ UNSUPPORTED_GENERATION = {
     "use_transformers_paged": False,
     "chat_template_kwargs": None,
 }
+
+
+#: VLCoTGRPOConfig field -> the RolloutConfig field it sets: the one mapping between the two, used by
+#: ``VLCoTGRPOConfig.rollout_config`` (upscale's flags name the RolloutConfig fields they set the same way).
+ROLLOUT_OPTIONS = {
+    "rollout_engine": "engine",
+    "rollout_compile": "compile_step",
+    "rollout_share_prompt_cache": "share_prompt_cache",
+    "rollout_fuse_projections": "fuse_projections",
+}
+
+
+def rollout_option(name: str):
+    """A config field mirroring ``RolloutConfig.<name>``: its default, help and choices, so they are written once."""
+    source = {f.name: f for f in dataclasses.fields(RolloutConfig)}[name]
+    metadata = dict(source.metadata)
+    metadata["help"] = f"{metadata['help']} (RolloutConfig.{name})"
+    return field(default=source.default, metadata=metadata)
 
 
 @dataclass
@@ -84,40 +103,11 @@ class VLCoTGRPOConfig(GRPOConfig):
             "choices": list(IMPORTANCE_MODES),
         },
     )
-    rollout_engine: str = field(
-        default=RolloutConfig.engine,  # one default for training and inference
-        metadata={
-            "help": "Rollout engine: 'auto' (static on CUDA, reference on CPU), 'static' (static KV caches, CUDA "
-            "graphs: vlcot_grpo.fast_rollout) or 'reference' (DynamicCache, eager). Same tokens under greedy "
-            "decoding.",
-            "choices": list(ENGINES),
-        },
-    )
-    rollout_compile: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Static engine: compile the decoder layers and the sampler for the decode steps "
-            "(RolloutConfig.compile_step; once per process, at the first rollout). Unset: on where the decode "
-            "steps are CUDA graphs, off on the CPU; a failed compile then logs why and the rollouts go on "
-            "uncompiled (set true, it is an error)."
-        },
-    )
-    rollout_share_prompt_cache: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Static engine: keep each prompt's keys/values once and let its num_generations rows read them "
-            "together (RolloutConfig.share_prompt_cache): the prompt is read once per decode step instead of once "
-            "per generation, and its cache held once. Unset: on wherever it applies."
-        },
-    )
-    rollout_fuse_projections: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Static engine: q/k/v and gate/up as one matrix product each during the decode steps "
-            "(RolloutConfig.fuse_projections), over a temporary copy of those weights. Unset: on with CUDA graphs, "
-            "and off (with a warning) from the first rollout where the copy does not fit; true makes that an error."
-        },
-    )
+    # the static engine's options, mirrored from RolloutConfig (ROLLOUT_OPTIONS: one default, help and choice list)
+    rollout_engine: str = rollout_option("engine")
+    rollout_compile: bool | None = rollout_option("compile_step")
+    rollout_share_prompt_cache: bool | None = rollout_option("share_prompt_cache")
+    rollout_fuse_projections: bool | None = rollout_option("fuse_projections")
     rollout_merge_adapters: bool = field(
         default=True,
         metadata={
@@ -153,8 +143,10 @@ class VLCoTGRPOConfig(GRPOConfig):
     def __post_init__(self):
         checkpointing_default(self)
         super().__post_init__()
-        if self.rollout_engine not in ENGINES:
-            raise ValueError(f"rollout_engine must be 'auto', 'static' or 'reference', got {self.rollout_engine!r}")
+        try:  # the rollout options are checked where they are defined
+            self.rollout_config()
+        except ValueError as err:
+            raise ValueError(f"rollout settings: {err}") from None
         if self.logprob_support not in ("restricted", "full"):
             raise ValueError(f"logprob_support must be 'restricted' or 'full', got {self.logprob_support!r}")
         if self.sampler_correction not in SAMPLER_CORRECTIONS:
@@ -196,10 +188,7 @@ class VLCoTGRPOConfig(GRPOConfig):
             image_temperature=self.image_temperature,
             image_top_k=self.image_top_k,
             guidance_scale=self.guidance_scale,
-            engine=self.rollout_engine,
-            compile_step=self.rollout_compile,
-            share_prompt_cache=self.rollout_share_prompt_cache,
-            fuse_projections=self.rollout_fuse_projections,
+            **{option: getattr(self, name) for name, option in ROLLOUT_OPTIONS.items()},
         )
 
 

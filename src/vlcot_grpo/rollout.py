@@ -147,7 +147,7 @@ class RolloutConfig:
         if self.share_prompt_cache and self.kv_bucket % 16:  # fp32 attention on CUDA wants 16-aligned mask rows
             raise ValueError(f"share_prompt_cache needs kv_bucket to be a multiple of 16, got {self.kv_bucket}")
         if self.engine not in ENGINES:
-            raise ValueError(f"engine must be 'auto', 'reference' or 'static', got {self.engine!r}")
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.decode_attention not in DECODE_ATTENTION:
             removed = self.decode_attention in REMOVED_ATTENTION
             why = (
