@@ -200,6 +200,16 @@ class ImageTokenBackend(ABC):
     def _size_token_ids(self, rows: int, cols: int) -> list[int]:
         return []
 
+    def _named_token_ids(self, tokens) -> dict[str, int]:
+        """token -> id for each of the family's named layout tokens; a ValueError names one the tokenizer lacks."""
+        ids = {}
+        for tok in tokens:
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == self.tokenizer.unk_token_id:
+                raise ValueError(f"{self.name} tokenizer lacks the layout token {tok!r}")
+            ids[tok] = int(tid)
+        return ids
+
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules no loss reaches (the VQ model, which only defines targets and pictures): the trainers freeze them,
         so that optimisers that step every parameter (DeepSpeed: zero gradients + weight decay) cannot change them."""

@@ -56,13 +56,7 @@ class Emu3Backend(ImageTokenBackend):
 
     @cached_property
     def _ids(self) -> dict[str, int]:
-        ids = {}
-        for tok in LAYOUT_TOKENS:
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if tid is None or tid == self.tokenizer.unk_token_id:
-                raise ValueError(f"Emu3 tokenizer lacks the layout token {tok!r}")
-            ids[tok] = int(tid)
-        return ids
+        return self._named_token_ids(LAYOUT_TOKENS)
 
     @property
     def vqmodel(self):

@@ -166,13 +166,7 @@ class JanusBackend(ImageTokenBackend):
 
     @cached_property
     def _ids(self) -> dict[str, int]:
-        ids = {}
-        for tok in LAYOUT_TOKENS:
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if tid is None or tid == self.tokenizer.unk_token_id:
-                raise ValueError(f"Janus tokenizer lacks the layout token {tok!r}")
-            ids[tok] = int(tid)
-        return ids
+        return self._named_token_ids(LAYOUT_TOKENS)
 
     @property
     def vqmodel(self):

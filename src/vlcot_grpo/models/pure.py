@@ -154,13 +154,7 @@ class PureBackend(ImageTokenBackend):
 
     @cached_property
     def _ids(self) -> dict[str, int]:
-        ids = {}
-        for tok in (*LAYOUT_TOKENS, END_OF_TURN):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if tid is None or tid == self.tokenizer.unk_token_id:
-                raise ValueError(f"PURE tokenizer lacks the layout token {tok!r}")
-            ids[tok] = int(tid)
-        return ids
+        return self._named_token_ids((*LAYOUT_TOKENS, END_OF_TURN))
 
     @cached_property
     def _size_ids(self) -> dict[int, int]:
