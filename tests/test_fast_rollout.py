@@ -415,8 +415,12 @@ def test_seeded_samples_equal_reference(tiny_family, hooks, photo, guidance, sha
     assert sum(same) >= len(same) - 1
     rows = [i for i, ok in enumerate(same) if ok]
     assert all(fast.sampled_mask[i] == ref.sampled_mask[i] and fast.finished[i] == ref.finished[i] for i in rows)
-    # the sampling log-probs and the entropy top-k they record agree too
-    assert all(fast.top_k[i] == ref.top_k[i] for i in rows) and any(max(fast.top_k[i]) > 0 for i in rows)
+    # the sampling log-probs and the entropy top-k they record agree too; k = round(1 + 1999 sigmoid(H - 5)) is
+    # steep, so the same ~1e-7 in the entropy can put one k a unit off at a rounding boundary (seen with the
+    # trained tiny VQ's prompt codes: 1261 vs 1260, the sampled tokens equal)
+    assert all(len(fast.top_k[i]) == len(ref.top_k[i]) for i in rows)
+    assert all(abs(a - b) <= 1 for i in rows for a, b in zip(fast.top_k[i], ref.top_k[i]))
+    assert any(max(fast.top_k[i]) > 0 for i in rows)
     for i in rows:
         torch.testing.assert_close(torch.tensor(fast.logprobs[i]), torch.tensor(ref.logprobs[i]), atol=1e-4, rtol=0)
     parses = parse_completions(backend, fast.completion_ids, tiny.grids, decode_images=False)

@@ -1,9 +1,11 @@
 """The bundled demo dataset: real photographs that ship inside installed packages, so it builds offline.
 
-Seven photos, all public domain or CC0 (licences and credits in ``demo_annotations.json``): six from
+Seven training photos, all public domain or CC0 (licences and credits in ``demo_annotations.json``): six from
 scikit-image's bundled sample data (astronaut, chelsea, coffee, rocket, hubble_deep_field, retina) and
-``grace_hopper.jpg`` from matplotlib's sample data. Each comes with 3-6 object tags and a one-line caption written
-for this project. :func:`build_demo_dataset` turns them into a VLCoT dataset (default: 64x64 HR, the size of the
+``grace_hopper.jpg`` from matplotlib's sample data; and three held-out photos (split ``heldout``: scikit-image's
+camera, coins and immunohistochemistry, CC0 or "no known copyright restrictions") that nothing trains on, for
+evaluating what training did on photos it never saw. Each comes with 3-6 object tags and a one-line caption written
+for this project. :func:`build_demo_dataset` turns a split into a VLCoT dataset (default: 64x64 HR, the size of the
 embedded tiny model's final stage) in a few seconds.
 """
 
@@ -23,6 +25,8 @@ from PIL import Image
 from vlcot_grpo.data.dataset import StageSizes, build_vlcot_dataset, read_rgb_image
 
 ANNOTATIONS_FILE = "demo_annotations.json"
+#: The splits of ``demo_annotations.json``: SFT, GRPO and the tiny VQ train on "train" only.
+SPLITS = ("train", "heldout")
 
 
 @lru_cache(maxsize=1)
@@ -31,9 +35,12 @@ def _annotation_file() -> dict[str, Any]:
     return json.loads(text)
 
 
-def demo_annotations() -> list[dict[str, Any]]:
-    """One dict per demo image: name, loader, licence, credit, tags, caption."""
-    return [dict(entry) for entry in _annotation_file()["images"]]
+def demo_annotations(split: str | None = "train") -> list[dict[str, Any]]:
+    """One dict per demo image of ``split`` (None: all): name, loader, licence, credit, tags, caption, split."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"demo split {split!r}: expected one of {SPLITS} or None")
+    entries = [dict(entry) for entry in _annotation_file()["images"]]
+    return [entry for entry in entries if split is None or entry["split"] == split]
 
 
 def load_demo_image_bytes(loader: str) -> bytes:
@@ -56,10 +63,10 @@ def load_demo_image_bytes(loader: str) -> bytes:
 
 def load_demo_image(name: str) -> Image.Image:
     """One demo photo by name (e.g. "chelsea") as an RGB PIL image."""
-    for entry in demo_annotations():
+    for entry in demo_annotations(None):
         if entry["name"] == name:
             return read_rgb_image(load_demo_image_bytes(entry["loader"]), entry["loader"])
-    raise KeyError(f"no demo image {name!r}; available: {[entry['name'] for entry in demo_annotations()]}")
+    raise KeyError(f"no demo image {name!r}; available: {[entry['name'] for entry in demo_annotations(None)]}")
 
 
 def _source_name(entry: dict[str, Any]) -> str:
@@ -68,9 +75,9 @@ def _source_name(entry: dict[str, Any]) -> str:
     return name if package == "matplotlib" else f"{entry['name']}.png"
 
 
-def demo_source_dataset() -> datasets.Dataset:
-    """The raw demo photos: columns ``image`` (Image), ``tags``, ``caption``, ``source``, ``licence``."""
-    entries = demo_annotations()
+def demo_source_dataset(split: str = "train") -> datasets.Dataset:
+    """The raw demo photos of ``split``: columns ``image`` (Image), ``tags``, ``caption``, ``source``, ``licence``."""
+    entries = demo_annotations(split)
     rows = {
         "image": [{"bytes": load_demo_image_bytes(entry["loader"]), "path": None} for entry in entries],
         "tags": [entry["tags"] for entry in entries],
@@ -96,14 +103,16 @@ def build_demo_dataset(
     stage_sizes: StageSizes | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    split: str = "train",
 ) -> datasets.Dataset:
-    """The demo VLCoT dataset (columns as :func:`~vlcot_grpo.data.dataset.build_vlcot_dataset`), built offline.
+    """The demo VLCoT dataset of ``split`` (columns as :func:`~vlcot_grpo.data.dataset.build_vlcot_dataset`), built
+    offline. Each photo's degradation depends on ``seed`` and its content only, so the splits never interact.
 
     ``stage_sizes``: three ints or (h, w) pairs, or {"rough": ..., "middle": ..., "final": ...}; default
     (hr/4, hr/2, hr). ``cache_dir`` defaults to :func:`~vlcot_grpo.data.dataset.default_cache_dir`.
     """
     return build_vlcot_dataset(
-        demo_source_dataset(),
+        demo_source_dataset(split),
         hr_size=hr_size,
         scale=scale,
         stage_sizes=stage_sizes,

@@ -42,6 +42,13 @@ class TinyEmu3Spec:
     )
     vq_embed_dim: int = field(default=4, metadata={"help": "Code vector size."})
     seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
+    vq_weights: str = field(
+        default="trained",
+        metadata={
+            "help": "'trained': the VQ tokenizer shipped in the package (vlcot_grpo.models.tiny_vq; it fits the "
+            "default VQ fields only), so pictures are recognisable; 'random': random VQ weights (any VQ shape)."
+        },
+    )
 
 
 def build_tiny_tokenizer(codebook_size: int) -> PreTrainedTokenizerFast:
@@ -59,22 +66,27 @@ def build_tiny_tokenizer(codebook_size: int) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def tiny_emu3_vq_config(spec: TinyEmu3Spec) -> dict:
+    """The ``Emu3VQVAEConfig`` fields of the tiny VQ model of shape ``spec`` (also what ``tiny_vq`` trains)."""
+    return {
+        "codebook_size": spec.codebook_size,
+        "embed_dim": spec.vq_embed_dim,
+        "latent_channels": spec.vq_embed_dim,
+        "temporal_downsample_factor": 1,
+        "base_channels": spec.vq_base_channels,
+        "channel_multiplier": list(spec.vq_channel_multiplier),
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        # the VQ middle block's attention runs at the last stage's width
+        "hidden_size": spec.vq_base_channels * spec.vq_channel_multiplier[-1],
+        "num_attention_heads": 1,
+    }
+
+
 def tiny_emu3_config(spec: TinyEmu3Spec, vocab: dict[str, int], pad_id: int, bos_id: int, eos_id: int) -> Emu3Config:
     """The Emu3 config of a tiny model of shape ``spec`` over the tokenizer vocabulary ``vocab`` (token -> id)."""
     return Emu3Config(
-        vq_config={
-            "codebook_size": spec.codebook_size,
-            "embed_dim": spec.vq_embed_dim,
-            "latent_channels": spec.vq_embed_dim,
-            "temporal_downsample_factor": 1,
-            "base_channels": spec.vq_base_channels,
-            "channel_multiplier": list(spec.vq_channel_multiplier),
-            "num_res_blocks": 1,
-            "attn_resolutions": [],
-            # the VQ middle block's attention runs at the last stage's width
-            "hidden_size": spec.vq_base_channels * spec.vq_channel_multiplier[-1],
-            "num_attention_heads": 1,
-        },
+        vq_config=tiny_emu3_vq_config(spec),
         text_config={
             "vocab_size": len(vocab),
             "hidden_size": spec.hidden_size,
@@ -100,13 +112,34 @@ def build_emu3_model(config: Emu3Config, seed: int):
 
 
 def build_tiny_emu3(spec: TinyEmu3Spec | None = None):
-    """A randomly initialised tiny Emu3 model and its tokenizer, deterministic for a given ``spec.seed``."""
+    """A tiny Emu3 model and its tokenizer: a randomly initialised language model, deterministic for a given
+    ``spec.seed``, and the shipped trained VQ tokenizer (``spec.vq_weights == "trained"``) or a random one."""
     spec = spec or TinyEmu3Spec()
     tokenizer = build_tiny_tokenizer(spec.codebook_size)
     config = tiny_emu3_config(
         spec, tokenizer.get_vocab(), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
     )
-    return build_emu3_model(config, spec.seed), tokenizer
+    model = build_emu3_model(config, spec.seed)
+    if spec.vq_weights == "trained":
+        load_trained_vq(model.model.vqmodel)
+    elif spec.vq_weights != "random":
+        raise ValueError(f"TinyEmu3Spec.vq_weights {spec.vq_weights!r}: expected 'trained' or 'random'")
+    return model, tokenizer
+
+
+def load_trained_vq(vqmodel) -> None:
+    """Load the shipped tiny VQ weights into ``vqmodel`` (an ``Emu3VQVAE`` of the default tiny VQ shape)."""
+    from vlcot_grpo.models.tiny_vq import load_shipped_weights
+
+    weights = load_shipped_weights()
+    have = {key: tuple(value.shape) for key, value in vqmodel.state_dict().items()}
+    want = {key: tuple(value.shape) for key, value in weights.items()}
+    if have != want:
+        raise ValueError(
+            "the shipped tiny VQ weights fit TinyEmu3Spec's default VQ fields (codebook_size, vq_base_channels, "
+            "vq_channel_multiplier, vq_embed_dim) only; for another VQ shape set vq_weights: random"
+        )
+    vqmodel.load_state_dict(weights)
 
 
 def save_tiny_emu3(path: str | Path, spec: TinyEmu3Spec | None = None) -> Path:
@@ -246,8 +279,19 @@ def save_tiny_model(path: str | Path, family: str = "emu3", spec=None) -> Path:
     model, tokenizer = build(spec)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / SPEC_FILE).write_text(json.dumps({"family": family, **asdict(spec)}, indent=2))
+    (path / SPEC_FILE).write_text(json.dumps(_spec_record(family, spec), indent=2))
     return path
+
+
+def _spec_record(family: str, spec) -> dict:
+    """What SPEC_FILE holds: family and spec, and the digest of shipped VQ weights, so that a checkpoint built
+    before the weights were retrained is rebuilt."""
+    record = {"family": family, **asdict(spec)}
+    if record.get("vq_weights") == "trained":
+        from vlcot_grpo.models.tiny_vq import weights_digest
+
+        record["vq_weights_sha256"] = weights_digest()
+    return record
 
 
 def ensure_tiny_model(path: str | Path, family: str = "emu3", spec=None) -> Path:
@@ -255,7 +299,7 @@ def ensure_tiny_model(path: str | Path, family: str = "emu3", spec=None) -> Path
     spec = spec or TINY_FAMILIES[family][0]()
     path = Path(path)
     marker = path / SPEC_FILE
-    want = json.loads(json.dumps({"family": family, **asdict(spec)}))
+    want = json.loads(json.dumps(_spec_record(family, spec)))
     if marker.exists():
         have = json.loads(marker.read_text())
         have.setdefault("family", "emu3")  # written before there was a second family
