@@ -49,7 +49,13 @@ from vlcot_grpo.rollout import DECODE_ATTENTION, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import STAGES
 
 PRESETS = {
-    "tiny": {"max_position_embeddings": 16384, "vq_channel_multiplier": (1, 1, 2, 2), "codebook_size": 256},
+    # Emu3 presets: a VQ shape of their own, with random weights (the shipped tiny VQ fits the tiny model only)
+    "tiny": {
+        "max_position_embeddings": 16384,
+        "vq_channel_multiplier": (1, 1, 2, 2),
+        "codebook_size": 256,
+        "vq_weights": "random",
+    },
     "1b": {
         "hidden_size": 2048,
         "num_hidden_layers": 18,
@@ -59,6 +65,7 @@ PRESETS = {
         "max_position_embeddings": 16384,
         "codebook_size": 32768,
         "vq_channel_multiplier": (1, 1, 2, 2),
+        "vq_weights": "random",
     },
     "7b": {
         "hidden_size": 4096,
@@ -69,6 +76,7 @@ PRESETS = {
         "max_position_embeddings": 16384,
         "codebook_size": 73609,  # + 119 text/special tokens = the reference's vocabulary of 73728
         "vq_channel_multiplier": (1, 1, 2, 2),
+        "vq_weights": "random",
     },
     "pure-tiny": {"family": "pure", "max_position_embeddings": 16384},
     "janus-tiny": {"family": "janus", "max_position_embeddings": 16384, "vq_channel_multiplier": (1, 1, 2, 2, 4)},

@@ -256,6 +256,8 @@ def test_the_documented_recipe_entries_load_through_the_grpo_script(tmp_path, mo
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("my_pkg", "my_pkg.my_module"):  # another test's my_pkg may be imported already
+        monkeypatch.delitem(sys.modules, name, raising=False)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(textwrap.dedent(block) + "output_dir: out\nbf16: false\nuse_cpu: true\n")
     script_args, training_args, _ = grpo.parse_args(["--config", str(recipe)])
