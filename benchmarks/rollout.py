@@ -348,18 +348,18 @@ def profile_step(model, backend, prompts, args, device, steps: int = 3) -> dict:
 
     config = rollout_config(args, "static", 64)  # long enough for the 2 + steps steps run
     decoder = StaticDecoder(RolloutEngine(model, backend, config), device)
-    decoder._setup(prompts, args.group, device)
-    key = (decoder._read_bucket(steps + 1), decoder._guide_bucket(0))  # covers every step run
+    decoder.prepare(prompts, args.group)
+    key = (decoder.read_bucket(steps + 1), decoder.guide_bucket(0))  # covers every step run
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with decoder.decoding():
         for _ in range(2):  # lazy set-up (and compilation) outside the profile
-            decoder._step(*key)
+            decoder.step(*key)
         sync(device)
         with profile(activities=activities) as prof:
             for _ in range(steps):
-                decoder._step(*key)
+                decoder.step(*key)
             sync(device)
-    decoder._release()
+    decoder.release()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if kernels:  # on CUDA: the kernels themselves
         timed = [(e.name, e.time_range.elapsed_us()) for e in kernels]
@@ -391,7 +391,8 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
     CUDA-only (an error entry elsewhere)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vlcot_grpo.fast_rollout import _attend, _summary
+    from vlcot_grpo.attention import attend
+    from vlcot_grpo.fast_rollout import error_summary
 
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
@@ -429,7 +430,7 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
 
         def engine_sdpa():  # the engine's own attention call
             k, v = keys_bhsd[:, :, :length], values_bhsd[:, :, :length]
-            return _attend(query[:, :, None], k, v, bias, scale).reshape(rows, heads, dim)
+            return attend(query[:, :, None], k, v, bias, scale).reshape(rows, heads, dim)
 
         def engine_sdpa_efficient():
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
@@ -499,7 +500,7 @@ def attention_options(model, rows: int, device, lengths=(4608, 9216), total: int
                 seconds = (time.perf_counter() - start) / reps
                 timed[name] = {"us": seconds * 1e6, "tbs": useful / seconds / 1e12, "max_err": err}
             except Exception as err:
-                timed[name] = {"error": _summary(err)[:200]}
+                timed[name] = {"error": error_summary(err)[:200]}
         return timed
 
     return {length: at(length) for length in lengths}

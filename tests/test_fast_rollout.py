@@ -134,17 +134,17 @@ def _prompts(backend, photo, lr=(16, 16)):
 def small_pieces(monkeypatch):
     """The "split" kernel cuts even the tiny model's short reads into many pieces (16 positions each: the
     memory-efficient kernel wants its mask rows 16-aligned)."""
-    from vlcot_grpo import fast_rollout
+    from vlcot_grpo import attention
 
-    monkeypatch.setattr(fast_rollout, "SPLIT_MIN_PIECE", 16)
-    monkeypatch.setattr(fast_rollout, "SPLIT_BLOCKS_PER_UNIT", 10_000)
-    pieces, attend = [], fast_rollout._split_kv_attention
+    monkeypatch.setattr(attention, "SPLIT_MIN_PIECE", 16)
+    monkeypatch.setattr(attention, "SPLIT_BLOCKS_PER_UNIT", 10_000)
+    pieces, attend = [], attention.split_kv_attention
 
     def counted(q, keys, values, bias, scaling):
         pieces.append(bias.shape[1])
         return attend(q, keys, values, bias, scaling)
 
-    monkeypatch.setattr(fast_rollout, "_split_kv_attention", counted)
+    monkeypatch.setattr(attention, "split_kv_attention", counted)
     return pieces
 
 
@@ -213,7 +213,7 @@ def test_greedy_guidance_changes_codes_in_both_engines(tiny, photo):
 def test_attention_kernels_equal_plain_attention(kv_heads):
     """Both decode kernels (grouped heads folded into the query, masked positions, pieces merged by log-sum-exp)
     against attention written out with repeated key/value heads."""
-    from vlcot_grpo.fast_rollout import _attend, split_bias
+    from vlcot_grpo.attention import attend, split_bias
 
     gen = torch.Generator().manual_seed(0)
     b, heads, length, dim = 3, 4, 64, 8
@@ -227,14 +227,14 @@ def test_attention_kernels_equal_plain_attention(kv_heads):
     scores = (q @ kr.transpose(-1, -2)) * 0.3
     want = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), -1) @ vr
     bias = torch.zeros(b, 1, 1, length).masked_fill(~mask[:, None, None, :], float("-inf"))
-    torch.testing.assert_close(_attend(q, k, v, bias, 0.3, "sdpa"), want)
+    torch.testing.assert_close(attend(q, k, v, bias, 0.3, "sdpa"), want)
     # "split": pieces of 16; row 0 sees only its first piece, row 1 only its last (the others are wholly masked)
     mask[0, 16:] = False
     mask[1, :48] = False
     mask[1, 60] = True
     want = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), -1) @ vr
     for splits in (1, 2, 4):
-        got = _attend(q, k, v, split_bias(mask, kv_heads, splits, q.dtype), 0.3, "split")
+        got = attend(q, k, v, split_bias(mask, kv_heads, splits, q.dtype), 0.3, "split")
         torch.testing.assert_close(got, want, msg=f"split {splits}")
 
 
@@ -245,7 +245,7 @@ def _check_shared_attention(
     each row's own keys by log-sum-exp) against each row attending to its prompt's visible keys followed by its own
     ``own``, written out. The second prompt has left padding over whole pieces and every prompt 3 hidden rounding
     columns."""
-    from vlcot_grpo.fast_rollout import _attend_shared, merge_shared_attention, split_bias
+    from vlcot_grpo.attention import attend_shared, merge_shared_attention, split_bias
 
     gen = torch.Generator(device).manual_seed(0)
     rows, rep = prompts * g, heads // kv_heads
@@ -262,7 +262,7 @@ def _check_shared_attention(
     prompt_bias = split_bias(visible, kv_heads, pieces, dtype)
     bias = torch.zeros(rows, 1, 1, n, dtype=dtype, device=device)  # as the engine makes it: one row per row
     bias.masked_fill_(torch.arange(n, device=device) >= own, float("-inf"))
-    got = _attend_shared(q, pk, pv, prompt_bias, k, v, bias, g, 0.3, merge or merge_shared_attention)
+    got = attend_shared(q, pk, pv, prompt_bias, k, v, bias, g, 0.3, merge or merge_shared_attention)
     for r in range(rows):
         p = r // g
         keys = torch.cat([pk[p][:, visible[p]], k[r, :, :own]], 1).repeat_interleave(rep, 0)
@@ -287,7 +287,7 @@ def test_shared_prompt_attention_bf16_three_prompts():
 
 
 def test_prompt_pieces():
-    from vlcot_grpo.fast_rollout import prompt_pieces
+    from vlcot_grpo.attention import prompt_pieces
 
     assert prompt_pieces(32, 4191, 132) == (33, 128)  # 7B paper shape on an H100: 1056 blocks
     assert prompt_pieces(8, 4191, 132) == (33, 128)  # 1B: pieces no shorter than 128
@@ -311,23 +311,23 @@ def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
             model, backend, _config(max_new_tokens=40, guidance_scale=3.0, share_prompt_cache=shared)
         )
         decoder = StaticDecoder(engine, torch.device("cpu"))
-        decoder._setup(prompts, 4, torch.device("cpu"))
-        kv = decoder.kv
-        assert decoder.shared == shared and (kv.mask is None) == shared
+        decoder.prepare(prompts, 4)
+        caches = decoder.caches
+        assert decoder.shared == shared and (caches.row.mask is None) == shared and (caches.prompt is None) != shared
         if shared:
             assert decoder.pieces[0] > 1  # one thread: pieces of ~250 positions
-            assert (
-                kv.prompt_keys[0].shape[0] == 3 and kv.prompt_keys[0].shape[2] == decoder.pieces[0] * decoder.pieces[1]
-            )
-            assert width <= kv.prompt_keys[0].shape[2] < width + 16 * decoder.pieces[0]
-            assert kv.keys[0].shape[2] == 48  # 40 new tokens in buckets of 16
+            prompt_keys = caches.prompt.keys[0]
+            assert prompt_keys.shape[0] == 3 and prompt_keys.shape[2] == decoder.pieces[0] * decoder.pieces[1]
+            assert width <= prompt_keys.shape[2] < width + 16 * decoder.pieces[0]
+            assert caches.row.length == 48  # 40 new tokens in buckets of 16
         else:
-            assert kv.keys[0].shape[2] == -(-(width + 40) // 16) * 16
-        sizes[shared] = sum(t.numel() for t in kv.keys + kv.values + (kv.prompt_keys or []) + (kv.prompt_values or []))
+            assert caches.row.length == -(-(width + 40) // 16) * 16
+        held = [caches.row] + ([caches.prompt] if shared else [])  # the guidance cache is the same either way
+        sizes[shared] = sum(t.numel() for c in held for t in c.keys + c.values)
     assert sizes[True] < 0.5 * sizes[False]
     decoder = StaticDecoder(RolloutEngine(model, backend, _config(share_prompt_cache=True)), torch.device("cpu"))
-    decoder._setup(prompts, 1, torch.device("cpu"))
-    assert not decoder.shared and decoder.kv.prompt_keys is None
+    decoder.prepare(prompts, 1)
+    assert not decoder.shared and decoder.caches.prompt is None
     with pytest.raises(ValueError, match="share_prompt_cache works with decode_attention='sdpa' only, got 'split'"):
         _config(share_prompt_cache=True, decode_attention="split")
     with pytest.raises(ValueError, match="share_prompt_cache needs kv_bucket to be a multiple of 16, got 24"):
@@ -336,7 +336,7 @@ def test_shared_prompt_cache_holds_each_prompt_once(tiny, photo):
 
 def test_split_sizes():
     """Pieces: powers of two, aligned, none shorter than SPLIT_MIN_PIECE, enough blocks per SM."""
-    from vlcot_grpo.fast_rollout import SPLIT_ALIGN, SPLIT_BLOCKS_PER_UNIT, SPLIT_MIN_PIECE, num_splits
+    from vlcot_grpo.attention import SPLIT_ALIGN, SPLIT_BLOCKS_PER_UNIT, SPLIT_MIN_PIECE, num_splits
 
     assert num_splits(5 * 32, 4608, 132) == 8  # 7B paper shape on an H100: 1280 blocks
     assert num_splits(5 * 8, 4608, 132) == 32  # 1B (8 key/value heads): 1280 blocks, pieces of 144
@@ -430,8 +430,8 @@ def test_seeded_samples_equal_reference(tiny_family, hooks, photo, guidance, sha
 class _Recorder(StaticDecoder):
     """Keeps the unconditional logits after every step (those that guide the next token)."""
 
-    def _step(self, read_len, guide_read_len):
-        super()._step(read_len, guide_read_len)
+    def step(self, read_len, guide_read_len):
+        super().step(read_len, guide_read_len)
         self.uncond.append(self.state["uncond_logits"].clone())
         self.cond.append(self.state["logits"].clone())
 
@@ -514,7 +514,7 @@ def test_buckets_follow_length_and_live_image(tiny, hooks, photo):
     guides = [g for _, g in decoder.buckets_used]
     assert conds == [-(-(width + t + 1) // 16) * 16 for t in range(len(conds))]
     # short while writing the rough image, long for the final one; always whole buckets
-    assert max(guides) <= -(-int(decoder.engine.template_len.max()) // 16) * 16 and min(guides) < max(guides)
+    assert max(guides) <= -(-int(decoder.engine.layout.template_len.max()) // 16) * 16 and min(guides) < max(guides)
     assert all(g % 16 == 0 for g in guides)
     assert all(batch.finished) and len(conds) < 150
 
@@ -524,12 +524,12 @@ class _WarmEveryStep(StaticDecoder):
 
     _warming = False
 
-    def _step(self, read_len, guide_read_len):
+    def step(self, read_len, guide_read_len):
         if not self._warming:
             self._warming = True
-            self._rolled_back_step((read_len, guide_read_len))
+            self.warm_up((read_len, guide_read_len))
             self._warming = False
-        super()._step(read_len, guide_read_len)
+        super().step(read_len, guide_read_len)
 
 
 def test_warm_up_before_capture_leaves_no_trace(tiny, hooks, photo):
@@ -557,17 +557,17 @@ def test_step_traces_without_graph_breaks(tiny, photo, shared):
     results = []
     for compiled in (False, True):
         decoder = StaticDecoder(engine, torch.device("cpu"))
-        decoder._setup([prompt], 2, torch.device("cpu"))
-        step = decoder._step
+        decoder.prepare([prompt], 2)
+        step = decoder.step
         if compiled:
             torch._dynamo.reset()
-            step = torch.compile(decoder._step, backend="eager", fullgraph=True)
+            step = torch.compile(decoder.step, backend="eager", fullgraph=True)
         gen = torch.Generator().manual_seed(0)
         with _split_attention(model):
             for _ in range(6):
                 decoder.state["text_noise"].exponential_(generator=gen)
                 decoder.state["code_noise"].exponential_(generator=gen)
-                step(decoder._read_bucket(0), 16)
+                step(decoder.read_bucket(0), 16)
         results.append(decoder.state["tokens"][:, :6].clone())
     torch._dynamo.reset()
     assert torch.equal(results[0], results[1])
@@ -579,20 +579,20 @@ def test_fused_projections_write_the_reference_tokens(tiny, hooks, photo, monkey
     their adapters merged (unmerged, the adapters would be skipped)."""
     from peft import LoraConfig, get_peft_model
 
-    from vlcot_grpo import fast_rollout
+    from vlcot_grpo import fusion
     from vlcot_grpo.models.tiny import build_tiny_emu3
 
     model, _, backend = tiny
     pre, hook = _chain_hooks(backend)
     hooks(hook, pre_embed=pre)
     before = {name: id(m) for name, m in model.named_modules()}
-    seen, fused_forward = [], fast_rollout._FusedFirst.forward
+    seen, fused_forward = [], fusion.FusedFirst.forward
 
     def counting(self, x):
         seen.append(tuple(self.sizes))
         return fused_forward(self, x)
 
-    monkeypatch.setattr(fast_rollout._FusedFirst, "forward", counting)
+    monkeypatch.setattr(fusion.FusedFirst, "forward", counting)
     kw = {"max_new_tokens": 300, "do_sample": False, "guidance_scale": 3.0}
     ref, fast = _both(model, backend, _prompts(backend, photo), 2, fuse_projections=True, **kw)
     assert fast.completion_ids == ref.completion_ids and fast.finished == ref.finished
@@ -605,10 +605,10 @@ def test_fused_projections_write_the_reference_tokens(tiny, hooks, photo, monkey
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         want = lora(input_ids=ids).logits
-        with fast_rollout._fused_projections(lora) as swapped:
+        with fusion.fused_projections(lora) as swapped:
             assert swapped == 0  # unmerged adapters: fusing the base weights would drop them
         lora.merge_adapter()  # as rollout_merge_adapters does: the merged base layers are fused
-        with fast_rollout._fused_projections(lora) as swapped:
+        with fusion.fused_projections(lora) as swapped:
             assert swapped == len(targets) * layers
             got = lora(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -622,7 +622,7 @@ def test_compiled_layers_write_the_reference_tokens(bench, shared):
     ``shared``: with share_prompt_cache (its merge compiled too)."""
     from torch._dynamo.utils import counters
 
-    from vlcot_grpo.fast_rollout import _decoder_layers
+    from vlcot_grpo.fusion import decoder_layers
     from vlcot_grpo.models import load_backend
     from vlcot_grpo.models.tiny import TinyEmu3Spec, build_tiny_emu3
 
@@ -630,7 +630,7 @@ def test_compiled_layers_write_the_reference_tokens(bench, shared):
     backend = load_backend(model.eval(), tokenizer)
     bench.add_chain_hooks(model, backend)
     prompts = bench.make_prompts(backend, 2, 32)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     assert len(layers) == 10
     torch._dynamo.reset()
     counters.clear()
@@ -686,7 +686,7 @@ def test_compiled_fused_layers_write_the_reference_tokens(bench):
 def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
     """A compile that fails (here: no working C++ compiler for inductor's CPU kernels) is an error naming
     compile_step; the model's layers and attention are as before."""
-    from vlcot_grpo.fast_rollout import _decoder_layers
+    from vlcot_grpo.fusion import decoder_layers
 
     model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
     prompts = bench.make_prompts(backend, 1, 32)
@@ -699,7 +699,7 @@ def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
                 RolloutEngine(model, backend, config).generate(prompts, 2)
     finally:
         torch._dynamo.reset()
-    assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
     assert model.config.get_text_config()._attn_implementation == attention
 
 
@@ -709,7 +709,7 @@ def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(bench, monke
     generator untouched by the attempt), and the engine's later calls do not try again."""
     import logging
 
-    from vlcot_grpo.fast_rollout import _decoder_layers
+    from vlcot_grpo.fusion import decoder_layers
 
     model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
     bench.add_chain_hooks(model, backend)
@@ -723,25 +723,25 @@ def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(bench, monke
     runs = []
     monkeypatch.setattr(
         StaticDecoder,
-        "_setup",
-        lambda self, *a, _setup=StaticDecoder._setup: runs.append(self.compile) or _setup(self, *a),
+        "prepare",
+        lambda self, *a, _prepare=StaticDecoder.prepare: runs.append(self.compile) or _prepare(self, *a),
     )
     torch._dynamo.reset()
     try:
         with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}):
-            with caplog.at_level(logging.WARNING, logger="vlcot_grpo.rollout"):
+            with caplog.at_level(logging.WARNING, logger="vlcot_grpo.fast_rollout"):
                 got = engine.generate(prompts, 2, torch.Generator().manual_seed(3))
             again = engine.generate(prompts, 2, torch.Generator().manual_seed(3))
     finally:
         torch._dynamo.reset()
     assert runs == [True, False, False]  # one compiled attempt, then uncompiled, and uncompiled afterwards
     assert "compile_step (rollout_compile" in engine.compile_failure and "C++ compiler" in engine.compile_failure
-    warned = [r.message for r in caplog.records if r.name == "vlcot_grpo.rollout"]
+    warned = [r.message for r in caplog.records if r.name == "vlcot_grpo.fast_rollout"]
     assert warned == [
         f"{engine.compile_failure}. compile_step was left unset: the decode steps run uncompiled from now on"
     ]
     assert got.completion_ids == want.completion_ids == again.completion_ids
-    assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
 
 
 def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(bench, monkeypatch, caplog):
@@ -751,7 +751,7 @@ def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(bench, monkeypat
     is raised and names the option; the model's modules are untouched either way."""
     import logging
 
-    from vlcot_grpo import fast_rollout
+    from vlcot_grpo import fusion
 
     model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
     bench.add_chain_hooks(model, backend)
@@ -760,7 +760,7 @@ def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(bench, monkeypat
     want = RolloutEngine(model, backend, _config(fuse_projections=False, **kw)).generate(prompts, 2)
     before = {name: id(m) for name, m in model.named_modules()}
     monkeypatch.setattr(RolloutConfig, "resolved_fuse", lambda self, device: self.fuse_projections is not False)
-    copies, concatenated = [], fast_rollout._concatenated
+    copies, concatenated = [], fusion.concatenated_weights
 
     def third_copy_fails(linears):
         copies.append(len(linears))
@@ -768,7 +768,7 @@ def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(bench, monkeypat
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
         return concatenated(linears)
 
-    monkeypatch.setattr(fast_rollout, "_concatenated", third_copy_fails)
+    monkeypatch.setattr(fusion, "concatenated_weights", third_copy_fails)
     engine = RolloutEngine(model, backend, _config(**kw))
     with caplog.at_level(logging.WARNING, logger="vlcot_grpo.fast_rollout"):
         got = engine.generate(prompts, 2)
@@ -813,11 +813,11 @@ def test_step_reads_nothing_from_the_host(tiny, photo, kernel, small_pieces):
     prompt = encode_prompt(backend, photo, (16, 16)) + [backend.tag_ids["<rough_image>"]]
     config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, **_attention(kernel))
     decoder = StaticDecoder(RolloutEngine(model, backend, config), torch.device("cpu"))
-    decoder._setup([prompt], 2, torch.device("cpu"))
+    decoder.prepare([prompt], 2)
     ops = Ops()
     with _split_attention(model), ops:
         for _ in range(3):
-            decoder._step(decoder._read_bucket(0), 16)
+            decoder.step(decoder.read_bucket(0), 16)
     assert ops.bad == []
 
 
@@ -861,19 +861,19 @@ def test_step_on_meta_tensors_makes_no_host_tensor(kernel, small_pieces):
 
     config = _config(max_new_tokens=8, guidance_scale=3.0, image_top_k=-1, text_top_p=0.9, **_attention(kernel))
     engine = RolloutEngine(model, backend, config)
-    engine._prefill_prompts = prefill
+    engine.prefill_prompts = prefill
     decoder = StaticDecoder(engine, meta)
-    decoder._setup([backend.bos_token_ids + [backend.tag_ids["<rough_image>"]]], 2, meta)
+    decoder.prepare([backend.bos_token_ids + [backend.tag_ids["<rough_image>"]]], 2)
     host = HostTensors()
     with _split_attention(model), host:
-        decoder._step(decoder.kv_cap, decoder.guide_cap)
+        decoder.step(decoder.caches.row.length, decoder.caches.guide.length)
     assert host.found == []
 
 
 def _split_attention(model):
-    from vlcot_grpo.fast_rollout import ATTENTION_NAME, _attention_implementation
+    from vlcot_grpo.attention import ATTENTION_NAME, attention_implementation
 
-    return _attention_implementation(model, ATTENTION_NAME)
+    return attention_implementation(model, ATTENTION_NAME)
 
 
 def test_attention_implementation_restored_and_engine_choice(tiny, photo):
@@ -935,7 +935,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
     from vlcot_grpo.config import VLCoTGRPOConfig
-    from vlcot_grpo.fast_rollout import _decoder_layers
+    from vlcot_grpo.fusion import decoder_layers
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
     if not _multinomial_is_exponential_race():
@@ -945,7 +945,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
     seen, static_runs = {}, []
     run = StaticDecoder.run
     monkeypatch.setattr(StaticDecoder, "run", lambda self, *a, **k: static_runs.append(1) or run(self, *a, **k))
-    fused_counts, fuse = [], fast_rollout._fused_projections
+    fused_counts, fuse = [], fast_rollout.fused_projections
 
     @contextlib.contextmanager
     def counted_fuse(model, *args):
@@ -953,7 +953,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
             fused_counts.append(swapped)
             yield swapped
 
-    monkeypatch.setattr(fast_rollout, "_fused_projections", counted_fuse)
+    monkeypatch.setattr(fast_rollout, "fused_projections", counted_fuse)
     runs = (
         ("reference", False, False, False),
         ("static", False, False, False),
@@ -1001,7 +1001,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
 
         trainer.engine.generate = record
         trainer.train()
-        assert all(layer._compiled_call_impl is None for layer in _decoder_layers(trainer.model))  # eager training
+        assert all(layer._compiled_call_impl is None for layer in decoder_layers(trainer.model))  # eager training
         seen[engine, compiled, shared, fused] = calls[0].completion_ids
     # a near-tie in one draw (float rounding differs between the attention paths) may change one row
     for other in runs[1:]:
@@ -1009,7 +1009,7 @@ def test_trainer_rollouts_equal_across_engines(tiny_path, tmp_path, monkeypatch)
         assert len(seen[other]) == 4 and same >= 3
     assert static_runs == [1, 1, 1]
     # the last run fused q/k/v and gate/up of every layer, its LoRA projections through their merged base layers
-    assert fused_counts == [5 * len(_decoder_layers(trainer.model))]
+    assert fused_counts == [5 * len(decoder_layers(trainer.model))]
     with pytest.raises(ValueError):
         VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_engine="fast")
     compiled = VLCoTGRPOConfig(output_dir=str(tmp_path / "x"), rollout_compile=True, use_cpu=True, report_to=[])
@@ -1027,16 +1027,14 @@ def test_caches_are_freed_when_generate_returns(tiny, photo, monkeypatch, compil
 
     model, _, backend = tiny
     refs = []
-    setup = StaticDecoder._setup
+    prepare = StaticDecoder.prepare
 
-    def recording_setup(self, *a, **k):
-        setup(self, *a, **k)
-        kv = self.kv
-        buffers = [*kv.keys, *kv.values, *kv.guide_keys, *(kv.prompt_keys or []), *(kv.prompt_values or [])]
-        assert (kv.prompt_keys is not None) == shared
-        refs.extend(weakref.ref(t) for t in [*buffers, self.state["logits"]])
+    def recording_prepare(self, *a, **k):
+        prepare(self, *a, **k)
+        assert (self.caches.prompt is not None) == shared and self.caches.guide is not None
+        refs.extend(weakref.ref(t) for t in [*self.caches.buffers(), self.state["logits"]])
 
-    monkeypatch.setattr(StaticDecoder, "_setup", recording_setup)
+    monkeypatch.setattr(StaticDecoder, "prepare", recording_prepare)
     config = _config(
         max_new_tokens=40, engine="static", guidance_scale=3.0, compile_step=compiled, share_prompt_cache=shared
     )
@@ -1270,7 +1268,7 @@ def test_gpu_split_attention_equals_sdpa(dtype, rows, heads, kv_heads):
     """The "split" kernel at the 7B (and a grouped-query) decode shape, through the private SDPA ops that return
     log-sum-exps (cuDNN for bf16, memory-efficient for fp32), against torch's SDPA; rows whose visible positions
     leave whole pieces masked included."""
-    from vlcot_grpo.fast_rollout import _attend, compute_units, num_splits, split_bias
+    from vlcot_grpo.attention import attend, compute_units, num_splits, split_bias
 
     gen = torch.Generator("cuda").manual_seed(0)
     length, dim = 4608, 128
@@ -1288,7 +1286,7 @@ def test_gpu_split_attention_equals_sdpa(dtype, rows, heads, kv_heads):
     want = F.scaled_dot_product_attention(
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=0.1
     )
-    got = _attend(q, k, v, split_bias(allowed, kv_heads, splits, dtype), 0.1, "split")
+    got = attend(q, k, v, split_bias(allowed, kv_heads, splits, dtype), 0.1, "split")
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
@@ -1302,9 +1300,9 @@ def test_gpu_shared_prompt_attention_equals_sdpa(dtype, prompts, heads, kv_heads
     """share_prompt_cache's attention at the 7B paper shape (one prompt of 4191 tokens in 33 pieces of 128, G = 5,
     300 generated tokens in a 512-long read) and a grouped-query one, through cuDNN (bf16) or the memory-efficient
     kernel (fp32) and the merge, eager or compiled (Triton)."""
-    from vlcot_grpo.fast_rollout import _compiled_merge
+    from vlcot_grpo.attention import compiled_merge
 
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    merge = _compiled_merge if compiled else None
+    merge = compiled_merge if compiled else None
     shape = {"prompts": prompts, "g": 5, "heads": heads, "kv_heads": kv_heads, "width": 4224, "n": 512, "own": 300}
     _check_shared_attention("cuda", dtype, **shape, pieces=33, dim=128, tol=tol, merge=merge)

@@ -25,10 +25,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
-from vlcot_grpo.models import CODE, ImageTokenBackend
+from vlcot_grpo.models import ImageTokenBackend
 from vlcot_grpo.sampling import log_prob_of, sampler_settings, step_scores
+from vlcot_grpo.state_machine import ChainLayout, RowState, StepTokens, advance, choose_tokens
 from vlcot_grpo.vlcot import STAGES
 
 logger = logging.getLogger(__name__)
@@ -223,27 +225,17 @@ class RolloutBatch:
 
 
 class RolloutEngine:
-    """Generates VLCoT completions with ``model`` (a causal LM taking ``input_ids``/``cache``) and its backend."""
+    """Generates VLCoT completions with ``model`` (a causal LM taking ``input_ids``/``cache``) and its backend.
+
+    The public pieces the static engine (``vlcot_grpo.fast_rollout``) shares: ``layout`` (the state machine's
+    tables), ``prefill_prompts`` and ``collect``."""
 
     def __init__(self, model, backend: ImageTokenBackend, config: RolloutConfig):
         self.model = model
         self.backend = backend
         self.config = config
-        tags = backend.tag_ids
-        self.eos_id = backend.eos_token_id if backend.eos_token_id is not None else -1
-        self.open_ids = torch.tensor([tags[f"<{s}_image>"] for s in STAGES])
-        self.final_close_id = tags["</final_image>"]
-        self.pad_id = backend.tokenizer.pad_token_id if backend.tokenizer.pad_token_id is not None else self.eos_id
-        # One template per stage: image layout + closing tag, padded into one (stages, max_len) tensor.
-        templates = []
-        for stage in STAGES:
-            grid = backend.grid_for(*config.stage_sizes[stage])
-            tail = [tags[f"</{stage}_image>"]]
-            if stage == STAGES[-1] and self.eos_id >= 0:
-                tail.append(self.eos_id)  # the chain is complete: end the completion so it reads as terminated
-            templates.append(torch.cat([backend.image_template(*grid), torch.tensor(tail)]))
-        self.template_len = torch.tensor([len(t) for t in templates])
-        self.templates = torch.nn.utils.rnn.pad_sequence(templates, batch_first=True, padding_value=self.pad_id)
+        self.layout = ChainLayout.from_backend(backend, config.stage_sizes)
+        self.pad_id = self.layout.pad_id
         self.text_mask = backend.text_token_mask.clone()
         self.code_mask = backend.image_code_mask.clone()
         #: why compiling the decode steps failed, once it has: the static engine then runs them uncompiled
@@ -262,159 +254,22 @@ class RolloutEngine:
         """
         device = self.model.device if hasattr(self.model, "device") else next(self.model.parameters()).device
         if self.resolved_engine(device) == "static":
-            from vlcot_grpo.fast_rollout import CompileStepError, StaticDecoder
+            from vlcot_grpo.fast_rollout import generate_static
 
-            decoder = StaticDecoder(self, device)
-            try:
-                return decoder.run(prompt_ids, num_generations, generator)
-            except CompileStepError as err:
-                if self.config.compile_step is not None:  # asked for explicitly: the caller hears of it
-                    raise
-                self.compile_failure = str(err)  # not the error itself: its frames hold the caches
-            # Unset, compile_step is a best effort: go on uncompiled, from the same generator state (the failed
-            # attempt drew nothing), after the failed decoder's buffers are gone.
-            decoder._release()
-            del decoder
-            logger.warning(
-                "%s. compile_step was left unset: the decode steps run uncompiled from now on", self.compile_failure
-            )
-            return StaticDecoder(self, device).run(prompt_ids, num_generations, generator)
+            return generate_static(self, device, prompt_ids, num_generations, generator)
         return self._generate_reference(prompt_ids, num_generations, generator, device)
 
     def resolved_engine(self, device) -> str:
         """The engine ``generate`` runs on ``device`` for this model (``RolloutConfig.resolved_engine``)."""
         return self.config.resolved_engine(device, has_quantized_weights(self.model))
 
-    def _generate_reference(self, prompt_ids, num_generations, generator, device) -> RolloutBatch:
-        cfg = self.config
-        guided = cfg.guidance_scale != 1.0
-        n_rows = len(prompt_ids) * num_generations
-        templates = self.templates.to(device)
-        template_len = self.template_len.to(device)
-        open_ids = self.open_ids.to(device)
-        text_mask, code_mask = self.text_mask.to(device), self.code_mask.to(device)
-        settings = sampler_settings(cfg)
-
-        cache, attn, positions, last_logits = self._prefill(prompt_ids, num_generations, device)
-        prompt_len = attn.shape[1]
-        uncond_logits = None
-        if guided:  # unconditional rows: same cache tensor, no context until their first image start
-            self._add_unconditional_rows(cache)
-            attn = torch.cat([attn, torch.zeros_like(attn)])
-            uncond_logits = torch.zeros_like(last_logits)
-
-        # State per row: -1 = text mode, else the stage index of the image being written; `tpos` = template index.
-        stage = torch.full((n_rows,), -1, dtype=torch.long, device=device)
-        tpos = torch.zeros(n_rows, dtype=torch.long, device=device)
-        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-        restart = torch.full((n_rows,), prompt_len, dtype=torch.long, device=device)  # uncond context start
-        stage.copy_(self._initial_stage(prompt_ids, num_generations))
-        lengths = torch.zeros(n_rows, dtype=torch.long, device=device)  # tokens written before each row ended
-
-        out_tokens, out_sampled, out_logps, out_k = [], [], [], []
-        for step in range(cfg.max_new_tokens):
-            in_image = stage >= 0
-            safe_stage = stage.clamp(min=0)
-            forced = templates[safe_stage, tpos.clamp(max=templates.shape[1] - 1)]
-            is_code = in_image & (forced == CODE)
-            is_forced = in_image & ~is_code
-
-            text, codes, k = step_scores(last_logits, uncond_logits, text_mask, code_mask, settings)
-            text_tok, text_lp = self._draw(text, generator)  # text first, then codes: the static engine's order
-            code_tok, code_lp = self._draw(codes, generator)
-
-            token = torch.where(is_code, code_tok, torch.where(is_forced, forced, text_tok))
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
-            sampled = ~done & ~is_forced
-            out_tokens.append(token)
-            out_sampled.append(sampled)
-            out_logps.append(torch.where(sampled, torch.where(is_code, code_lp, text_lp), 0.0))
-            out_k.append(torch.where(sampled & is_code, k, 0))
-            lengths += (~done).long()
-
-            # Advance the state machine.
-            cur_pos = prompt_len + step  # sequence index of `token`
-            starts_image = in_image & (tpos == 0)
-            restart = torch.where(starts_image, torch.full_like(restart, cur_pos), restart)
-            tpos = torch.where(in_image, tpos + 1, tpos)
-            image_done = in_image & (tpos >= template_len[safe_stage])
-            finished_chain = image_done & (stage == len(STAGES) - 1)
-            stage = torch.where(image_done, torch.full_like(stage, -1), stage)
-            tpos = torch.where(image_done, torch.zeros_like(tpos), tpos)
-            opens = (~in_image) & ~done & (token[:, None] == open_ids[None]).any(-1)
-            stage = torch.where(opens, (token[:, None] == open_ids[None]).long().argmax(-1), stage)
-            ends_text = (~in_image) & ((token == self.final_close_id) | (token == self.eos_id))
-            done = done | finished_chain | ends_text
-            if bool(done.all()):
-                break
-
-            # Feed the token: conditional rows continue, unconditional rows see only [restart, now].
-            positions = positions + 1
-            attn = torch.cat([attn, torch.ones(attn.shape[0], 1, dtype=attn.dtype, device=device)], dim=1)
-            feed, pos_feed = token, positions
-            if guided:
-                seq_index = torch.arange(attn.shape[1], device=device)
-                attn[n_rows:] = (seq_index[None] >= restart[:, None]).to(attn.dtype)
-                feed = torch.cat([token, token])
-                pos_feed = torch.cat([positions, (cur_pos - restart).clamp(min=0)])
-            logits = self._step(feed, pos_feed, attn, cache)
-            last_logits = logits[:n_rows]
-            if guided:
-                uncond_logits = logits[n_rows:]
-
-        def stacked(steps, dtype):
-            return torch.stack(steps, 1) if steps else torch.zeros(n_rows, 0, dtype=dtype)
-
-        return self._collect(
-            prompt_ids,
-            num_generations,
-            stacked(out_tokens, torch.long),
-            stacked(out_sampled, torch.bool),
-            done,
-            lengths,
-            stacked(out_logps, torch.float32),
-            stacked(out_k, torch.long),
-        )
-
     def image_positions(self, completion_ids: list[int], last_prompt_id: int) -> list[int]:
         """Each completion token's index in the image being written (0 = its image-start token), -1 outside images,
         as the state machine walks them: the position the unconditional branch gives the token. ``last_prompt_id``:
         a prompt that ends with an image-opening tag starts inside that image."""
-        opens, lengths = self.open_ids.tolist(), self.template_len.tolist()
-        stage = opens.index(last_prompt_id) if last_prompt_id in opens else -1
-        out, tpos = [], 0
-        for token in completion_ids:
-            if stage < 0:
-                out.append(-1)
-                stage = opens.index(token) if token in opens else -1
-                continue
-            out.append(tpos)
-            tpos += 1
-            if tpos >= lengths[stage]:
-                stage, tpos = -1, 0
-        return out
+        return self.layout.image_positions(completion_ids, last_prompt_id)
 
-    # ----- pieces ------------------------------------------------------------------------------------------------
-    def _initial_stage(self, prompt_ids, num_generations) -> torch.Tensor:
-        """-1 per row, or the stage whose image-opening tag ends the row's prompt (that row starts in image mode)."""
-        opens = self.open_ids.tolist()
-        stage = torch.full((len(prompt_ids) * num_generations,), -1, dtype=torch.long)
-        for i, ids in enumerate(prompt_ids):
-            if ids and ids[-1] in opens:
-                stage[i * num_generations : (i + 1) * num_generations] = opens.index(ids[-1])
-        return stage
-
-    def _prefill(self, prompt_ids, num_generations, device):
-        """Run each distinct prompt once, then share its cache across its ``num_generations`` rows."""
-        cache, attn, positions, logits = self._prefill_prompts(prompt_ids, device)
-        if num_generations > 1:
-            cache.batch_repeat_interleave(num_generations)
-            logits = logits.repeat_interleave(num_generations, 0)
-            attn = attn.repeat_interleave(num_generations, 0)
-            positions = positions.repeat_interleave(num_generations, 0)
-        return cache, attn, positions[:, -1], logits
-
-    def _prefill_prompts(self, prompt_ids, device):
+    def prefill_prompts(self, prompt_ids: list[list[int]], device):
         """One left-padded forward over the distinct prompts: (cache, attention mask, position ids, last logits)."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
@@ -431,6 +286,93 @@ class RolloutEngine:
             input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         )
         return cache, attn, positions, out.logits[:, -1]
+
+    def collect(self, prompt_ids, num_generations, steps: StepTokens, done, lengths) -> RolloutBatch:
+        """``steps``: (rows, steps) tensors as generated; row ``i`` is cut after its ``lengths[i]`` written tokens.
+        A row that ended by closing the chain in text (``</final_image>`` written as text) gets a forced EOS, so
+        that it reads as terminated, not truncated (TRL's ``mask_truncated_completions`` looks for EOS)."""
+        tokens, sampled, logprobs, top_k = (t.cpu() for t in steps)
+        lengths, finished = lengths.cpu().tolist(), done.cpu().tolist()
+        eos_id, final_close_id = self.layout.eos_id, self.layout.final_close_id
+        completions, masks, logps, ks = [], [], [], []
+        for row, keep in enumerate(lengths):
+            ids = tokens[row, :keep].tolist()
+            mask = sampled[row, :keep].long().tolist()
+            lp = logprobs[row, :keep].tolist()
+            k = top_k[row, :keep].tolist()
+            if finished[row] and ids and ids[-1] == final_close_id and eos_id >= 0:
+                ids, mask, lp, k = ids + [eos_id], mask + [0], lp + [0.0], k + [0]
+            completions.append(ids)
+            masks.append(mask)
+            logps.append(lp)
+            ks.append(k)
+        initial = self.layout.initial_stage(prompt_ids, num_generations).tolist()
+        return RolloutBatch(
+            prompt_ids=[p for p in prompt_ids for _ in range(num_generations)],
+            completion_ids=completions,
+            sampled_mask=masks,
+            finished=finished,
+            stage_tokens=self._count_stage_tokens(completions, initial),
+            logprobs=logps,
+            top_k=ks,
+        )
+
+    # ----- the reference loop ------------------------------------------------------------------------------------
+    def _generate_reference(self, prompt_ids, num_generations, generator, device) -> RolloutBatch:
+        cfg = self.config
+        layout = self.layout.to(device)
+        text_mask, code_mask = self.text_mask.to(device), self.code_mask.to(device)
+        settings = sampler_settings(cfg)
+        cache, attn, positions, logits = self._prefill(prompt_ids, num_generations, device)
+        n_rows, prompt_len = attn.shape
+        uncond = None
+        if cfg.guidance_scale != 1.0:  # unconditional rows: same cache tensor, no context until their first image
+            self._add_unconditional_rows(cache)
+            attn = torch.cat([attn, torch.zeros_like(attn)])
+            uncond = torch.zeros_like(logits)
+        zeros = torch.zeros(n_rows, dtype=torch.long, device=device)
+        state = RowState(
+            layout.initial_stage(prompt_ids, num_generations).to(device), zeros, zeros.bool(), zeros + prompt_len
+        )
+        lengths = zeros.clone()  # tokens written before each row ended
+        written = []
+        for step in range(cfg.max_new_tokens):
+            text, codes, k = step_scores(logits, uncond, text_mask, code_mask, settings)
+            text_tok, text_lp = self._draw(text, generator)  # text first, then codes: the static engine's order
+            code_tok, code_lp = self._draw(codes, generator)
+            chosen = choose_tokens(state, layout, text_tok, text_lp, code_tok, code_lp, k)
+            written.append(chosen)
+            lengths += (~state.done).long()
+            state = advance(state, layout, chosen.token, prompt_len + step)
+            if bool(state.done.all()):
+                break
+            positions = positions + 1
+            attn = F.pad(attn, (0, 1), value=1)
+            logits, uncond = self._feed(chosen.token, positions, attn, cache, state.restart, prompt_len + step, uncond)
+        return self.collect(prompt_ids, num_generations, _stacked(written, n_rows), state.done, lengths)
+
+    def _feed(self, token, positions, attn, cache, restart, column, uncond):
+        """One forward of the written tokens: conditional rows continue, unconditional rows (when ``uncond`` is
+        not None) see only [restart, column]. Returns the next (logits, unconditional logits)."""
+        if uncond is None:
+            return self._step(token, positions, attn, cache), None
+        n_rows = token.shape[0]
+        seq_index = torch.arange(attn.shape[1], device=attn.device)
+        attn[n_rows:] = (seq_index[None] >= restart[:, None]).to(attn.dtype)
+        feed = torch.cat([token, token])
+        pos_feed = torch.cat([positions, (column - restart).clamp(min=0)])
+        logits = self._step(feed, pos_feed, attn, cache)
+        return logits[:n_rows], logits[n_rows:]
+
+    def _prefill(self, prompt_ids, num_generations, device):
+        """Run each distinct prompt once, then share its cache across its ``num_generations`` rows."""
+        cache, attn, positions, logits = self.prefill_prompts(prompt_ids, device)
+        if num_generations > 1:
+            cache.batch_repeat_interleave(num_generations)
+            logits = logits.repeat_interleave(num_generations, 0)
+            attn = attn.repeat_interleave(num_generations, 0)
+            positions = positions.repeat_interleave(num_generations, 0)
+        return cache, attn, positions[:, -1], logits
 
     @staticmethod
     def _add_unconditional_rows(cache: DynamicCache) -> None:
@@ -456,35 +398,6 @@ class RolloutEngine:
         token = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
         return token, log_prob_of(scores, token)
 
-    def _collect(self, prompt_ids, num_generations, tokens, sampled, done, lengths, logprobs, top_k) -> RolloutBatch:
-        """(rows, steps) tensors as generated; row ``i`` is cut after its ``lengths[i]`` written tokens. A row that
-        ended by closing the chain in text (``</final_image>`` written as text) gets a forced EOS, so that it reads
-        as terminated, not truncated (TRL's ``mask_truncated_completions`` looks for EOS)."""
-        tokens, sampled, logprobs, top_k = tokens.cpu(), sampled.cpu(), logprobs.cpu(), top_k.cpu()
-        lengths, finished = lengths.cpu().tolist(), done.cpu().tolist()
-        completions, masks, logps, ks = [], [], [], []
-        for row, keep in enumerate(lengths):
-            ids = tokens[row, :keep].tolist()
-            mask = sampled[row, :keep].long().tolist()
-            lp = logprobs[row, :keep].tolist()
-            k = top_k[row, :keep].tolist()
-            if finished[row] and ids and ids[-1] == self.final_close_id and self.eos_id >= 0:
-                ids, mask, lp, k = ids + [self.eos_id], mask + [0], lp + [0.0], k + [0]
-            completions.append(ids)
-            masks.append(mask)
-            logps.append(lp)
-            ks.append(k)
-        stage_tokens = self._count_stage_tokens(completions, self._initial_stage(prompt_ids, num_generations).tolist())
-        return RolloutBatch(
-            prompt_ids=[p for p in prompt_ids for _ in range(num_generations)],
-            completion_ids=completions,
-            sampled_mask=masks,
-            finished=finished,
-            stage_tokens=stage_tokens,
-            logprobs=logps,
-            top_k=ks,
-        )
-
     def _count_stage_tokens(self, completions, initial_stages) -> dict[str, list[int]]:
         """Tokens between each stage's image tags; a row whose prompt ends with an opening tag starts inside it."""
         tags = self.backend.tag_ids
@@ -502,3 +415,11 @@ class RolloutEngine:
                 end = ids.index(c, start + 1) if c in ids[start + 1 :] else len(ids)
                 counts[s].append(end - start - 1)
         return counts
+
+
+def _stacked(steps: list[StepTokens], rows: int) -> StepTokens:
+    """Per-step records -> (rows, steps) tensors."""
+    if not steps:
+        dtypes = (torch.long, torch.bool, torch.float32, torch.long)
+        return StepTokens(*(torch.zeros(rows, 0, dtype=d) for d in dtypes))
+    return StepTokens(*(torch.stack(column, 1) for column in zip(*steps)))
