@@ -38,151 +38,21 @@ import resource
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin
 
-from vlcot_grpo.models import load_backend
-from vlcot_grpo.models.tiny import TINY_FAMILIES
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from presets import PRESETS, add_chain_hooks, build_preset, make_prompts, model_bytes  # noqa: E402
+
 from vlcot_grpo.rollout import DECODE_ATTENTION, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import STAGES
 
-PRESETS = {
-    # Emu3 presets: a VQ shape of their own, with random weights (the shipped tiny VQ fits the tiny model only)
-    "tiny": {
-        "max_position_embeddings": 16384,
-        "vq_channel_multiplier": (1, 1, 2, 2),
-        "codebook_size": 256,
-        "vq_weights": "random",
-    },
-    "1b": {
-        "hidden_size": 2048,
-        "num_hidden_layers": 18,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "intermediate_size": 5632,
-        "max_position_embeddings": 16384,
-        "codebook_size": 32768,
-        "vq_channel_multiplier": (1, 1, 2, 2),
-        "vq_weights": "random",
-    },
-    "7b": {
-        "hidden_size": 4096,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "intermediate_size": 11008,
-        "max_position_embeddings": 16384,
-        "codebook_size": 73609,  # + 119 text/special tokens = the reference's vocabulary of 73728
-        "vq_channel_multiplier": (1, 1, 2, 2),
-        "vq_weights": "random",
-    },
-    "pure-tiny": {"family": "pure", "max_position_embeddings": 16384},
-    "janus-tiny": {"family": "janus", "max_position_embeddings": 16384, "vq_channel_multiplier": (1, 1, 2, 2, 4)},
-    # Janus-Pro-1B / -7B: DeepSeek-LLM language models (multi-head attention, vocabulary 102400), LlamaGen VQ-16
-    "janus-1b": {
-        "family": "janus",
-        "hidden_size": 2048,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "intermediate_size": 5632,
-        "max_position_embeddings": 16384,
-        "codebook_size": 16384,
-        "vq_base_channels": 128,
-        "vq_channel_multiplier": (1, 1, 2, 2, 4),
-        "vq_latent_channels": 256,
-        "vq_num_res_blocks": 2,
-        "vocab_size": 102400,  # Janus-Pro's text table; the tiny tokenizer's ids are its first rows
-    },
-    "janus-7b": {
-        "family": "janus",
-        "hidden_size": 4096,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "intermediate_size": 11008,
-        "max_position_embeddings": 16384,
-        "codebook_size": 16384,
-        "vq_base_channels": 128,
-        "vq_channel_multiplier": (1, 1, 2, 2, 4),
-        "vq_latent_channels": 256,
-        "vq_num_res_blocks": 2,
-        "vocab_size": 102400,
-    },
-    "pure-7b": {
-        "family": "pure",
-        "hidden_size": 4096,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "intermediate_size": 11008,
-        "max_position_embeddings": 16384,
-        "codebook_size": 16384,  # LlamaGen VQ-8 (vq_ds8_c2i.pt)
-        "vq_base_channels": 128,
-        "vq_latent_channels": 256,
-        "vq_num_res_blocks": 2,
-        "vocab_size": 73728,  # PURE's published vocabulary; filler tokens stand in for the text it does not need
-    },
-}
-#: copy bandwidth (TB/s) used for the roofline when the device is named so and --bandwidth is not given:
 #: H200 as measured in ../shared/REFERENCE.md section 2; H100 SXM's 3.35 TB/s spec scaled by the same measured/spec
 #: ratio (4.24 / 4.8). Anything else: measured here with a device-to-device copy.
 BANDWIDTH_TBS = {"H200": 4.24, "H100": 2.96}
-
-
-def build_preset(name: str, device: torch.device, dtype: torch.dtype):
-    """(model, backend) of a preset with random weights, built directly on ``device`` and cast to ``dtype``."""
-    fields = dict(PRESETS[name])
-    spec_class, build = TINY_FAMILIES[fields.pop("family", "emu3")]
-    with torch.device(device):
-        model, tokenizer = build(spec_class(**fields))
-    model = model.to(dtype).eval()
-    model.requires_grad_(False)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return model, load_backend(model, tokenizer)
-
-
-def make_prompts(backend, n: int, lr_size: int, seed: int = 0) -> list[list[int]]:
-    """``n`` prompts: a short instruction, a random LR image's tokens, ``<rough_image>``; lengths differ by a few."""
-    gen = torch.Generator().manual_seed(seed)
-    grid = backend.grid_for(lr_size, lr_size)
-    prompts = []
-    for i in range(n):
-        codes = torch.randint(0, backend.codebook_size, grid, generator=gen)
-        text = backend.encode_text("Restore this image" + "!" * i + ": ")
-        image = backend.codes_to_token_ids(codes).tolist()
-        prompts.append(backend.bos_token_ids + text + image + [backend.tag_ids["<rough_image>"]])
-    return prompts
-
-
-def add_chain_hooks(model, backend):
-    """Make a random model write the whole chain: after ``</rough_image>`` / ``</middle_image>`` the next stage's
-    opening tag gets +100. Graph-capturable (tensor ops only). Returns the hook handles."""
-    table = torch.full((backend.vocab_size,), -1, dtype=torch.long)
-    table[backend.tag_ids["</rough_image>"]] = backend.tag_ids["<middle_image>"]
-    table[backend.tag_ids["</middle_image>"]] = backend.tag_ids["<final_image>"]
-    table = table.to(next(model.parameters()).device)
-    last = {}
-
-    def pre(module, args, kwargs):
-        ids = args[0] if args else kwargs["input"]
-        last["ids"] = ids[:, -1]
-
-    def post(module, inputs, output):
-        nxt = table[last["ids"]]
-        bonus = torch.zeros_like(output[:, -1])
-        bonus.scatter_(-1, nxt.clamp(min=0)[:, None], (nxt >= 0).to(bonus.dtype)[:, None] * 100.0)
-        output = output.clone()
-        output[:, -1] += bonus
-        return output
-
-    return [
-        model.get_input_embeddings().register_forward_pre_hook(pre, with_kwargs=True),
-        backend.logits_module.register_forward_hook(post),
-    ]
 
 
 # ----- measuring ---------------------------------------------------------------------------------------------------
@@ -216,33 +86,6 @@ def measure_bandwidth(device) -> float:
         b.copy_(a)
     sync(device)
     return 2 * n * reps / (time.perf_counter() - start) / 1e12
-
-
-#: What a decode step does not read: each family's VQ model; Janus's understanding encoder and its aligner, and the
-#: codes' input table, of which a step looks up one row.
-VQ_MODULES = (
-    "model.vqmodel.",
-    "image_tokenizer.",
-    "model.vision_model.",
-    "model.aligner.",
-    "model.generation_embeddings.",
-)
-
-
-def model_bytes(model) -> tuple[int, int]:
-    """(language-model weight bytes read per decode step, KV bytes per token per row). A step looks up a few rows
-    of the input embedding table, so that table counts only where it is also the output layer (tied)."""
-    lookup = model.get_input_embeddings().weight
-    tied = lookup is model.get_output_embeddings().weight
-    weights = sum(
-        p.numel() * p.element_size()
-        for n, p in model.named_parameters()
-        if not n.startswith(VQ_MODULES) and (tied or p is not lookup)
-    )
-    cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = next(model.parameters()).element_size()
-    return weights, 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
 
 
 def ideal_seconds(steps, rows, prompt_len, guide_ctx, weights, kv_token, bandwidth_tbs, prompts=None) -> float:
@@ -767,7 +610,7 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="7b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -852,89 +695,112 @@ def main(argv=None) -> dict:
         "'guided' (the sampled distribution, an unconditional pass over the images where guidance is on)",
     )
     parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is the fast setting
-    device = torch.device(args.device)
-    if args.compile is None:
-        args.compile = RolloutConfig(cuda_graphs=not args.no_graphs).resolved_compile(device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    torch.manual_seed(0)
+    return parser.parse_args(argv)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    measured = measure_bandwidth(device)
-    bandwidth = args.bandwidth or next((v for k, v in BANDWIDTH_TBS.items() if k in name), measured)
-    results = {
-        "command": "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": name,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "preset": args.preset,
-        "dtype": str(dtype),
-        "bandwidth_tbs_used": bandwidth,
-        "bandwidth_tbs_measured_copy": measured,
-        "runs": [],
-    }
-    import transformers
 
-    results["versions"]["transformers"] = transformers.__version__
+class Run:
+    """What every section reads: the arguments, the model and its prompts, the roofline's figures, and the results
+    (written to ``--json`` after every section, so a device run cut short keeps what it measured)."""
 
-    def save():  # after every section: a device run cut short by its time limit keeps what it measured
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+    def __init__(self, args, argv):
+        self.args = args
+        self.device = device = torch.device(args.device)
+        if args.compile is None:
+            args.compile = RolloutConfig(cuda_graphs=not args.no_graphs).resolved_compile(device)
+        self.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        import transformers
 
-    start = time.perf_counter()
-    model, backend = build_preset(args.preset, device, dtype)
-    weights, kv_token = model_bytes(model)
-    results.update(build_seconds=time.perf_counter() - start, weight_gb=weights / 1e9, kv_mb_per_token=kv_token / 1e6)
-    prompts = make_prompts(backend, args.prompts, args.lr_size)
-    handles = add_chain_hooks(model, backend)
-    print(
-        f"# {args.preset} on {name} ({dtype}); weights {weights / 1e9:.2f} GB, KV {kv_token / 1e6:.3f} MB/token; "
-        f"roofline bandwidth {bandwidth:.2f} TB/s (copy measured {measured:.2f})",
-        flush=True,
-    )
-
-    # short runs first: a device run cut off by its time limit still has numbers
-    if args.compare_attention:
-        results["attention_kernels"] = {}
-        # untimed: lazy set-up (kernel libraries, allocator) would otherwise be charged to the first variant
-        warm = argparse.Namespace(
-            **{**vars(args), "compile": False, "attention": "sdpa", "fuse": False, "share": False}
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        measured = measure_bandwidth(device)
+        self.bandwidth = args.bandwidth or next((v for k, v in BANDWIDTH_TBS.items() if k in name), measured)
+        self.results = {
+            "command": "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "device": name,
+            "versions": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "transformers": transformers.__version__,
+            },
+            "preset": args.preset,
+            "dtype": str(self.dtype),
+            "bandwidth_tbs_used": self.bandwidth,
+            "bandwidth_tbs_measured_copy": measured,
+            "runs": [],
+        }
+        start = time.perf_counter()
+        self.model, self.backend = build_preset(args.preset, device, self.dtype)
+        self.weights, self.kv_token = model_bytes(self.model)
+        self.results.update(
+            build_seconds=time.perf_counter() - start,
+            weight_gb=self.weights / 1e9,
+            kv_mb_per_token=self.kv_token / 1e6,
         )
-        run_engine(model, backend, prompts, warm, device, "static", 16)
-        for variant in args.compare_kernels.split(","):
-            kernel, *flags = variant.split("+")
-            try:
-                if set(flags) - VARIANT_FLAGS:
-                    raise ValueError(f"--compare-kernels {variant!r}: flags are {sorted(VARIANT_FLAGS)}")
-                short = argparse.Namespace(
-                    **{
-                        **vars(args),
-                        "attention": kernel,
-                        "compile": "compile" in flags,
-                        "fuse": "fused" in flags,
-                        "share": "shared" in flags,
-                        "sdpa_efficient": "efficient" in flags,
-                    }
-                )
-                stats, _ = run_engine(model, backend, prompts, short, device, "static", args.compare_attention)
-                rate = stats["decode_steps_run"] / stats["decode_seconds"]
-                results["attention_kernels"][variant] = {"decode_steps_per_s": rate, **stats}
-                print(
-                    f"attention {variant}: {rate:.1f} decode steps/s over {args.compare_attention} tokens "
-                    f"(compile {stats['compile_seconds']:.1f} s, capture {stats['capture_seconds']:.1f} s)",
-                    flush=True,
-                )
-            except Exception as err:
-                traceback.print_exc()
-                results["attention_kernels"][variant] = {"error": repr(err)}
-            save()
+        self.prompts = make_prompts(self.backend, args.prompts, args.lr_size)
+        self._lora = None
+        print(
+            f"# {args.preset} on {name} ({self.dtype}); weights {self.weights / 1e9:.2f} GB, KV "
+            f"{self.kv_token / 1e6:.3f} MB/token; roofline bandwidth {self.bandwidth:.2f} TB/s (copy measured "
+            f"{measured:.2f})",
+            flush=True,
+        )
+
+    def lora_model(self):
+        """The model with LoRA adapters (``--grpo-step``), made at first use."""
+        if self._lora is None:
+            self._lora = add_lora(self.model, self.backend)
+        return self._lora
+
+    def save(self) -> None:
+        if self.args.json:
+            with open(self.args.json, "w") as f:
+                json.dump(self.results, f, indent=2)
+
+    def ideal(self, steps, rows, guide, prompts=None) -> float:
+        prompt_len = len(self.prompts[0])
+        return ideal_seconds(steps, rows, prompt_len, guide, self.weights, self.kv_token, self.bandwidth, prompts)
+
+
+# ----- sections ----------------------------------------------------------------------------------------------------
+def compare_attention_section(run: Run) -> dict:
+    """``--compare-attention``: the static engine over N new tokens with each ``--compare-kernels`` variant."""
+    args, out = run.args, {}
+    run.results["attention_kernels"] = out
+    # untimed: lazy set-up (kernel libraries, allocator) would otherwise be charged to the first variant
+    warm = argparse.Namespace(**{**vars(args), "compile": False, "attention": "sdpa", "fuse": False, "share": False})
+    run_engine(run.model, run.backend, run.prompts, warm, run.device, "static", 16)
+    for variant in args.compare_kernels.split(","):
+        kernel, *flags = variant.split("+")
+        try:
+            if set(flags) - VARIANT_FLAGS:
+                raise ValueError(f"--compare-kernels {variant!r}: flags are {sorted(VARIANT_FLAGS)}")
+            chosen = {"compile": "compile" in flags, "fuse": "fused" in flags, "share": "shared" in flags}
+            short = argparse.Namespace(**{**vars(args), "attention": kernel, **chosen})
+            short.sdpa_efficient = "efficient" in flags
+            stats, _ = run_engine(
+                run.model, run.backend, run.prompts, short, run.device, "static", args.compare_attention
+            )
+            rate = stats["decode_steps_run"] / stats["decode_seconds"]
+            out[variant] = {"decode_steps_per_s": rate, **stats}
+            print(
+                f"attention {variant}: {rate:.1f} decode steps/s over {args.compare_attention} tokens "
+                f"(compile {stats['compile_seconds']:.1f} s, capture {stats['capture_seconds']:.1f} s)",
+                flush=True,
+            )
+        except Exception as err:
+            traceback.print_exc()
+            out[variant] = {"error": repr(err)}
+        run.save()
+    return out
+
+
+def choose_static_options(run: Run) -> str:
+    """The static engine's kernel, fusion and prompt sharing for the runs below: as given; with ``--attention
+    auto``, the fastest compared variant compiled as asked; else as the library decides."""
+    args, device = run.args, run.device
     if args.attention == "auto":
-        # the fastest variant compiled as asked; --fuse, --share and the SDPA backend follow it unless given
         rates = {
             k: v["decode_steps_per_s"]
-            for k, v in results.get("attention_kernels", {}).items()
+            for k, v in run.results.get("attention_kernels", {}).items()
             if "error" not in v
             and ("+compile" in k) == args.compile
             and (args.fuse is None or ("+fused" in k) == args.fuse)
@@ -945,126 +811,177 @@ def main(argv=None) -> dict:
         if rates:
             args.fuse = "fused" in best if args.fuse is None else args.fuse
             args.share = "shared" in best if args.share is None else args.share
-    # not given and not decided by a comparison: as the library decides
     library = RolloutConfig(decode_attention=args.attention, kv_bucket=args.kv_bucket, cuda_graphs=not args.no_graphs)
     args.fuse = library.resolved_fuse(device) if args.fuse is None else args.fuse
     args.share = library.shares_prompt_cache(args.group) if args.share is None else args.share
-    results["attention_used"] = args.attention + ("+efficient" if getattr(args, "sdpa_efficient", False) else "")
-    if args.profile_step:
-        results["step_profile"] = {}
-        for compiled in sorted({False, args.compile}):
-            name = "compiled" if compiled else "eager"
-            try:
-                short = argparse.Namespace(**{**vars(args), "compile": compiled})
-                results["step_profile"][name] = profile_step(model, backend, prompts, short, device)
-                print(f"decode step profile ({name}):", json.dumps(results["step_profile"][name]), flush=True)
-            except Exception as err:
-                traceback.print_exc()
-                results["step_profile"][name] = {"error": repr(err)}
-            save()
-    if args.profile_step:
-        try:
-            rows = args.group * args.prompts * (2 if args.guidance != 1.0 else 1)
-            results["gemm_bandwidth"] = gemm_bandwidth(model, rows, device)
-            print(
-                "matrix products, weight TB/s:", {k: round(v["tbs"], 2) for k, v in results["gemm_bandwidth"].items()}
-            )
-        except Exception as err:
-            traceback.print_exc()
-            results["gemm_bandwidth"] = {"error": repr(err)}
-        save()
-    if args.attention_options and device.type == "cuda":
-        try:
-            results["attention_options"] = attention_options(model, args.group * args.prompts, device)
-            for length, options in results["attention_options"].items():
-                for name, r in options.items():
-                    shown = r.get("error") or f"{r['tbs']:.2f} TB/s, {r['us']:.0f} us, max err {r['max_err']:.1e}"
-                    print(f"attention option, {length} positions, {name}: {shown}", flush=True)
-        except Exception as err:
-            traceback.print_exc()
-            results["attention_options"] = {"error": repr(err)}
-        save()
-    results["compiled"], results["fused_projections"] = args.compile, args.fuse
-    results["shared_prompt_cache"] = args.share
+    run.results.update(compiled=args.compile, fused_projections=args.fuse, shared_prompt_cache=args.share)
     print(
         f"static engine decode attention: {args.attention}{', compiled' if args.compile else ''}"
         f"{', fused projections' if args.fuse else ''}{', shared prompt cache' if args.share else ''}",
         flush=True,
     )
-    if args.stock_steps > 1:
+    return args.attention + ("+efficient" if getattr(args, "sdpa_efficient", False) else "")
+
+
+def step_profile_section(run: Run) -> dict:
+    """``--profile-step``: one eager decode step's kernels, eager and (if asked) compiled."""
+    out = {}
+    for compiled in sorted({False, run.args.compile}):
+        name = "compiled" if compiled else "eager"
         try:
-            stats = run_stock(model, backend, prompts, args, device)
-            steps = args.stock_steps
-            guide = [(t + 2) * stats["rows"] for t in range(steps)] if args.guidance != 1.0 else [0] * steps
-            ideal = ideal_seconds(steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth)
-            stats.update(
-                decode_steps_per_s=(steps - 1) / stats["decode_seconds"],
-                tokens_per_s=stats["rows"] * (steps - 1) / stats["decode_seconds"],
-                steps_per_s_whole_call=steps / stats["seconds_total"],
-                roofline_fraction=ideal * (steps - 1) / steps / stats["decode_seconds"],
-            )
-            results["runs"].append(stats)
-            report(stats)
+            short = argparse.Namespace(**{**vars(run.args), "compile": compiled})
+            out[name] = profile_step(run.model, run.backend, run.prompts, short, run.device)
+            print(f"decode step profile ({name}):", json.dumps(out[name]), flush=True)
         except Exception as err:
             traceback.print_exc()
-            results["runs"].append({"engine": "stock generate", "error": repr(err)})
-        save()
-    for engine_name in [e for e in args.engines.split(",") if e]:
+            out[name] = {"error": repr(err)}
+    return out
+
+
+def gemm_section(run: Run) -> dict:
+    """``--profile-step``: the weight bandwidth of the decode step's matrix products."""
+    args = run.args
+    out = gemm_bandwidth(run.model, args.group * args.prompts * (2 if args.guidance != 1.0 else 1), run.device)
+    print("matrix products, weight TB/s:", {k: round(v["tbs"], 2) for k, v in out.items()})
+    return out
+
+
+def attention_options_section(run: Run) -> dict:
+    """``--attention-options`` (CUDA): kernels that take row lengths on the device, against the engine's."""
+    out = attention_options(run.model, run.args.group * run.args.prompts, run.device)
+    for length, options in out.items():
+        for name, r in options.items():
+            shown = r.get("error") or f"{r['tbs']:.2f} TB/s, {r['us']:.0f} us, max err {r['max_err']:.1e}"
+            print(f"attention option, {length} positions, {name}: {shown}", flush=True)
+    return out
+
+
+def stock_section(run: Run) -> dict:
+    """``--stock-steps``: transformers' ``generate`` with guidance, the baseline."""
+    stats = run_stock(run.model, run.backend, run.prompts, run.args, run.device)
+    steps = run.args.stock_steps
+    guide = [(t + 2) * stats["rows"] for t in range(steps)] if run.args.guidance != 1.0 else [0] * steps
+    ideal = run.ideal(steps, stats["rows"], guide)
+    stats.update(
+        decode_steps_per_s=(steps - 1) / stats["decode_seconds"],
+        tokens_per_s=stats["rows"] * (steps - 1) / stats["decode_seconds"],
+        steps_per_s_whole_call=steps / stats["seconds_total"],
+        roofline_fraction=ideal * (steps - 1) / steps / stats["decode_seconds"],
+    )
+    report(stats)
+    return stats
+
+
+def engine_section(run: Run, engine_name: str) -> dict:
+    """``--engines``: one project engine over the whole chain, against the roofline."""
+    args = run.args
+    stats, batch = run_engine(run.model, run.backend, run.prompts, args, run.device, engine_name)
+    steps = stats["steps"]
+    guide = guidance_context(run.backend, batch.completion_ids, steps) if args.guidance != 1.0 else [0] * steps
+    decode = stats.get("decode_seconds", stats["seconds_total"])
+    ideal = run.ideal(steps, stats["rows"], guide)
+    if engine_name == "static" and rollout_config(args, engine_name).shares_prompt_cache(args.group):
+        read = run.ideal(steps, stats["rows"], guide, args.prompts)
+        stats.update(
+            roofline_fraction_read=read / decode, roofline_fraction_read_whole_call=read / stats["seconds_total"]
+        )
+    stats.update(
+        decode_steps_per_s=stats.get("decode_steps_run", steps) / decode,
+        tokens_per_s=stats["rows"] * steps / decode,
+        steps_per_s_whole_call=steps / stats["seconds_total"],
+        roofline_fraction=ideal / decode,
+        # prefill and graph capture counted as waste: the "whole rollout" number of the goal
+        roofline_fraction_whole_call=ideal / stats["seconds_total"],
+        roofline_steps_per_s=steps / ideal,
+    )
+    report(stats)
+    return stats
+
+
+def engine_runs_section(run: Run) -> list[dict]:
+    """Stock ``generate`` (``--stock-steps``), then each of ``--engines``; each run's numbers kept as it ends."""
+    args, runs = run.args, run.results.setdefault("runs", [])
+    engines = ["stock generate"] * (args.stock_steps > 1) + [e for e in args.engines.split(",") if e]
+    for name in engines:
         try:
-            stats, batch = run_engine(model, backend, prompts, args, device, engine_name)
-            steps = stats["steps"]
-            guide = guidance_context(backend, batch.completion_ids, steps) if args.guidance != 1.0 else [0] * steps
-            decode = stats.get("decode_seconds", stats["seconds_total"])
-            ideal = ideal_seconds(steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth)
-            if engine_name == "static" and rollout_config(args, engine_name).shares_prompt_cache(args.group):
-                read = ideal_seconds(
-                    steps, stats["rows"], stats["prompt_tokens"], guide, weights, kv_token, bandwidth, args.prompts
-                )
-                stats.update(
-                    roofline_fraction_read=read / decode,
-                    roofline_fraction_read_whole_call=read / stats["seconds_total"],
-                )
-            stats.update(
-                decode_steps_per_s=stats.get("decode_steps_run", steps) / decode,
-                tokens_per_s=stats["rows"] * steps / decode,
-                steps_per_s_whole_call=steps / stats["seconds_total"],
-                roofline_fraction=ideal / decode,
-                # prefill and graph capture counted as waste: the "whole rollout" number of the goal
-                roofline_fraction_whole_call=ideal / stats["seconds_total"],
-                roofline_steps_per_s=steps / ideal,
-            )
-            results["runs"].append(stats)
-            report(stats)
-            save()
+            runs.append(stock_section(run) if name == "stock generate" else engine_section(run, name))
         except Exception as err:  # one failing engine must not cost the others' numbers on a device run
             traceback.print_exc()
-            results["runs"].append({"engine": engine_name, "error": repr(err)})
-    ours = [r for r in results["runs"] if r.get("engine") == "static" and "decode_steps_per_s" in r]
-    stock = [r for r in results["runs"] if r.get("engine", "").startswith("stock") and "decode_steps_per_s" in r]
-    if ours and stock:
-        results["speedup_vs_stock"] = ours[0]["decode_steps_per_s"] / stock[0]["decode_steps_per_s"]
-        print(f"static / stock decode steps/s: {results['speedup_vs_stock']:.1f}x", flush=True)
+            runs.append({"engine": name, "error": repr(err)})
+        run.save()
+    return runs
+
+
+def speedup_section(run: Run) -> float | None:
+    """The static engine's decode steps/s over stock ``generate``'s, where both ran."""
+    runs = run.results["runs"]
+    ours = [r for r in runs if r.get("engine") == "static" and "decode_steps_per_s" in r]
+    stock = [r for r in runs if r.get("engine", "").startswith("stock") and "decode_steps_per_s" in r]
+    if not (ours and stock):
+        return None
+    speedup = ours[0]["decode_steps_per_s"] / stock[0]["decode_steps_per_s"]
+    print(f"static / stock decode steps/s: {speedup:.1f}x", flush=True)
+    return speedup
+
+
+def lora_merge_section(run: Run) -> dict:
+    """``--grpo-step --lora-merge-check N``: rollout steps/s through merged and unmerged adapters."""
+    out = lora_merge_check(run.lora_model(), run.backend, run.prompts, run.args, run.device)
+    print("LoRA rollout steps/s:", out, flush=True)
+    return out
+
+
+def grpo_section(run: Run) -> dict:
+    """``--grpo-step``: one LoRA GRPO step, split into rollout, log-probs and forward + backward."""
+    out = grpo_step(run.lora_model(), run.backend, run.prompts, run.args, run.device)
+    print("grpo step:", json.dumps(out, indent=None), flush=True)
+    return out
+
+
+#: (results key, whether it runs, the section), in order: short sections first, so that a device run cut off by its
+#: time limit still has numbers; the merge check before the GRPO step for the same reason.
+SECTIONS = (
+    ("attention_kernels", lambda run: run.args.compare_attention, compare_attention_section),
+    ("attention_used", lambda run: True, choose_static_options),
+    ("step_profile", lambda run: run.args.profile_step, step_profile_section),
+    ("gemm_bandwidth", lambda run: run.args.profile_step, gemm_section),
+    (
+        "attention_options",
+        lambda run: run.args.attention_options and run.device.type == "cuda",
+        attention_options_section,
+    ),
+    ("runs", lambda run: True, engine_runs_section),
+    ("speedup_vs_stock", lambda run: True, speedup_section),
+    ("lora_rollout_steps_per_s", lambda run: run.args.grpo_step and run.args.lora_merge_check, lora_merge_section),
+    ("grpo_step", lambda run: run.args.grpo_step, grpo_section),
+)
+
+
+def guarded(run: Run, key: str, section) -> None:
+    """``results[key] = section(run)``, or its error: one failing section must not cost the others' numbers."""
+    try:
+        value = section(run)
+        if value is not None:
+            run.results[key] = value
+    except Exception as err:
+        traceback.print_exc()
+        run.results[key] = {"error": repr(err)}
+    run.save()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is the fast setting
+    torch.manual_seed(0)
+    run = Run(args, argv)
+    handles = add_chain_hooks(run.model, run.backend)
+    for key, runs, section in SECTIONS:
+        if runs(run):
+            guarded(run, key, section)
     for h in handles:
         h.remove()
-    if args.grpo_step:  # the short merge check first: a run cut off by its time limit still has it
-        handles = add_chain_hooks(model, backend)
-        peft_model = add_lora(model, backend)
-        if args.lora_merge_check:
-            try:
-                results["lora_rollout_steps_per_s"] = lora_merge_check(peft_model, backend, prompts, args, device)
-                print("LoRA rollout steps/s:", results["lora_rollout_steps_per_s"], flush=True)
-            except Exception as err:
-                traceback.print_exc()
-                results["lora_rollout_steps_per_s"] = {"error": repr(err)}
-            save()
-        try:
-            results["grpo_step"] = grpo_step(peft_model, backend, prompts, args, device)
-            print("grpo step:", json.dumps(results["grpo_step"], indent=None), flush=True)
-        except Exception as err:
-            traceback.print_exc()
-            results["grpo_step"] = {"error": repr(err)}
-    save()
-    return results
+    return run.results
 
 
 def report(stats: dict) -> None:

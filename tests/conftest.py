@@ -106,17 +106,31 @@ def photo():
     return Image.fromarray(skimage.data.astronaut())
 
 
-@pytest.fixture(scope="session")
-def bench():
-    """benchmarks/rollout.py as a module (its presets, prompts and chain hooks); benchmarks/ is not a package."""
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py as a module; benchmarks/ is not a package."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:  # benchmarks/rollout.py imports its presets module by name
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """benchmarks/rollout.py as a module: its sections and ``main``."""
+    return _benchmark_module("rollout")
+
+
+@pytest.fixture(scope="session")
+def presets():
+    """benchmarks/presets.py: the benchmark's model presets, prompts and chain hooks."""
+    return _benchmark_module("presets")
 
 
 @pytest.fixture(scope="session")

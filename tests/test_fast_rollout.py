@@ -615,7 +615,7 @@ def test_fused_projections_write_the_reference_tokens(tiny, hooks, photo, monkey
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_compiled_layers_write_the_reference_tokens(bench, shared):
+def test_compiled_layers_write_the_reference_tokens(presets, shared):
     """``compile_step`` (inductor; C++ kernels on the CPU, Triton on CUDA): the greedy tokens of the reference path
     with guidance; the ten decoder layers share one compiled code (per-layer code would hit dynamo's recompile limit
     of 8); a second ``generate`` with other rows and buckets compiles nothing; afterwards the layers are eager.
@@ -628,8 +628,8 @@ def test_compiled_layers_write_the_reference_tokens(bench, shared):
 
     model, tokenizer = build_tiny_emu3(TinyEmu3Spec(num_hidden_layers=10))
     backend = load_backend(model.eval(), tokenizer)
-    bench.add_chain_hooks(model, backend)
-    prompts = bench.make_prompts(backend, 2, 32)
+    presets.add_chain_hooks(model, backend)
+    prompts = presets.make_prompts(backend, 2, 32)
     layers = decoder_layers(model)
     assert len(layers) == 10
     torch._dynamo.reset()
@@ -658,7 +658,7 @@ def test_compiled_layers_write_the_reference_tokens(bench, shared):
         torch._dynamo.reset()
 
 
-def test_compiled_fused_layers_write_the_reference_tokens(bench):
+def test_compiled_fused_layers_write_the_reference_tokens(presets):
     """``compile_step`` with ``fuse_projections``: the swapped projection modules keep one compiled code for all ten
     layers (their outputs handed between modules inside the compiled region) and the reference path's tokens."""
     from torch._dynamo.utils import counters
@@ -668,8 +668,8 @@ def test_compiled_fused_layers_write_the_reference_tokens(bench):
 
     model, tokenizer = build_tiny_emu3(TinyEmu3Spec(num_hidden_layers=10))
     backend = load_backend(model.eval(), tokenizer)
-    bench.add_chain_hooks(model, backend)
-    prompts = bench.make_prompts(backend, 2, 32)
+    presets.add_chain_hooks(model, backend)
+    prompts = presets.make_prompts(backend, 2, 32)
     torch._dynamo.reset()
     counters.clear()
     try:
@@ -683,13 +683,13 @@ def test_compiled_fused_layers_write_the_reference_tokens(bench):
         torch._dynamo.reset()
 
 
-def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
+def test_a_failed_compile_names_the_option_and_restores_the_model(presets):
     """A compile that fails (here: no working C++ compiler for inductor's CPU kernels) is an error naming
     compile_step; the model's layers and attention are as before."""
     from vlcot_grpo.fusion import decoder_layers
 
-    model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
-    prompts = bench.make_prompts(backend, 1, 32)
+    model, backend = presets.build_preset("tiny", torch.device("cpu"), torch.float32)
+    prompts = presets.make_prompts(backend, 1, 32)
     config = _config(max_new_tokens=20, engine="static", compile_step=True)
     attention = model.config.get_text_config()._attn_implementation
     torch._dynamo.reset()
@@ -703,7 +703,7 @@ def test_a_failed_compile_names_the_option_and_restores_the_model(bench):
     assert model.config.get_text_config()._attn_implementation == attention
 
 
-def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(bench, monkeypatch, caplog):
+def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(presets, monkeypatch, caplog):
     """compile_step unset is a best effort: where it resolves on (CUDA graphs; forced here on the CPU) and compiling
     fails, a warning names the option and why, the same call returns the uncompiled rollout (same tokens, the
     generator untouched by the attempt), and the engine's later calls do not try again."""
@@ -711,9 +711,9 @@ def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(bench, monke
 
     from vlcot_grpo.fusion import decoder_layers
 
-    model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
-    bench.add_chain_hooks(model, backend)
-    prompts = bench.make_prompts(backend, 1, 32)
+    model, backend = presets.build_preset("tiny", torch.device("cpu"), torch.float32)
+    presets.add_chain_hooks(model, backend)
+    prompts = presets.make_prompts(backend, 1, 32)
     kw = {"max_new_tokens": 30, "engine": "static", "guidance_scale": 3.0}
     want = RolloutEngine(model, backend, _config(compile_step=False, **kw)).generate(
         prompts, 2, torch.Generator().manual_seed(3)
@@ -744,7 +744,7 @@ def test_a_failed_compile_left_unset_falls_back_to_uncompiled_steps(bench, monke
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
 
 
-def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(bench, monkeypatch, caplog):
+def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(presets, monkeypatch, caplog):
     """fuse_projections unset is a best effort: where it resolves on (CUDA graphs; forced here on the CPU) and the
     fused weight copies run out of memory (injected at the third copy), nothing is swapped, a warning says why, the
     rollout runs unfused with the same tokens, and the engine's later calls do not try again. Set to true, the error
@@ -753,9 +753,9 @@ def test_fused_copies_that_do_not_fit_fall_back_when_left_unset(bench, monkeypat
 
     from vlcot_grpo import fusion
 
-    model, backend = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
-    bench.add_chain_hooks(model, backend)
-    prompts = bench.make_prompts(backend, 1, 32)
+    model, backend = presets.build_preset("tiny", torch.device("cpu"), torch.float32)
+    presets.add_chain_hooks(model, backend)
+    prompts = presets.make_prompts(backend, 1, 32)
     kw = {"max_new_tokens": 30, "engine": "static", "guidance_scale": 3.0, "do_sample": False}
     want = RolloutEngine(model, backend, _config(fuse_projections=False, **kw)).generate(prompts, 2)
     before = {name: id(m) for name, m in model.named_modules()}
@@ -1057,44 +1057,46 @@ def test_benchmark_attention_options_on_cpu(bench):
     assert "error" in options["flash varlen, seqused_k"] and "error" in options["memory-efficient varlen, seqlen_k"]
 
 
-def test_benchmark_counts_the_weights_a_step_reads(bench):
+def test_benchmark_counts_the_weights_a_step_reads(presets):
     """The roofline's weight bytes: every language-model weight except the input embedding table, of which a step
     reads a few rows (unless it is tied to the output layer, which a step reads whole)."""
-    model, _ = bench.build_preset("tiny", torch.device("cpu"), torch.float32)
+    model, _ = presets.build_preset("tiny", torch.device("cpu"), torch.float32)
     table = model.get_input_embeddings().weight
     lm = sum(p.numel() * 4 for n, p in model.named_parameters() if "vqmodel" not in n)
-    assert bench.model_bytes(model)[0] == lm - table.numel() * 4
+    assert presets.model_bytes(model)[0] == lm - table.numel() * 4
     model.get_output_embeddings().weight = table
-    assert bench.model_bytes(model)[0] == sum(p.numel() * 4 for n, p in model.named_parameters() if "vqmodel" not in n)
+    assert presets.model_bytes(model)[0] == sum(
+        p.numel() * 4 for n, p in model.named_parameters() if "vqmodel" not in n
+    )
 
 
-def test_benchmark_pure_7b_preset_has_the_papers_shape(bench):
+def test_benchmark_pure_7b_preset_has_the_papers_shape(presets):
     """Built on the meta device (no memory): Chameleon 7B with PURE's vocabulary and LlamaGen VQ-8 at its published
     shape, and PURE's image token counts at the paper's sizes."""
-    model, backend = bench.build_preset("pure-7b", torch.device("meta"), torch.bfloat16)
+    model, backend = presets.build_preset("pure-7b", torch.device("meta"), torch.bfloat16)
     assert type(model).__name__ == "PureForConditionalGeneration" and backend.vocab_size == 73728
     vq = sum(p.numel() for n, p in model.named_parameters() if n.startswith("image_tokenizer."))
     assert vq == 70_109_835  # LlamaGen VQ-8's parameter count (its VQModel at ch_mult 1, 2, 2, 4)
     assert 7.05e9 < sum(p.numel() for p in model.parameters()) - vq < 7.1e9
     assert [len(backend.image_template(*backend.grid_for(s, s))) for s in (128, 256, 512)] == [276, 1060, 4164]
-    weights, kv_token = bench.model_bytes(model)
+    weights, kv_token = presets.model_bytes(model)
     assert weights == 2 * (sum(p.numel() for p in model.parameters()) - vq - 73728 * 4096)  # bf16, no VQ, no lookup
     assert kv_token == 2 * 32 * 32 * 128 * 2
 
 
 @pytest.mark.parametrize("preset, language_model", [("janus-1b", (1.6e9, 1.7e9)), ("janus-7b", (6.85e9, 6.95e9))])
-def test_benchmark_janus_presets_have_janus_pros_shape(bench, preset, language_model):
+def test_benchmark_janus_presets_have_janus_pros_shape(presets, preset, language_model):
     """Built on the meta device: DeepSeek-LLM's 1.x B and 6.9 B language models with Janus-Pro's 102400-row text table,
     LlamaGen VQ-16 (downsample 16, 16384 codes) and the codes' own table, aligner and head; at 128, 256 and 384
     pixels an image is 8², 16² and 24² codes between image start and end."""
-    model, backend = bench.build_preset(preset, torch.device("meta"), torch.bfloat16)
+    model, backend = presets.build_preset(preset, torch.device("meta"), torch.bfloat16)
     assert type(model).__name__ == "JanusForVLCoT" and backend.text_rows == 102400
     assert backend.vocab_size == 102400 + 16384 and backend.downsample == 16
     params = {n: p.numel() for n, p in model.named_parameters()}
     lm = sum(v for n, v in params.items() if n.startswith(("model.language_model.", "lm_head.")))
     assert language_model[0] < lm < language_model[1]
     assert [len(backend.image_template(*backend.grid_for(s, s))) for s in (128, 256, 384)] == [66, 258, 578]
-    weights, _ = bench.model_bytes(model)
+    weights, _ = presets.model_bytes(model)
     image_path = sum(
         v for n, v in params.items() if n.startswith(("model.generation_head.", "model.generation_aligner."))
     )
@@ -1218,12 +1220,12 @@ def test_gpu_graphs_equal_eager_tiny(tiny, photo, guidance, kernel, small_pieces
 GPU_SIZES = {"rough": (32, 32), "middle": (64, 64), "final": (128, 128)}
 
 
-def _static_equals_reference(bench, preset, variants, device="cuda"):
+def _static_equals_reference(presets, preset, variants, device="cuda"):
     """fp32: the static engine, once per ``variants`` entry (RolloutConfig keywords), writes the reference engine's
     greedy tokens for two prompts with two generations each, with and without guidance (CUDA graphs on CUDA)."""
-    model, backend = bench.build_preset(preset, torch.device(device), torch.float32)
-    prompts = bench.make_prompts(backend, 2, lr_size=64 if preset == "tiny" else 128)
-    bench.add_chain_hooks(model, backend)
+    model, backend = presets.build_preset(preset, torch.device(device), torch.float32)
+    prompts = presets.make_prompts(backend, 2, lr_size=64 if preset == "tiny" else 128)
+    presets.add_chain_hooks(model, backend)
     for guidance in (1.0, 3.0):
         kw = {"stage_sizes": GPU_SIZES, "max_new_tokens": 600, "do_sample": False, "guidance_scale": guidance}
         ref = RolloutEngine(model, backend, RolloutConfig(engine="reference", **kw)).generate(prompts, 2)
@@ -1235,29 +1237,29 @@ def _static_equals_reference(bench, preset, variants, device="cuda"):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset", ["tiny", "1b", "pure-tiny", "janus-tiny"])
-def test_gpu_greedy_equals_reference_preset(preset, bench):
+def test_gpu_greedy_equals_reference_preset(preset, presets):
     """The static engine with every kernel, and with the shared prompt cache, writes the reference's greedy tokens."""
-    _static_equals_reference(bench, preset, [_attention(kernel) for kernel in KERNELS])
+    _static_equals_reference(presets, preset, [_attention(kernel) for kernel in KERNELS])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_defaults_equal_reference_1b(bench):
+def test_gpu_defaults_equal_reference_1b(presets):
     """1B preset: the static engine as it runs by default on CUDA (CUDA graphs, compiled steps, fused projections,
     the prompt cache shared by a prompt's generations) writes the reference engine's greedy tokens."""
     default, cuda = RolloutConfig(), torch.device("cuda")
     assert default.resolved_compile(cuda) and default.resolved_fuse(cuda) and default.shares_prompt_cache(2)
-    _static_equals_reference(bench, "1b", [{}])
+    _static_equals_reference(presets, "1b", [{}])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_compiled_graphs_equal_reference(bench):
+def test_gpu_compiled_graphs_equal_reference(presets):
     """Tiny preset: the compiled step (Triton kernels) captured as CUDA graphs writes the reference engine's greedy
     tokens with every kernel, with the shared prompt cache and with fused projections."""
     variants = [_attention(kernel) for kernel in KERNELS]
     variants.append({**_attention("sdpa"), "fuse_projections": True})
-    _static_equals_reference(bench, "tiny", [{"compile_step": True, **v} for v in variants])
+    _static_equals_reference(presets, "tiny", [{"compile_step": True, **v} for v in variants])
 
 
 @pytest.mark.gpu

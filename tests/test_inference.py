@@ -35,7 +35,7 @@ def test_upscale_writes_final_images_chains_and_reports(tiny_path, photo, tmp_pa
     assert strict == (0 if all("final" in r for r in records.values()) else 1)
 
 
-def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch, bench):
+def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch, presets):
     """--engine and --compile reach the rollout: with guidance, both engines (the static one also with its decode
     steps compiled) write the same greedy chain and final image. Logit
     hooks make the random tiny model open the rough image at once and chain the stages (benchmarks/rollout.py)."""
@@ -45,7 +45,7 @@ def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path
 
     def load_with_hooks(*args, **kwargs):
         model, tokenizer, backend = load(*args, **kwargs)
-        bench.add_chain_hooks(model, backend)
+        presets.add_chain_hooks(model, backend)
         bias = torch.zeros(backend.vocab_size)
         bias[backend.tag_ids["<rough_image>"]] = 50.0
         model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias)

@@ -202,7 +202,7 @@ JANUS_EXTRA = {
 }  # fmt: skip
 
 
-def test_readme_janus_path_on_a_published_janus_lookalike(tmp_path, monkeypatch, capsys, bench):
+def test_readme_janus_path_on_a_published_janus_lookalike(tmp_path, monkeypatch, capsys, presets):
     """Janus-Pro: the published checkpoint (a tiny look-alike: the stock class, more text rows than tokenizer ids)
     through prepare, prepare-data, SFT and GRPO with LoRA, and upscale, as the README writes them; the SFT adapter
     then loads onto transformers' stock JanusForConditionalGeneration with PEFT, as a Hub user would load it.
@@ -219,7 +219,7 @@ def test_readme_janus_path_on_a_published_janus_lookalike(tmp_path, monkeypatch,
 
     def load_with_hooks(*args, **kwargs):
         model, tokenizer, backend = load(*args, **kwargs)
-        bench.add_chain_hooks(model, backend)
+        presets.add_chain_hooks(model, backend)
         bias = torch.zeros(backend.vocab_size)
         bias[backend.tag_ids["<rough_image>"]] = 50.0
         backend.logits_module.register_forward_hook(lambda m, i, out: out + bias)
