@@ -708,6 +708,7 @@ class Run:
         if args.compile is None:
             args.compile = RolloutConfig(cuda_graphs=not args.no_graphs).resolved_compile(device)
         self.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        torch.manual_seed(0)
         import transformers
 
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -973,7 +974,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is the fast setting
-    torch.manual_seed(0)
     run = Run(args, argv)
     handles = add_chain_hooks(run.model, run.backend)
     for key, runs, section in SECTIONS:
