@@ -756,9 +756,10 @@ class Run:
             with open(self.args.json, "w") as f:
                 json.dump(self.results, f, indent=2)
 
-    def ideal(self, steps, rows, guide, prompts=None) -> float:
-        prompt_len = len(self.prompts[0])
-        return ideal_seconds(steps, rows, prompt_len, guide, self.weights, self.kv_token, self.bandwidth, prompts)
+    def ideal(self, stats: dict, steps: int, guide, prompts=None) -> float:
+        """``ideal_seconds`` for a run's ``stats`` (its rows and left-padded prompt width) at this model's sizes."""
+        width, rows = stats["prompt_tokens"], stats["rows"]
+        return ideal_seconds(steps, rows, width, guide, self.weights, self.kv_token, self.bandwidth, prompts)
 
 
 # ----- sections ----------------------------------------------------------------------------------------------------
@@ -862,7 +863,7 @@ def stock_section(run: Run) -> dict:
     stats = run_stock(run.model, run.backend, run.prompts, run.args, run.device)
     steps = run.args.stock_steps
     guide = [(t + 2) * stats["rows"] for t in range(steps)] if run.args.guidance != 1.0 else [0] * steps
-    ideal = run.ideal(steps, stats["rows"], guide)
+    ideal = run.ideal(stats, steps, guide)
     stats.update(
         decode_steps_per_s=(steps - 1) / stats["decode_seconds"],
         tokens_per_s=stats["rows"] * (steps - 1) / stats["decode_seconds"],
@@ -880,9 +881,9 @@ def engine_section(run: Run, engine_name: str) -> dict:
     steps = stats["steps"]
     guide = guidance_context(run.backend, batch.completion_ids, steps) if args.guidance != 1.0 else [0] * steps
     decode = stats.get("decode_seconds", stats["seconds_total"])
-    ideal = run.ideal(steps, stats["rows"], guide)
+    ideal = run.ideal(stats, steps, guide)
     if engine_name == "static" and rollout_config(args, engine_name).shares_prompt_cache(args.group):
-        read = run.ideal(steps, stats["rows"], guide, args.prompts)
+        read = run.ideal(stats, steps, guide, args.prompts)
         stats.update(
             roofline_fraction_read=read / decode, roofline_fraction_read_whole_call=read / stats["seconds_total"]
         )
