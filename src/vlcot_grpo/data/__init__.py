@@ -64,6 +64,7 @@ _EXPORTS = {
     "vlcot_grpo.data.dataset": (
         "BadImageError",
         "BuildSummary",
+        "DatasetOptions",
         "SkippedFile",
         "build_vlcot_dataset",
         "build_vlcot_dataset_with_summary",
