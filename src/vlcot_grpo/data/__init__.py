@@ -53,6 +53,7 @@ _EXPORTS = {
         "blur_width",
         "degradation_measures",
         "effective_jpeg_quality",
+        "label_columns",
         "levels_from_measures",
         "noise_estimate",
         "residual_noise",

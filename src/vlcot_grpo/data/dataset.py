@@ -75,14 +75,7 @@ from vlcot_grpo.data.degradations import (
     sample_degradation,
     to_rgb8,
 )
-from vlcot_grpo.data.levels import (
-    LABEL_VERSION,
-    STEPS,
-    LevelThresholds,
-    degradation_measures,
-    levels_from_measures,
-    levels_to_text,
-)
+from vlcot_grpo.data.levels import STEPS, LevelThresholds, label_columns
 
 # `datasets`, `tqdm` and `vlcot_grpo.vlcot` (which imports torch) are imported inside the functions that use them:
 # worker processes (num_proc > 1) import this module, and without them it loads in well under a second.
@@ -574,21 +567,12 @@ def _generate_rows(
         entry = Path(entry_dir)
         meta = json.loads((entry / "meta.json").read_text())
         record = DegradationRecord.from_dict(meta["degradation_params"])
-        measures = degradation_measures(record, noise=meta["residual_noise"])
-        levels = levels_from_measures(measures, level_thresholds)
         row: dict[str, Any] = {"prompt": prompt}
         for column in ("lr_image", "hr_image", *_TARGET_COLUMNS):
             row[column] = {"bytes": (entry / f"{column}.png").read_bytes(), "path": None}
-        row.update(
-            degradation_params=record.to_json(),
-            degradation_levels=levels,
-            degradation_text=levels_to_text(levels),
-            degradation_measures=measures,
-            label_version=LABEL_VERSION,
-            tags=tags,
-            caption=caption,
-            source=source,
-        )
+        row["degradation_params"] = record.to_json()
+        row.update(label_columns(record, meta["residual_noise"], level_thresholds))
+        row.update(tags=tags, caption=caption, source=source)
         yield row
 
 

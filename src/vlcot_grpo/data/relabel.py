@@ -22,14 +22,7 @@ import numpy as np
 from PIL import Image
 
 from vlcot_grpo.data.degradations import DegradationRecord, apply_degradation_with_residual_noise
-from vlcot_grpo.data.levels import (
-    LABEL_VERSION,
-    STEPS,
-    LevelThresholds,
-    degradation_measures,
-    levels_from_measures,
-    levels_to_text,
-)
+from vlcot_grpo.data.levels import LABEL_VERSION, STEPS, LevelThresholds, label_columns
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -79,15 +72,7 @@ def _relabel_row(row: dict[str, Any], thresholds: LevelThresholds) -> tuple[dict
         return None, f"the record does not replay on hr_image ({error})", False
     stored = _image(row.get("lr_image"))
     reproduced = stored is not None and np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(lr))
-    measures = degradation_measures(record, noise=noise)
-    levels = levels_from_measures(measures, thresholds)
-    columns = {
-        "degradation_levels": levels,
-        "degradation_text": levels_to_text(levels),
-        "degradation_measures": measures,
-        "label_version": LABEL_VERSION,
-    }
-    return columns, None, reproduced
+    return label_columns(record, noise, thresholds), None, reproduced
 
 
 def upgrade_labels(
