@@ -18,6 +18,7 @@ from vlcot_grpo.data import dataset as dataset_module
 from vlcot_grpo.data.cli import add_prepare_data_arguments, run_prepare_data
 from vlcot_grpo.data.dataset import (
     BadImageError,
+    DatasetOptions,
     build_vlcot_dataset,
     build_vlcot_dataset_with_summary,
     read_rgb_image,
@@ -286,6 +287,24 @@ def test_options_prompt_stage_sizes_and_lr_size(tmp_path):
         build(folder, tmp_path / "cache", prompt="no image here")
     with pytest.raises(FileNotFoundError, match="not found"):
         build(tmp_path / "missing", tmp_path / "cache")
+
+
+def test_an_options_object_and_keywords_give_the_same_dataset(tmp_path):
+    folder = tmp_path / "hr"
+    write_good_files(folder)
+    options = DatasetOptions(hr_size=HR, seed=5, max_image_pixels=MAX_PIXELS, progress=False)
+    by_object, object_summary = build_vlcot_dataset_with_summary(folder, options, cache_dir=tmp_path / "a")
+    by_keywords, keyword_summary = build_vlcot_dataset_with_summary(
+        folder, hr_size=HR, seed=5, max_image_pixels=MAX_PIXELS, progress=False, cache_dir=tmp_path / "b"
+    )
+    assert raw_rows(by_object) == raw_rows(by_keywords)
+    # The same settings key names the cache folder, whichever form the options came in.
+    assert object_summary.cache_path.rsplit("/", 1)[1] == keyword_summary.cache_path.rsplit("/", 1)[1]
+    # Keywords override the options object's fields.
+    overridden = build_vlcot_dataset(folder, options, seed=6, cache_dir=tmp_path / "a")
+    assert overridden["degradation_params"] != by_object["degradation_params"]
+    with pytest.raises(TypeError, match="hr_sise"):
+        build_vlcot_dataset(folder, hr_sise=HR, cache_dir=tmp_path / "a")
 
 
 def test_same_seed_same_dataset_and_seeds_follow_the_content(tmp_path):

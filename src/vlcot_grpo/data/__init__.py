@@ -53,6 +53,7 @@ _EXPORTS = {
         "blur_width",
         "degradation_measures",
         "effective_jpeg_quality",
+        "label_columns",
         "levels_from_measures",
         "noise_estimate",
         "residual_noise",
@@ -64,6 +65,7 @@ _EXPORTS = {
     "vlcot_grpo.data.dataset": (
         "BadImageError",
         "BuildSummary",
+        "DatasetOptions",
         "SkippedFile",
         "build_vlcot_dataset",
         "build_vlcot_dataset_with_summary",

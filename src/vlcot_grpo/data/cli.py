@@ -12,9 +12,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlcot_grpo.data.dataset import BadImageError, build_vlcot_dataset_with_summary
 from vlcot_grpo.data.degradations import DegradationConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
+    from vlcot_grpo.data.tagging import ClipTagger
 
 
 def add_prepare_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -158,14 +164,45 @@ def save_atomically(dataset, out: Path, marker: dict) -> None:
         os.replace(staging, out)
 
 
+class _PrepareDataError(Exception):
+    """A problem that ends prepare-data with ``message`` and exit ``code`` (2: bad arguments, 1: bad data)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
 def run_prepare_data(args: argparse.Namespace) -> int:
     """Build and save the dataset; print the summary. Returns the process exit code (0 = success)."""
+    try:
+        hr_dir, out = _checked_paths(args)
+        prompt, degradation_config = _read_prompt(args), _read_degradation_config(args)
+        tagger = _load_tagger(args)  # before any photo is processed: missing weights fail at once
+        dataset = _build(args, hr_dir, prompt, degradation_config)
+    except _PrepareDataError as error:
+        return _fail(error.message, error.code)
+    if tagger is not None:
+        from vlcot_grpo.data.tagging import tag_dataset
+
+        dataset, tagged = tag_dataset(dataset, tagger)
+        print(f"tagged {tagged} photos with {args.tagger} ({args.tagger_model}, {len(tagger.vocabulary)} tags)")
+    _warn_about_untagged(dataset, hr_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    marker = {"hr_dir": str(hr_dir.resolve()), "samples": len(dataset), "arguments": vars(args)}
+    save_atomically(dataset, out, json.loads(json.dumps(marker, default=str)))
+    print(f"saved {len(dataset)} samples with columns {dataset.column_names} to {out}")
+    return 0
+
+
+def _checked_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(HR folder, output folder) once the sizes are consistent and the output may be written."""
     hr_dir = Path(args.hr_dir)
     if not hr_dir.is_dir():
-        return _fail(f"--hr-dir {hr_dir} is not a folder", 2)
+        raise _PrepareDataError(f"--hr-dir {hr_dir} is not a folder", 2)
     out = Path(args.out)
     if args.lr_size is None and args.hr_size % args.scale:
-        return _fail(
+        raise _PrepareDataError(
             f"--hr-size {args.hr_size} is not a multiple of --scale {args.scale} (the LR image would be "
             f"{args.hr_size / args.scale:.2f} pixels); choose sizes that divide, or set --lr-size",
             2,
@@ -175,39 +212,51 @@ def run_prepare_data(args: argparse.Namespace) -> int:
         print(f"prepare-data: {recovered}", file=sys.stderr)
     problem = _check_out(hr_dir, out, args.overwrite)
     if problem:
-        return _fail(problem, 2)
+        raise _PrepareDataError(problem, 2)
+    return hr_dir, out
 
-    prompt = None
-    if args.prompt_file:
-        try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8").strip()
-        except OSError as error:
-            return _fail(f"cannot read --prompt-file {args.prompt_file}: {error}", 2)
 
-    degradation_config = None
-    if args.degradation_config:
-        try:
-            degradation_config = DegradationConfig.from_dict(json.loads(Path(args.degradation_config).read_text()))
-        except (OSError, ValueError, TypeError) as error:
-            return _fail(f"invalid --degradation-config {args.degradation_config}: {error}", 2)
+def _read_prompt(args: argparse.Namespace) -> str | None:
+    if not args.prompt_file:
+        return None
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise _PrepareDataError(f"cannot read --prompt-file {args.prompt_file}: {error}", 2) from None
 
-    tagger = None
-    if args.tagger:  # loaded before any photo is processed: missing weights fail at once
-        from vlcot_grpo.data.tagging import ClipTagger, TaggerConfig
 
-        try:
-            tagger = ClipTagger(
-                TaggerConfig(
-                    model=args.tagger_model,
-                    weights=args.tagger_weights,
-                    vocabulary=args.tag_vocabulary,
-                    top_k=args.tags_per_image,
-                    min_probability=args.tag_min_probability,
-                )
+def _read_degradation_config(args: argparse.Namespace) -> DegradationConfig | None:
+    if not args.degradation_config:
+        return None
+    try:
+        return DegradationConfig.from_dict(json.loads(Path(args.degradation_config).read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise _PrepareDataError(f"invalid --degradation-config {args.degradation_config}: {error}", 2) from None
+
+
+def _load_tagger(args: argparse.Namespace) -> ClipTagger | None:
+    if not args.tagger:
+        return None
+    from vlcot_grpo.data.tagging import ClipTagger, TaggerConfig
+
+    try:
+        return ClipTagger(
+            TaggerConfig(
+                model=args.tagger_model,
+                weights=args.tagger_weights,
+                vocabulary=args.tag_vocabulary,
+                top_k=args.tags_per_image,
+                min_probability=args.tag_min_probability,
             )
-        except (OSError, ValueError) as error:
-            return _fail(str(error), 2)
+        )
+    except (OSError, ValueError) as error:
+        raise _PrepareDataError(str(error), 2) from None
 
+
+def _build(
+    args: argparse.Namespace, hr_dir: Path, prompt: str | None, degradation_config: DegradationConfig | None
+) -> datasets.Dataset:
+    """The dataset, after printing the build summary; an error when no image was usable."""
     try:
         dataset, summary = build_vlcot_dataset_with_summary(
             hr_dir,
@@ -226,18 +275,16 @@ def run_prepare_data(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except BadImageError as error:
-        return _fail(f"bad input file (--strict): {error}")
+        raise _PrepareDataError(f"bad input file (--strict): {error}") from None
     except ValueError as error:
-        return _fail(str(error), 2)
-
+        raise _PrepareDataError(str(error), 2) from None
     print(summary.format())
     if len(dataset) == 0:
-        return _fail(f"no usable images in {hr_dir}; nothing saved")
-    if tagger is not None:
-        from vlcot_grpo.data.tagging import tag_dataset
+        raise _PrepareDataError(f"no usable images in {hr_dir}; nothing saved")
+    return dataset
 
-        dataset, tagged = tag_dataset(dataset, tagger)
-        print(f"tagged {tagged} photos with {args.tagger} ({args.tagger_model}, {len(tagger.vocabulary)} tags)")
+
+def _warn_about_untagged(dataset: datasets.Dataset, hr_dir: Path) -> None:
     untagged = sum(not tags for tags in dataset["tags"])
     if untagged:
         print(
@@ -247,11 +294,6 @@ def run_prepare_data(args: argparse.Namespace) -> int:
             "open_clip (README: Your own photos)",
             file=sys.stderr,
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    marker = {"hr_dir": str(hr_dir.resolve()), "samples": len(dataset), "arguments": vars(args)}
-    save_atomically(dataset, out, json.loads(json.dumps(marker, default=str)))
-    print(f"saved {len(dataset)} samples with columns {dataset.column_names} to {out}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

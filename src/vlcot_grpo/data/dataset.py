@@ -61,7 +61,7 @@ import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,14 +75,7 @@ from vlcot_grpo.data.degradations import (
     sample_degradation,
     to_rgb8,
 )
-from vlcot_grpo.data.levels import (
-    LABEL_VERSION,
-    STEPS,
-    LevelThresholds,
-    degradation_measures,
-    levels_from_measures,
-    levels_to_text,
-)
+from vlcot_grpo.data.levels import STEPS, LevelThresholds, label_columns
 
 # `datasets`, `tqdm` and `vlcot_grpo.vlcot` (which imports torch) are imported inside the functions that use them:
 # worker processes (num_proc > 1) import this module, and without them it loads in well under a second.
@@ -574,21 +567,12 @@ def _generate_rows(
         entry = Path(entry_dir)
         meta = json.loads((entry / "meta.json").read_text())
         record = DegradationRecord.from_dict(meta["degradation_params"])
-        measures = degradation_measures(record, noise=meta["residual_noise"])
-        levels = levels_from_measures(measures, level_thresholds)
         row: dict[str, Any] = {"prompt": prompt}
         for column in ("lr_image", "hr_image", *_TARGET_COLUMNS):
             row[column] = {"bytes": (entry / f"{column}.png").read_bytes(), "path": None}
-        row.update(
-            degradation_params=record.to_json(),
-            degradation_levels=levels,
-            degradation_text=levels_to_text(levels),
-            degradation_measures=measures,
-            label_version=LABEL_VERSION,
-            tags=tags,
-            caption=caption,
-            source=source,
-        )
+        row["degradation_params"] = record.to_json()
+        row.update(label_columns(record, meta["residual_noise"], level_thresholds))
+        row.update(tags=tags, caption=caption, source=source)
         yield row
 
 
@@ -625,63 +609,117 @@ def _check_arguments(hr_size: int, scale: int, lr_size: int, small_images: str) 
         raise ValueError(f"small_images must be 'skip' or 'upscale', got {small_images!r}")
 
 
-def build_vlcot_dataset_with_summary(
-    source: str | os.PathLike | datasets.Dataset,
-    *,
-    hr_size: int = 512,
-    scale: int = 4,
-    lr_size: int | None = None,
-    stage_sizes: StageSizes | None = None,
-    seed: int = 0,
-    prompt: str | None = None,
-    degradation_config: DegradationConfig | None = None,
-    level_thresholds: LevelThresholds | None = None,
-    image_column: str = "image",
-    tags_column: str = "tags",
-    caption_column: str = "caption",
-    source_column: str | None = None,
-    small_images: str = "skip",
-    max_image_pixels: int | None = None,
-    strict: bool = False,
-    num_proc: int = 1,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> tuple[datasets.Dataset, BuildSummary]:
-    """:func:`build_vlcot_dataset`, also returning the :class:`BuildSummary`."""
-    import datasets
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class DatasetOptions:
+    """How :func:`build_vlcot_dataset` turns its source into a dataset; every field has a default."""
 
+    hr_size: int = field(default=512, metadata={"help": "Side of the square HR image."})
+    scale: int = field(default=4, metadata={"help": "Super-resolution factor: the LR side is hr_size // scale."})
+    lr_size: int | None = field(
+        default=None,
+        metadata={"help": "Side of the stored LR image (default hr_size // scale); larger adds a final resize."},
+    )
+    stage_sizes: StageSizes | None = field(
+        default=None,
+        metadata={"help": "Rough / middle / final target sizes (default hr/4, hr/2, hr); see normalise_stage_sizes."},
+    )
+    seed: int = field(default=0, metadata={"help": "Global seed; each image's seed also depends on its content."})
+    prompt: str | None = field(
+        default=None, metadata={"help": "Prompt with IMAGE_PLACEHOLDER; default vlcot_grpo.vlcot.DEFAULT_PROMPT."}
+    )
+    degradation_config: DegradationConfig | None = field(
+        default=None, metadata={"help": "Degradation ranges; default Real-ESRGAN's."}
+    )
+    level_thresholds: LevelThresholds | None = field(
+        default=None, metadata={"help": "Buckets of the light / medium / heavy levels; default LevelThresholds()."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of a datasets.Dataset source."})
+    tags_column: str = field(default="tags", metadata={"help": "Tags column of a datasets.Dataset source."})
+    caption_column: str = field(default="caption", metadata={"help": "Caption column of a datasets.Dataset source."})
+    source_column: str | None = field(
+        default=None, metadata={"help": "Column naming each row of a datasets.Dataset source; default the file name."}
+    )
+    small_images: str = field(
+        default="skip", metadata={"help": "'skip' or 'upscale' images whose short side is below hr_size."}
+    )
+    max_image_pixels: int | None = field(
+        default=None, metadata={"help": "Refuse larger images (decompression-bomb guard); default PIL's limit."}
+    )
+    strict: bool = field(
+        default=False, metadata={"help": "Raise BadImageError on the first bad input instead of skipping it."}
+    )
+    num_proc: int = field(default=1, metadata={"help": "Worker processes for the per-image work."})
+    cache_dir: str | os.PathLike | None = field(
+        default=None, metadata={"help": "Where processed images are kept; default default_cache_dir()."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    @classmethod
+    def from_keywords(cls, options: DatasetOptions | None = None, **overrides: Any) -> DatasetOptions:
+        """``options`` (default: all defaults) with the fields named in ``overrides`` replaced."""
+        known = {option.name for option in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown dataset option(s) {unknown}; the options are {sorted(known)}")
+        return replace(options or cls(), **overrides)
+
+
+def _image_settings(options: DatasetOptions) -> ImageSettings:
+    """The options that change the pixels, checked; their hash names the cache folder."""
+    lr_size = options.lr_size or options.hr_size // options.scale
+    _check_arguments(options.hr_size, options.scale, lr_size, options.small_images)
+    return ImageSettings(
+        hr_size=options.hr_size,
+        scale=options.scale,
+        lr_size=lr_size,
+        stage_sizes=normalise_stage_sizes(options.stage_sizes, options.hr_size),
+        seed=options.seed,
+        small_images=options.small_images,
+        degradation=(options.degradation_config or DegradationConfig()).to_dict(),
+    )
+
+
+def _checked_prompt(prompt: str | None) -> str:
     from vlcot_grpo.vlcot import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
-    lr_size = lr_size or hr_size // scale
-    _check_arguments(hr_size, scale, lr_size, small_images)
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     if IMAGE_PLACEHOLDER not in prompt:
         raise ValueError(f"the prompt must contain the image placeholder {IMAGE_PLACEHOLDER!r}: {prompt[:200]!r}")
-    degradation_config = degradation_config or DegradationConfig()
-    settings = ImageSettings(
-        hr_size=hr_size,
-        scale=scale,
-        lr_size=lr_size,
-        stage_sizes=normalise_stage_sizes(stage_sizes, hr_size),
-        seed=seed,
-        small_images=small_images,
-        degradation=degradation_config.to_dict(),
-    )
+    return prompt
+
+
+def _open_cache(settings: ImageSettings, cache_dir: str | os.PathLike | None) -> Path:
     cache_root = Path(cache_dir or default_cache_dir()) / settings.key()
     (cache_root / "items").mkdir(parents=True, exist_ok=True)
     (cache_root / "settings.json").write_text(json.dumps(asdict(settings), indent=2, sort_keys=True))
-    summary = BuildSummary(cache_path=str(cache_root))
+    return cache_root
 
-    def skip(item_source: str, reason: str, detail: str) -> None:
-        if strict:
-            raise BadImageError(item_source, reason, detail)
-        logger.warning("skipping %s: %s [%s]", item_source, detail, reason)
-        summary.skipped.append(SkippedFile(item_source, reason, detail))
 
-    # 1. Inputs in a stable order; duplicates (same bytes) are dropped here, keeping the first.
+class _Skipper:
+    """Records a skipped input in the summary with a warning, or raises it when the build is strict."""
+
+    def __init__(self, summary: BuildSummary, strict: bool):
+        self.summary = summary
+        self.strict = strict
+
+    def __call__(self, source: str, reason: str, detail: str) -> None:
+        if self.strict:
+            raise BadImageError(source, reason, detail)
+        logger.warning("skipping %s: %s [%s]", source, detail, reason)
+        self.summary.skipped.append(SkippedFile(source, reason, detail))
+
+
+def _collect_inputs(
+    source: str | os.PathLike | datasets.Dataset, options: DatasetOptions, skip: _Skipper
+) -> list[tuple[_Item, _Annotation]]:
+    """Phase 1: the inputs in a stable order; unreadable files and duplicates (same bytes, keeping the first) are
+    skipped here, before any decoding."""
+    import datasets
+
     if isinstance(source, datasets.Dataset):
-        inputs = _dataset_items(source, image_column, tags_column, caption_column, source_column)
+        inputs = _dataset_items(
+            source, options.image_column, options.tags_column, options.caption_column, options.source_column
+        )
     else:
         folder = Path(source)
         if not folder.is_dir():
@@ -697,24 +735,79 @@ def build_vlcot_dataset_with_summary(
         else:
             first_with_hash[item.content_hash] = item.source
             items.append((item, annotation))
+    return items
 
-    # 2. Process what the cache does not have yet; each finished image is on disk immediately.
+
+def _process_missing(
+    items: list[tuple[_Item, _Annotation]],
+    settings: ImageSettings,
+    cache_root: Path,
+    options: DatasetOptions,
+    skip: _Skipper,
+) -> set[str]:
+    """Phase 2: process what the cache does not have yet (each finished image is on disk immediately, so a crash
+    loses nothing); returns the content hashes of the images rejected while processing."""
+    from tqdm.auto import tqdm
+
+    summary = skip.summary
     todo = [item for item, _ in items if not _is_cached(cache_root, item.content_hash)]
     summary.from_cache = len(items) - len(todo)
-    tasks = [(item, settings, cache_root, max_image_pixels) for item in todo]
+    tasks = [(item, settings, cache_root, options.max_image_pixels) for item in todo]
     sources = {item.content_hash: item.source for item in todo}
     rejected: set[str] = set()
     with tqdm(
-        total=len(items), initial=summary.from_cache, desc="prepare-data", unit="img", disable=not progress
+        total=len(items), initial=summary.from_cache, desc="prepare-data", unit="img", disable=not options.progress
     ) as bar:
-        for item_hash, reason, detail in _process_all(tasks, num_proc, bar):
+        for item_hash, reason, detail in _process_all(tasks, options.num_proc, bar):
             if reason is None:
                 summary.processed += 1
             else:
                 rejected.add(item_hash)
                 skip(sources[item_hash], reason, detail)
+    return rejected
 
-    # 3. Assemble the rows in input order from the cache.
+
+def _assemble_dataset(
+    entries: list[tuple[str, str, list[str], str]], cache_root: Path, prompt: str, options: DatasetOptions
+) -> datasets.Dataset:
+    """Phase 3: the rows, in input order, from the cache entries; prompt and levels are applied only here, so
+    changing them costs no reprocessing."""
+    import datasets
+
+    if not entries:
+        return datasets.Dataset.from_dict({name: [] for name in dataset_features()}, features=dataset_features())
+    bars_were_enabled = not datasets.utils.are_progress_bars_disabled()
+    if not options.progress:
+        datasets.utils.disable_progress_bars()
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_rows,
+            features=dataset_features(),
+            cache_dir=str(cache_root / "arrow"),
+            gen_kwargs={
+                "entries": entries,
+                "prompt": prompt,
+                "thresholds": asdict(options.level_thresholds or LevelThresholds()),
+            },
+        )
+    finally:
+        if bars_were_enabled:
+            datasets.utils.enable_progress_bars()
+
+
+def build_vlcot_dataset_with_summary(
+    source: str | os.PathLike | datasets.Dataset, options: DatasetOptions | None = None, **overrides: Any
+) -> tuple[datasets.Dataset, BuildSummary]:
+    """:func:`build_vlcot_dataset`, also returning the :class:`BuildSummary`."""
+    options = DatasetOptions.from_keywords(options, **overrides)
+    settings = _image_settings(options)
+    prompt = _checked_prompt(options.prompt)
+    cache_root = _open_cache(settings, options.cache_dir)
+    summary = BuildSummary(cache_path=str(cache_root))
+    skip = _Skipper(summary, options.strict)
+
+    items = _collect_inputs(source, options, skip)
+    rejected = _process_missing(items, settings, cache_root, options, skip)
     entries = [
         (str(_entry_dir(cache_root, item.content_hash)), item.source, annotation.tags, annotation.caption)
         for item, annotation in items
@@ -722,50 +815,11 @@ def build_vlcot_dataset_with_summary(
     ]
     summary.kept = len(entries)
     logger.info("prepare-data: %s", summary.format())
-    if not entries:
-        dataset = datasets.Dataset.from_dict({name: [] for name in dataset_features()}, features=dataset_features())
-        return dataset, summary
-    bars_were_enabled = not datasets.utils.are_progress_bars_disabled()
-    if not progress:
-        datasets.utils.disable_progress_bars()
-    try:
-        dataset = datasets.Dataset.from_generator(
-            _generate_rows,
-            features=dataset_features(),
-            cache_dir=str(cache_root / "arrow"),
-            gen_kwargs={
-                "entries": entries,
-                "prompt": prompt,
-                "thresholds": asdict(level_thresholds or LevelThresholds()),
-            },
-        )
-    finally:
-        if bars_were_enabled:
-            datasets.utils.enable_progress_bars()
-    return dataset, summary
+    return _assemble_dataset(entries, cache_root, prompt, options), summary
 
 
 def build_vlcot_dataset(
-    source: str | os.PathLike | datasets.Dataset,
-    *,
-    hr_size: int = 512,
-    scale: int = 4,
-    lr_size: int | None = None,
-    stage_sizes: StageSizes | None = None,
-    seed: int = 0,
-    prompt: str | None = None,
-    degradation_config: DegradationConfig | None = None,
-    level_thresholds: LevelThresholds | None = None,
-    image_column: str = "image",
-    tags_column: str = "tags",
-    caption_column: str = "caption",
-    source_column: str | None = None,
-    small_images: str = "skip",
-    max_image_pixels: int | None = None,
-    strict: bool = False,
-    num_proc: int = 1,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    source: str | os.PathLike | datasets.Dataset, options: DatasetOptions | None = None, **overrides: Any
 ) -> datasets.Dataset:
     """Build a VLCoT dataset from a folder of HR images or a ``datasets.Dataset`` with an image column.
 
@@ -773,42 +827,11 @@ def build_vlcot_dataset(
         source: a folder (searched recursively; ``.json`` files are annotations, hidden files are ignored) or a
             ``datasets.Dataset`` whose ``image_column`` holds images (optional ``tags_column``,
             ``caption_column``, ``source_column``).
-        hr_size: side of the square HR image; scale: super-resolution factor (LR = hr_size / scale).
-        lr_size: side of the stored LR image; default hr_size // scale. A larger value (e.g. the model's input
-            canvas) adds a final resize, recorded in ``degradation_params``.
-        stage_sizes: sizes of the rough / middle / final targets, default (hr/4, hr/2, hr): three ints or
-            (h, w) pairs, or a mapping {"rough": ..., "middle": ..., "final": ...} (see normalise_stage_sizes).
-        seed: global seed; each image's seed also depends on its content (see :func:`image_seed`).
-        prompt: prompt text with ``IMAGE_PLACEHOLDER``; default ``vlcot_grpo.vlcot.DEFAULT_PROMPT``.
-        degradation_config / level_thresholds: degradation ranges and level buckets (defaults: Real-ESRGAN's).
-        small_images: "skip" (default) or "upscale" images whose short side is below ``hr_size``.
-        max_image_pixels: refuse larger images (decompression-bomb guard); default PIL's limit (~89 Mpx).
-        strict: raise :class:`BadImageError` on the first bad input instead of skipping it.
-        num_proc: worker processes for the per-image work.
-        cache_dir: where processed images are kept; default :func:`default_cache_dir`.
-        progress: show a tqdm progress bar.
+        options: a :class:`DatasetOptions` (default: all defaults); each field is documented there.
+        overrides: fields of :class:`DatasetOptions` by name, replacing those of ``options``
+            (``build_vlcot_dataset(folder, hr_size=256)``); an unknown name raises TypeError.
 
     A summary of kept / skipped images is logged; use :func:`build_vlcot_dataset_with_summary` to get it.
     """
-    dataset, _ = build_vlcot_dataset_with_summary(
-        source,
-        hr_size=hr_size,
-        scale=scale,
-        lr_size=lr_size,
-        stage_sizes=stage_sizes,
-        seed=seed,
-        prompt=prompt,
-        degradation_config=degradation_config,
-        level_thresholds=level_thresholds,
-        image_column=image_column,
-        tags_column=tags_column,
-        caption_column=caption_column,
-        source_column=source_column,
-        small_images=small_images,
-        max_image_pixels=max_image_pixels,
-        strict=strict,
-        num_proc=num_proc,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
+    dataset, _ = build_vlcot_dataset_with_summary(source, options, **overrides)
     return dataset

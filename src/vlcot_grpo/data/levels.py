@@ -46,6 +46,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -367,6 +368,22 @@ def levels_from_record(
     neither, the record-only :func:`noise_estimate` is used (see :func:`degradation_measures`).
     """
     return levels_from_measures(degradation_measures(record, hr, noise=noise), thresholds)
+
+
+def label_columns(
+    record: DegradationRecord, noise: float, thresholds: LevelThresholds | None = None
+) -> dict[str, Any]:
+    """The label columns of a dataset row (``degradation_measures``, ``degradation_levels``, ``degradation_text``,
+    ``label_version``) from its record and residual noise; prepare-data and the relabelling share it, so that a
+    relabelled row matches a freshly built one."""
+    measures = degradation_measures(record, noise=noise)
+    levels = levels_from_measures(measures, thresholds)
+    return {
+        "degradation_levels": levels,
+        "degradation_text": levels_to_text(levels),
+        "degradation_measures": measures,
+        "label_version": LABEL_VERSION,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,20 +15,14 @@ import io
 import json
 import logging
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from vlcot_grpo.data.degradations import DegradationRecord, apply_degradation_with_residual_noise
-from vlcot_grpo.data.levels import (
-    LABEL_VERSION,
-    STEPS,
-    LevelThresholds,
-    degradation_measures,
-    levels_from_measures,
-    levels_to_text,
-)
+from vlcot_grpo.data.levels import LABEL_VERSION, STEPS, LevelThresholds, label_columns
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -78,15 +72,7 @@ def _relabel_row(row: dict[str, Any], thresholds: LevelThresholds) -> tuple[dict
         return None, f"the record does not replay on hr_image ({error})", False
     stored = _image(row.get("lr_image"))
     reproduced = stored is not None and np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(lr))
-    measures = degradation_measures(record, noise=noise)
-    levels = levels_from_measures(measures, thresholds)
-    columns = {
-        "degradation_levels": levels,
-        "degradation_text": levels_to_text(levels),
-        "degradation_measures": measures,
-        "label_version": LABEL_VERSION,
-    }
-    return columns, None, reproduced
+    return label_columns(record, noise, thresholds), None, reproduced
 
 
 def upgrade_labels(
@@ -102,8 +88,6 @@ def upgrade_labels(
     :class:`LevelThresholds` (a version-1 dataset does not record the thresholds it was built with). A row at a
     version newer than this code's is an error. ``name`` names the dataset in the messages.
     """
-    import datasets
-
     if "degradation_params" not in dataset.column_names or len(dataset) == 0:
         return dataset
     versions = label_versions(dataset)
@@ -117,71 +101,92 @@ def upgrade_labels(
     if not old:
         return dataset
     thresholds = thresholds or LevelThresholds()
+    values = _stored_label_values(dataset, versions)
+    outcome = _recompute_rows(dataset, old, thresholds, values)
+    _warn_about_the_upgrade(name, sorted({versions[i] for i in old}), len(old), outcome, thresholds)
+    return _with_label_columns(dataset, values)
+
+
+@dataclass
+class _RelabelOutcome:
+    recomputed: int = 0
+    not_reproduced: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # why a row could not be recomputed -> how many
+
+
+def _stored_label_values(dataset: datasets.Dataset, versions: list[int]) -> dict[str, list]:
+    """The label columns as stored, by name; a column the dataset lacks comes as a list of placeholders."""
+
+    def stored(column: str, missing: Any) -> list:
+        return list(dataset[column]) if column in dataset.column_names else [missing] * len(dataset)
+
+    return {
+        "degradation_levels": stored("degradation_levels", None),
+        "degradation_text": stored("degradation_text", ""),
+        "degradation_measures": stored("degradation_measures", None),
+        "label_version": list(versions),
+    }
+
+
+def _recompute_rows(
+    dataset: datasets.Dataset, rows: list[int], thresholds: LevelThresholds, values: dict[str, list]
+) -> _RelabelOutcome:
+    """Recompute the label columns of ``rows`` into ``values`` (in place); rows that cannot be keep theirs."""
+    import datasets
+
     needed = [c for c in ("degradation_params", "hr_image", "lr_image") if c in dataset.column_names]
     source = dataset.select_columns(needed)
     for column in ("hr_image", "lr_image"):
         if column in needed and isinstance(source.features[column], datasets.Image):
             source = source.cast_column(column, datasets.Image(decode=False))
-
-    def stored(column: str, missing: Any) -> list:
-        return list(dataset[column]) if column in dataset.column_names else [missing] * len(dataset)
-
-    levels_column = stored("degradation_levels", None)
-    text_column = stored("degradation_text", "")
-    measures_column = stored("degradation_measures", None)
-    version_column = list(versions)
-    failures: dict[str, int] = {}
-    recomputed, not_reproduced = 0, 0
-    for i in old:
+    outcome = _RelabelOutcome()
+    for i in rows:
         columns, reason, reproduced = _relabel_row(source[i], thresholds)
         if columns is None:
-            failures[reason] = failures.get(reason, 0) + 1
+            outcome.failures[reason] = outcome.failures.get(reason, 0) + 1
             continue
-        recomputed += 1
-        not_reproduced += not reproduced
-        levels_column[i] = columns["degradation_levels"]
-        text_column[i] = columns["degradation_text"]
-        measures_column[i] = columns["degradation_measures"]
-        version_column[i] = columns["label_version"]
+        outcome.recomputed += 1
+        outcome.not_reproduced += not reproduced
+        for column in _LABEL_COLUMNS:
+            values[column][i] = columns[column]
+    return outcome
 
-    from_versions = sorted({versions[i] for i in old})
+
+def _warn_about_the_upgrade(
+    name: str, from_versions: list[int], old_rows: int, outcome: _RelabelOutcome, thresholds: LevelThresholds
+) -> None:
     message = [
         f"{name} was labelled by label version {', '.join(map(str, from_versions))} (before effective measures): "
-        f"recomputed the degradation levels of {recomputed} of its {len(old)} older rows from their records and "
-        f"HR images (label version {LABEL_VERSION}, {'default' if thresholds == LevelThresholds() else 'given'} "
+        f"recomputed the degradation levels of {outcome.recomputed} of its {old_rows} older rows from their "
+        f"records and HR images (label version {LABEL_VERSION}, "
+        f"{'default' if thresholds == LevelThresholds() else 'given'} "
         "thresholds); rebuild it with `vlcot-grpo prepare-data` to store them"
     ]
-    if not_reproduced:
+    if outcome.not_reproduced:
         message.append(
-            f"{not_reproduced} replays did not reproduce the stored lr_image (made by other code?): their noise "
-            "level is that of this pipeline's replay"
+            f"{outcome.not_reproduced} replays did not reproduce the stored lr_image (made by other code?): their "
+            "noise level is that of this pipeline's replay"
         )
-    for reason, count in sorted(failures.items()):
+    for reason, count in sorted(outcome.failures.items()):
         message.append(f"{count} rows keep their label version 1 levels: {reason}")
-    warnings.warn("; ".join(message), LabelVersionWarning, stacklevel=2)
+    # stacklevel 3: the warning points at upgrade_labels' caller, as it did before this helper existed.
+    warnings.warn("; ".join(message), LabelVersionWarning, stacklevel=3)
     logger.warning("; ".join(message))
 
+
+def _with_label_columns(dataset: datasets.Dataset, values: dict[str, list]) -> datasets.Dataset:
+    """``dataset`` with its label columns replaced by ``values``, in prepare-data's column order."""
+
+    from vlcot_grpo.data.dataset import dataset_features
+
     # Empty measures (rows that kept old levels) must still fit the struct type.
-    measures_column = [m if m is not None else dict.fromkeys(STEPS) for m in measures_column]
-    levels_column = [m if m is not None else dict.fromkeys(STEPS) for m in levels_column]
+    for column in ("degradation_measures", "degradation_levels"):
+        values[column] = [m if m is not None else dict.fromkeys(STEPS) for m in values[column]]
     present = [c for c in _LABEL_COLUMNS if c in dataset.column_names]
     upgraded = dataset.remove_columns(present) if present else dataset
-    features = {
-        "degradation_levels": {step: datasets.Value("string") for step in STEPS},
-        "degradation_text": datasets.Value("string"),
-        "degradation_measures": {step: datasets.Value("float64") for step in STEPS},
-        "label_version": datasets.Value("int32"),
-    }
-    values = {
-        "degradation_levels": levels_column,
-        "degradation_text": text_column,
-        "degradation_measures": measures_column,
-        "label_version": version_column,
-    }
+    features = dataset_features()
     for column in _LABEL_COLUMNS:
         upgraded = upgraded.add_column(column, values[column], feature=features[column])
     # The columns in prepare-data's order, any others after them.
-    from vlcot_grpo.data.dataset import dataset_features
-
     canonical = [c for c in dataset_features() if c in upgraded.column_names]
     return upgraded.select_columns(canonical + [c for c in upgraded.column_names if c not in canonical])
