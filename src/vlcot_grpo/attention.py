@@ -41,26 +41,37 @@ __all__ = [
     "split_attention",
     "split_bias",
     "split_kv_attention",
+    "window_bias",
 ]
 
 ATTENTION_NAME = "vlcot_split"
 
 
 def attend(query, keys, values, bias, scaling, kernel="sdpa"):
-    """One-token attention of ``query`` (B, H, 1, D) to ``keys``/``values`` (B, Hkv, L, D) under the additive mask
-    ``bias`` (B, 1, 1, L).
+    """Attention of ``query`` (B, H, W, D) to ``keys``/``values`` (B, Hkv, L, D) under the additive mask ``bias``
+    (B, 1, 1, L), or (B, 1, W, L) for a window of W tokens per row (kernel "sdpa" only).
 
     ``kernel``: "sdpa" (torch's fused attention; with a mask on recent NVIDIA GPUs that is cuDNN's kernel, one block per
     (row, head): few blocks for a decode step), "split" (the same kernel on pieces of the cache, merged by their
     log-sum-exps, as flash-decoding does; ``bias`` is then ``split_bias``'s (B * Hkv, pieces, 1, L / pieces)). Which
     one streams the cache faster is a GPU measurement (``benchmarks/rollout.py --compare-attention``)."""
-    b, heads, _, dim = query.shape
+    b, heads, w, dim = query.shape
     kv_heads = keys.shape[1]
     # Query heads that share a key/value head become that head's "query positions": no repeat of the cache.
-    q = query.reshape(b, kv_heads, heads // kv_heads, dim)
+    q = query.reshape(b, kv_heads, heads // kv_heads * w, dim)
     if kernel == "split":
         return split_kv_attention(q, keys, values, bias, scaling).reshape(b, heads, 1, dim)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scaling).reshape(b, heads, 1, dim)
+    bias = window_bias(bias, heads // kv_heads)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scaling).reshape(b, heads, w, dim)
+
+
+def window_bias(bias: torch.Tensor, rep: int) -> torch.Tensor:
+    """A window's mask (B, 1, W, L) for queries folded as (query heads per key/value head x W): each query
+    position's row repeated for its ``rep`` heads. A one-token mask (B, 1, 1, L) broadcasts as it is."""
+    b, _, w, length = bias.shape
+    if w == 1 or rep == 1:
+        return bias
+    return bias[:, :, None].expand(b, 1, rep, w, length).reshape(b, 1, rep * w, length)
 
 
 # "split" (flash-decoding): one decode step has B x kv_heads (row, head) pairs, and SDPA gives each pair one thread
@@ -176,15 +187,16 @@ compiled_merge = torch.compile(merge_shared_attention, dynamic=True)
 
 
 def attend_shared(query, prompt_keys, prompt_values, prompt_bias, keys, values, bias, generations, scaling, merge):
-    """``share_prompt_cache``: ``query`` (R, H, 1, D), rows in prompt order (R = P x ``generations``), against its
+    """``share_prompt_cache``: ``query`` (R, H, W, D) (W = 1 but in window steps), rows in prompt order (R = P x ``generations``), against its
     prompt's keys (P, Hkv, W', D), read once for all the prompt's rows in the pieces of ``prompt_bias`` (the "split"
     mask, ``split_bias``: (P x Hkv, pieces, 1, W' / pieces)), and its own generated keys (R, Hkv, n, D) under
     ``bias`` (R, 1, 1, n). The parts are merged by ``merge`` (``merge_shared_attention``)."""
-    r, heads, _, dim = query.shape
+    r, heads, w, dim = query.shape
     prompts, kv_heads = prompt_keys.shape[:2]
     pairs, pieces, _, piece = prompt_bias.shape
-    rep, n = heads // kv_heads, keys.shape[2]
+    rep, n = heads // kv_heads * w, keys.shape[2]  # a window's W queries are query positions too
     q = query.reshape(r, kv_heads, rep, dim)
+    bias = window_bias(bias, heads // kv_heads)
     # A prompt's rows become ``generations x rep`` query positions of one attention over each piece of that prompt,
     # as grouped query heads do: one pass over the prompt instead of one per row.
     grouped = q.view(prompts, generations, kv_heads, rep, dim).transpose(1, 2).reshape(pairs, 1, -1, dim)
@@ -196,7 +208,7 @@ def attend_shared(query, prompt_keys, prompt_values, prompt_bias, keys, values, 
     own_out, own_lse = attention_with_lse(q, keys, values, bias.expand(r, kv_heads, rep, n), scaling)
     # detached: the same data, no longer views; a compiled merge would otherwise guard on the sizes of their bases
     parts = (t.detach() for t in (prompt_out, prompt_lse, own_out, own_lse))
-    return merge(*parts).reshape(r, heads, 1, dim)
+    return merge(*parts).reshape(r, heads, w, dim)
 
 
 def split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -240,9 +252,10 @@ def round_up(length: int, multiple: int, cap: int = 1 << 62) -> int:
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype, kernel: str, kv_heads: int, units: int) -> torch.Tensor:
     """(R, n) bool -> the additive mask ``attend`` takes for ``kernel``: (R, 1, 1, n) for "sdpa", ``split_bias``'s
-    pieces for "split"."""
+    pieces for "split"; (R, W, n) (a window, "sdpa") -> (R, 1, W, n)."""
     if kernel == "split":
         splits = num_splits(allowed.shape[0] * kv_heads, allowed.shape[1], units)
         return split_bias(allowed, kv_heads, splits, dtype)
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, float("-inf"))[:, None, None, :]
+    bias = torch.where(allowed, zero, float("-inf"))
+    return bias[:, None] if bias.dim() == 3 else bias[:, None, None, :]

@@ -49,10 +49,18 @@ from vlcot_grpo.attention import (
 from vlcot_grpo.cuda_graphs import GraphRunner, rolled_back
 from vlcot_grpo.fusion import compiled_layers, fused_projections
 from vlcot_grpo.kv_cache import build_decode_caches
-from vlcot_grpo.sampling import log_prob_of, sampler_settings, step_scores
+from vlcot_grpo.sampling import exponential_race, log_prob_of, sampler_settings, step_scores
 from vlcot_grpo.state_machine import RowState, StepTokens, advance, choose_tokens, guidance_slot
 
-__all__ = ["CompileStepError", "StaticDecoder", "error_summary", "generate_static", "sample_tokens"]
+__all__ = [
+    "RECORDS",
+    "ROW_STATE",
+    "CompileStepError",
+    "StaticDecoder",
+    "error_summary",
+    "generate_static",
+    "sample_tokens",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,6 @@ ROW_STATE = ("stage", "tpos", "done", "restart")
 RECORDS = ("tokens", "sampled", "logprobs", "top_k")
 
 
-# ----- sampling ------------------------------------------------------------------------------------------------------
 # ----- sampling ------------------------------------------------------------------------------------------------------
 def sample_tokens(logits, uncond_logits, text_mask, code_mask, text_noise, code_noise, *, do_sample, settings):
     """This step's text token and image code per row, as ``RolloutEngine`` draws them (``sampling.step_scores``)
@@ -76,8 +83,7 @@ def _race(scores, noise, do_sample):
     if not do_sample:
         token = scores.argmax(-1)
         return token, torch.zeros(token.shape, dtype=torch.float32, device=token.device)
-    # an exact 0 from exponential_ would turn a zero probability into NaN, which argmax prefers
-    token = (torch.softmax(scores, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+    token = exponential_race(torch.softmax(scores, -1), noise)
     return token, log_prob_of(scores, token)
 
 
@@ -98,7 +104,10 @@ def generate_static(engine, device, prompt_ids, num_generations, generator):
     """``RolloutEngine.generate`` on the static engine. ``compile_step`` left unset is a best effort: if compiling
     fails, a warning says why and the rollout runs uncompiled, from the same generator state (the failed attempt drew
     nothing); set, the failure is raised."""
-    decoder = StaticDecoder(engine, device)
+    kind = StaticDecoder
+    if engine.config.image_decoding == "jacobi":
+        from vlcot_grpo.jacobi import JacobiDecoder as kind
+    decoder = kind(engine, device)
     try:
         return decoder.run(prompt_ids, num_generations, generator)
     except CompileStepError as err:
@@ -110,7 +119,7 @@ def generate_static(engine, device, prompt_ids, num_generations, generator):
     logger.warning(
         "%s. compile_step was left unset: the decode steps run uncompiled from now on", engine.compile_failure
     )
-    return StaticDecoder(engine, device).run(prompt_ids, num_generations, generator)
+    return kind(engine, device).run(prompt_ids, num_generations, generator)
 
 
 class StaticDecoder:
@@ -139,6 +148,7 @@ class StaticDecoder:
         self.graphs = None
         if self.config.uses_cuda_graphs(self.device):
             self.graphs = GraphRunner(self.step, self._snapshot, self._restore, self.device)
+        self.window = 1  # tokens fed per row and step (``jacobi.JacobiDecoder``: more)
         self.shared = False  # share_prompt_cache, decided in prepare (it needs num_generations > 1)
         self.pieces: tuple[int, int] | None = None  # the shared prompt cache's (pieces, piece)
         self.caches = None
@@ -254,9 +264,10 @@ class StaticDecoder:
             cache,
             attn,
             generations=num_generations,
-            # whole buckets: every read is then a multiple of kv_bucket (aligned for the kernels)
-            length=round_up(self.first_column + cfg.max_new_tokens, cfg.kv_bucket),
-            guide_length=round_up(int(self.engine.layout.template_len.max()), cfg.kv_bucket),
+            # whole buckets: every read is then a multiple of kv_bucket (aligned for the kernels); a window's last
+            # step may write window - 1 columns past the length limit
+            length=round_up(self.first_column + cfg.max_new_tokens + self.window - 1, cfg.kv_bucket),
+            guide_length=round_up(int(self.engine.layout.template_len.max()) + self.window - 1, cfg.kv_bucket),
             shared_pieces=self.pieces if self.shared else None,
             kernel=cfg.decode_attention,
             units=self.units,

@@ -59,8 +59,29 @@ class RowCache:
         self.keys[layer].index_copy_(2, column, keys)
         self.values[layer].index_copy_(2, column, values)
 
+    def write_window(self, layer: int, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+        """A window of W tokens per row at each row's own columns: ``index`` (R, kv_heads, W, head_dim) from
+        ``window_index``."""
+        self.keys[layer].scatter_(2, index, keys)
+        self.values[layer].scatter_(2, index, values)
+
     def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer].narrow(2, 0, n), self.values[layer].narrow(2, 0, n)
+
+    def window_index(self, columns: torch.Tensor) -> torch.Tensor:
+        """(R, W) columns -> the scatter index of ``write_window``."""
+        r, w = columns.shape
+        return columns[:, None, :, None].expand(r, self.keys[0].shape[1], w, self.keys[0].shape[3])
+
+    def visible_window(self, columns: torch.Tensor, first_column: int, n: int) -> torch.Tensor:
+        """(R, W, n) bool: what query j of a row's window sees: its prompt (where the buffers hold it) and the
+        generated columns up to ``columns[:, j]``. Columns past that may hold rejected drafts of an earlier window:
+        never visible, and overwritten before they are."""
+        cols = torch.arange(n, device=columns.device)
+        allowed = (cols >= first_column) & (cols[None, None] <= columns[:, :, None])
+        if self.mask is not None:  # only the prompt is marked: window steps never fill the mask
+            allowed = allowed | self.mask.narrow(1, 0, n)[:, None]
+        return allowed
 
     def visible(self, column: torch.Tensor, n: int) -> torch.Tensor:
         """(R, n) bool: the columns this step's queries see, ``column`` (the one written now) included. Never empty:
@@ -93,12 +114,15 @@ class GuidanceCache:
         return self.keys[layer].narrow(2, 0, n), self.values[layer].narrow(2, 0, n)
 
     def index(self, slot: torch.Tensor) -> torch.Tensor:
-        """(R,) slots -> the scatter index of ``write``."""
+        """(R,) slots, or (R, W) for a window of tokens per row -> the scatter index of ``write``."""
+        if slot.dim() == 2:
+            r, w = slot.shape
+            return slot[:, None, :, None].expand(r, self.index_shape[1], w, self.index_shape[3])
         return slot[:, None, None, None].expand(self.index_shape)
 
     def visible(self, slot: torch.Tensor, n: int) -> torch.Tensor:
-        """(R, n) bool: the slots up to each row's current one."""
-        return self.slots.narrow(0, 0, n)[None] <= slot[:, None]
+        """(R, n) bool: the slots up to each row's current one; (R, W, n) for (R, W) slots (a window)."""
+        return self.slots.narrow(0, 0, n) <= slot[..., None]
 
 
 class SharedPromptCache:
@@ -127,6 +151,7 @@ class StepView:
     guide_read_len: int = 0
     guide_bias: torch.Tensor | None = None
     guide_index: torch.Tensor | None = None  # the slot each guidance row writes, as a scatter index
+    row_index: torch.Tensor | None = None  # window steps: the columns each row writes, as a scatter index
 
 
 class DecodeCaches:
@@ -163,6 +188,23 @@ class DecodeCaches:
             self.view.guide_index = self.guide.index(guide_slot)
             self.view.guide_bias = self._mask(self.guide.visible(guide_slot, guide_read_len))
 
+    def begin_window(
+        self,
+        read_len: int,
+        columns: torch.Tensor,
+        first_column: int,
+        guide_slots: torch.Tensor | None = None,
+        guide_read_len: int = 0,
+    ) -> None:
+        """The view of a step that feeds W tokens per row (``vlcot_grpo.jacobi``): row i writes its window at
+        ``columns[i]`` (R, W), guidance row i at ``guide_slots[i]`` (R, W); query j sees up to its own column."""
+        allowed = self.row.visible_window(columns, first_column, read_len)
+        self.view = StepView(read_len, self._mask(allowed), row_index=self.row.window_index(columns))
+        if self.guide is not None:
+            self.view.guide_read_len = guide_read_len
+            self.view.guide_index = self.guide.index(guide_slots)
+            self.view.guide_bias = self._mask(self.guide.visible(guide_slots, guide_read_len))
+
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         keys = self.row.keys[0]
         return additive_mask(allowed, keys.dtype, self.kernel, keys.shape[1], self.units)
@@ -170,13 +212,16 @@ class DecodeCaches:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """transformers' cache hook: write this step's keys/values in place. Attention reads the buffers itself."""
         r = self.rows
-        self.row.write(layer_idx, key_states[:r], value_states[:r], self.column)
+        if self.view.row_index is not None:
+            self.row.write_window(layer_idx, key_states[:r], value_states[:r], self.view.row_index)
+        else:
+            self.row.write(layer_idx, key_states[:r], value_states[:r], self.column)
         if self.guide is not None:
             self.guide.write(layer_idx, key_states[r:], value_states[r:], self.view.guide_index)
         return key_states, value_states
 
     def attend(self, query, layer: int, scaling) -> torch.Tensor:
-        """``query`` (B, H, 1, D): the rows against their row cache (and shared prompt), the guidance rows against
+        """``query`` (B, H, W, D), W = 1 but in window steps: the rows against their row cache (and shared prompt), the guidance rows against
         the guidance cache."""
         r, view = self.rows, self.view
         keys, values = self.row.read(layer, view.read_len)

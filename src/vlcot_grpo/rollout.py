@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 #: The rollout engines (``RolloutConfig.engine``); "auto" is the static one on CUDA and the reference one elsewhere.
 ENGINES = ("auto", "reference", "static")
 DECODE_ATTENTION = ("sdpa", "split")
+#: How image codes are decoded (``RolloutConfig.image_decoding``); text is always one token per step.
+IMAGE_DECODING = ("sequential", "jacobi")
 # measured slower than sdpa and removed (docs/benchmarks.md, "Two kernels removed"): named in the error for old configs
 REMOVED_ATTENTION = ("varlen", "matmul")
 
@@ -141,7 +143,27 @@ class RolloutConfig:
         },
     )
 
+    image_decoding: str = field(
+        default="sequential",
+        metadata={
+            "help": "How the static engine decodes image codes: 'sequential' (one token per forward pass) or 'jacobi' "
+            "(exact speculative Jacobi decoding, arXiv 2410.01699: each forward pass verifies a window of draft "
+            "codes with the speculative-sampling rule, so codes keep the sequential sampler's distribution and "
+            "greedy decoding its tokens; forced layout tokens are placed, never drafted). Needs engine 'static' "
+            "and decode_attention 'sdpa'; the reference engine is always sequential.",
+            "choices": list(IMAGE_DECODING),
+        },
+    )
+    jacobi_window: int = field(
+        default=16,
+        metadata={
+            "help": "image_decoding 'jacobi': tokens fed per row and forward pass (the pending token and "
+            "jacobi_window - 1 drafts), so at most this many tokens are accepted per pass."
+        },
+    )
+
     def __post_init__(self):
+        self._check_image_decoding()
         if self.share_prompt_cache and self.decode_attention != "sdpa":
             raise ValueError(
                 f"share_prompt_cache works with decode_attention='sdpa' only, got {self.decode_attention!r}"
@@ -171,6 +193,18 @@ class RolloutConfig:
                 f"temperatures must be positive (do_sample=False is greedy), got text {self.text_temperature}, "
                 f"image {self.image_temperature}"
             )
+
+    def _check_image_decoding(self) -> None:
+        if self.image_decoding not in IMAGE_DECODING:
+            raise ValueError(f"image_decoding must be one of {IMAGE_DECODING}, got {self.image_decoding!r}")
+        if self.image_decoding != "jacobi":
+            return
+        if self.jacobi_window < 2:
+            raise ValueError(f"jacobi_window must be at least 2 (1 is sequential decoding), got {self.jacobi_window}")
+        if self.engine == "reference":
+            raise ValueError("image_decoding='jacobi' runs on the static engine; engine='reference' is sequential")
+        if self.decode_attention != "sdpa":
+            raise ValueError(f"image_decoding='jacobi' needs decode_attention='sdpa', got {self.decode_attention!r}")
 
     def shares_prompt_cache(self, num_generations: int) -> bool:
         """Whether the static engine keeps one prompt cache per prompt: ``share_prompt_cache`` (unset: wherever the
@@ -222,6 +256,8 @@ class RolloutBatch:
     logprobs: list[list[float]] = field(default_factory=list)
     #: the top-k the sampler kept at each image-code position (0: no top-k, and at every other position)
     top_k: list[list[int]] = field(default_factory=list)
+    #: image_decoding "jacobi": forward passes per image token and accepted drafts per step (``JacobiDecoder``)
+    decoding: dict[str, float] = field(default_factory=dict)
 
 
 class RolloutEngine:
@@ -253,7 +289,13 @@ class RolloutEngine:
         A prompt may end inside the chain, e.g. right after ``<rough_image>``: the engine then starts in image mode.
         """
         device = self.model.device if hasattr(self.model, "device") else next(self.model.parameters()).device
-        if self.resolved_engine(device) == "static":
+        engine = self.resolved_engine(device)
+        if self.config.image_decoding == "jacobi" and engine != "static":
+            raise ValueError(
+                f"image_decoding='jacobi' runs on the static engine, but engine={self.config.engine!r} resolves to "
+                f"{engine!r} on {device}: set engine='static'"
+            )
+        if engine == "static":
             from vlcot_grpo.fast_rollout import generate_static
 
             return generate_static(self, device, prompt_ids, num_generations, generator)

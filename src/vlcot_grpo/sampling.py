@@ -191,6 +191,13 @@ def step_scores(
     return text, codes, k
 
 
+def exponential_race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One draw per row from ``probs`` (unnormalised is fine) with ``noise`` ~ Exp(1) of the same shape:
+    ``argmax(p / E)``, what ``torch.multinomial`` computes for one sample, without its host-side checks."""
+    # an exact 0 from exponential_ would turn a zero probability into NaN, which argmax prefers
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+
+
 def log_prob_of(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """log softmax(scores)[token] per row: the sampling log-prob of a drawn token."""
     return torch.log_softmax(scores, -1).gather(-1, token[:, None]).squeeze(-1)
