@@ -32,6 +32,8 @@ ROLLOUT_OPTIONS = {
     "rollout_compile": "compile_step",
     "rollout_share_prompt_cache": "share_prompt_cache",
     "rollout_fuse_projections": "fuse_projections",
+    "rollout_image_decoding": "image_decoding",
+    "rollout_jacobi_window": "jacobi_window",
 }
 
 
@@ -108,6 +110,8 @@ class VLCoTGRPOConfig(GRPOConfig):
     rollout_compile: bool | None = rollout_option("compile_step")
     rollout_share_prompt_cache: bool | None = rollout_option("share_prompt_cache")
     rollout_fuse_projections: bool | None = rollout_option("fuse_projections")
+    rollout_image_decoding: str = rollout_option("image_decoding")
+    rollout_jacobi_window: int = rollout_option("jacobi_window")
     rollout_merge_adapters: bool = field(
         default=True,
         metadata={

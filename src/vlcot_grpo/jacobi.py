@@ -31,12 +31,24 @@ from vlcot_grpo.models import CODE
 from vlcot_grpo.sampling import exponential_race, log_prob_of, step_scores
 from vlcot_grpo.state_machine import ChainLayout, RowState, StepTokens, advance, choose_tokens, guidance_slot
 
-__all__ = ["JacobiDecoder", "draft_window", "verify_codes"]
+__all__ = ["JacobiDecoder", "accepts", "draft_window", "residual", "verify_codes"]
 
 #: per-row counters of a Jacobi rollout (``JacobiDecoder.decoding_stats``)
 COUNTERS = ("live_steps", "image_steps", "image_tokens", "accepted")
 #: noise drawn before each step (text, codes, drafts: Exp(1); acceptance: U(0, 1)), in this order
 NOISE = ("text_noise", "code_noise", "draft_noise", "accept_noise")
+
+
+def accepts(p_draft: torch.Tensor, q_draft: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Whether each draft is kept: with probability min(1, p(d) / q(d)), ``uniform`` ~ U(0, 1)."""
+    return uniform * q_draft < p_draft
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What a rejected draft is replaced from: max(0, p - q) (unnormalised; the race normalises)."""
+    left = (p - q).clamp_min(0)
+    # rejected with p == q up to rounding: no residual mass, and p is what is left
+    return torch.where(left.sum(-1, keepdim=True) > 0, left, p)
 
 
 def verify_codes(codes, q, fed, has_draft, code_noise, accept_noise, *, do_sample: bool):
@@ -55,11 +67,8 @@ def verify_codes(codes, q, fed, has_draft, code_noise, accept_noise, *, do_sampl
     has_draft = torch.cat([has_draft[:, 1:], torch.zeros_like(has_draft[:, :1])], 1)
     p_d = p.gather(-1, draft[..., None]).squeeze(-1)
     q_d = q.gather(-1, draft[..., None]).squeeze(-1)
-    accept = accept_noise * q_d < p_d
-    residual = (p - q).clamp_min(0)
-    # rejected with p == q up to rounding: no residual mass, and p is what is left
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    rejected = exponential_race(residual, code_noise)
+    accept = accepts(p_d, q_d, accept_noise)
+    rejected = exponential_race(residual(p, q), code_noise)
     fresh = exponential_race(p, code_noise)
     token = torch.where(has_draft, torch.where(accept, draft, rejected), fresh)
     return token, log_prob_of(codes.flatten(0, 1), token.flatten()).view(token.shape), p

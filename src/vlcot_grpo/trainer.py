@@ -201,6 +201,9 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
         for stage in STAGES:
             metrics[f"vlcot/tokens_{stage}_image"].append(sum(batch.stage_tokens[stage]) / len(parses))
         metrics["timing/rollout_seconds"].append(self._rollout_seconds)
+        for name in ("forward_passes_per_image_token", "accepted_drafts_per_step"):  # rollout_image_decoding jacobi
+            if name in batch.decoding:
+                metrics[f"vlcot/{name}"].append(batch.decoding[name])
         kept = [k for row in batch.top_k for k in row if k > 0]
         if kept:  # the mean top-k at image-code positions: the entropy rule's k tracks the codes' uncertainty
             metrics["vlcot/image_top_k"].append(sum(kept) / len(kept))
