@@ -115,6 +115,26 @@ def make_prompts(backend, n: int, lr_size: int, seed: int = 0) -> list[list[int]
     return prompts
 
 
+def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype):
+    """(model, backend) of a saved model folder, through the loader real checkpoints take."""
+    from transformers import AutoTokenizer
+
+    from vlcot_grpo.models import load_model
+
+    model = load_model(path, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    return model, load_backend(model, AutoTokenizer.from_pretrained(path))
+
+
+def photo_prompts(backend, n: int, lr_size: int) -> list[list[int]]:
+    """``n`` VLCoT prompts (``vlcot.encode_prompt``) of the demo's degraded photos, as a trained model is prompted."""
+    from vlcot_grpo.data.demo import build_demo_dataset
+    from vlcot_grpo.vlcot import encode_prompt
+
+    photos = [row["lr_image"] for row in build_demo_dataset()]
+    return [encode_prompt(backend, photos[i % len(photos)], (lr_size, lr_size)) for i in range(n)]
+
+
 def add_chain_hooks(model, backend):
     """Make a random model write the whole chain: after ``</rough_image>`` / ``</middle_image>`` the next stage's
     opening tag gets +100. Graph-capturable (tensor ops only). Returns the hook handles."""
@@ -125,16 +145,13 @@ def add_chain_hooks(model, backend):
     last = {}
 
     def pre(module, args, kwargs):
-        ids = args[0] if args else kwargs["input"]
-        last["ids"] = ids[:, -1]
+        last["ids"] = args[0] if args else kwargs["input"]
 
-    def post(module, inputs, output):
-        nxt = table[last["ids"]]
-        bonus = torch.zeros_like(output[:, -1])
-        bonus.scatter_(-1, nxt.clamp(min=0)[:, None], (nxt >= 0).to(bonus.dtype)[:, None] * 100.0)
-        output = output.clone()
-        output[:, -1] += bonus
-        return output
+    def post(module, inputs, output):  # every position of the forward (a Jacobi window has several)
+        nxt = table[last["ids"][:, -output.shape[1] :]]  # the prefill keeps only its last logits
+        bonus = torch.zeros_like(output)
+        bonus.scatter_(-1, nxt.clamp(min=0)[..., None], (nxt >= 0).to(bonus.dtype)[..., None] * 100.0)
+        return output + bonus
 
     return [
         model.get_input_embeddings().register_forward_pre_hook(pre, with_kwargs=True),

@@ -45,7 +45,15 @@ import torch.nn.functional as F
 from transformers import GenerationMixin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from presets import PRESETS, add_chain_hooks, build_preset, make_prompts, model_bytes  # noqa: E402
+from presets import (  # noqa: E402
+    PRESETS,
+    add_chain_hooks,
+    build_preset,
+    load_checkpoint,
+    make_prompts,
+    model_bytes,
+    photo_prompts,
+)
 
 from vlcot_grpo.rollout import DECODE_ATTENTION, RolloutConfig, RolloutEngine
 from vlcot_grpo.vlcot import STAGES
@@ -113,8 +121,11 @@ def guidance_context(backend, completions, steps) -> list[int]:
 
 
 # ----- runs --------------------------------------------------------------------------------------------------------
-def rollout_config(args, engine_name, max_new=None) -> RolloutConfig:
+def rollout_config(args, engine_name, max_new=None, window: int = 1) -> RolloutConfig:
+    """The rollout settings of a run; ``window`` > 1: Jacobi decoding with that window."""
     return RolloutConfig(
+        image_decoding="jacobi" if window > 1 else "sequential",
+        jacobi_window=max(window, 2),
         stage_sizes={s: (size, size) for s, size in zip(STAGES, args.stage_sizes)},
         max_new_tokens=max_new or args.max_new_tokens,
         image_temperature=0.9,
@@ -132,8 +143,8 @@ def rollout_config(args, engine_name, max_new=None) -> RolloutConfig:
     )
 
 
-def run_engine(model, backend, prompts, args, device, engine_name, max_new=None) -> dict:
-    engine = RolloutEngine(model, backend, rollout_config(args, engine_name, max_new))
+def run_engine(model, backend, prompts, args, device, engine_name, max_new=None, window: int = 1) -> dict:
+    engine = RolloutEngine(model, backend, rollout_config(args, engine_name, max_new, window))
     gen = torch.Generator(device).manual_seed(0)
     reset_peak(device)
     sync(device)
@@ -143,8 +154,9 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         from vlcot_grpo.fast_rollout import StaticDecoder
+        from vlcot_grpo.jacobi import JacobiDecoder
 
-        decoder = StaticDecoder(engine, device)
+        decoder = (JacobiDecoder if window > 1 else StaticDecoder)(engine, device)
         # "+efficient": torch's memory-efficient SDPA kernel instead of the one SDPA picks (cuDNN on an H100)
         forced = getattr(args, "sdpa_efficient", False)
         backend_choice = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]) if forced else contextlib.nullcontext()
@@ -167,6 +179,7 @@ def run_engine(model, backend, prompts, args, device, engine_name, max_new=None)
         "image_top_k_mean": _mean([k for row in batch.top_k for k in row if k > 0]),
         "seconds_total": total,
         "peak_gb": peak_gb(device),
+        **batch.decoding,
     }
     if decoder is not None:
         out.update(
@@ -694,6 +707,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--grpo-step scores the batch for each sampler_correction listed: 'none' (also importance's pass) and "
         "'guided' (the sampled distribution, an unconditional pass over the images where guidance is on)",
     )
+    parser.add_argument(
+        "--jacobi-windows",
+        default="",
+        help="also: the static engine with image_decoding 'jacobi' at each window listed (e.g. 4,8,16) against "
+        "sequential decoding, same prompts and seed: forward passes per image token, accepted drafts, decode time, "
+        "and one verify step's cost at each window relative to a plain step",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a saved model folder (e.g. the demo's cold start) instead of --preset's random weights, prompted with "
+        "the bundled photos and without the chain hooks: acceptance rates mean something only on trained weights",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args(argv)
 
@@ -729,14 +755,21 @@ class Run:
             "runs": [],
         }
         start = time.perf_counter()
-        self.model, self.backend = build_preset(args.preset, device, self.dtype)
+        if args.checkpoint:
+            self.model, self.backend = load_checkpoint(args.checkpoint, device, self.dtype)
+            self.results["checkpoint"] = args.checkpoint
+        else:
+            self.model, self.backend = build_preset(args.preset, device, self.dtype)
         self.weights, self.kv_token = model_bytes(self.model)
         self.results.update(
             build_seconds=time.perf_counter() - start,
             weight_gb=self.weights / 1e9,
             kv_mb_per_token=self.kv_token / 1e6,
         )
-        self.prompts = make_prompts(self.backend, args.prompts, args.lr_size)
+        if args.checkpoint:
+            self.prompts = photo_prompts(self.backend, args.prompts, args.lr_size)
+        else:
+            self.prompts = make_prompts(self.backend, args.prompts, args.lr_size)
         self._lora = None
         print(
             f"# {args.preset} on {name} ({self.dtype}); weights {self.weights / 1e9:.2f} GB, KV "
@@ -926,6 +959,64 @@ def speedup_section(run: Run) -> float | None:
     return speedup
 
 
+def jacobi_section(run: Run) -> dict:
+    """``--jacobi-windows``: sequential against Jacobi decoding of image codes on the static engine, in one run:
+    forward passes per image token, accepted drafts per step, decode seconds; and one step's cost at each window
+    relative to a plain step at the same read length (``step_cost``)."""
+    args = run.args
+    windows = [1] + [int(w) for w in args.jacobi_windows.split(",") if w]
+    out = {"weights": args.checkpoint or f"random ({args.preset})", "runs": []}
+    run_engine(run.model, run.backend, run.prompts, args, run.device, "static")  # warm-up: first-call costs
+    for window in windows:
+        stats, batch = run_engine(run.model, run.backend, run.prompts, args, run.device, "static", window=window)
+        image = sum(sum(v) for v in batch.stage_tokens.values())
+        row = {
+            "window": window,
+            "decode_seconds": stats["decode_seconds"],
+            "forward_passes": stats["decode_steps_run"],
+            "forward_passes_per_image_token": stats.get("forward_passes_per_image_token", 1.0),
+            "accepted_drafts_per_step": stats.get("accepted_drafts_per_step", 0.0),
+            "image_tokens": image,
+            "step_cost": step_cost(run, window) / step_cost(run, 1),
+        }
+        out["runs"].append(row)
+        base = out["runs"][0]
+        print(
+            f"jacobi window {window:>2}: {row['forward_passes']:>5} forward passes, "
+            f"{row['forward_passes_per_image_token']:.3f} per image token, "
+            f"{row['accepted_drafts_per_step']:.2f} accepted drafts/step, decode {row['decode_seconds']:.2f} s "
+            f"({base['decode_seconds'] / row['decode_seconds']:.2f}x sequential), one step "
+            f"{row['step_cost']:.2f}x a plain one",
+            flush=True,
+        )
+    return out
+
+
+def step_cost(run: Run, window: int, reps: int = 10) -> float:
+    """Seconds of one static decode step (a replayed graph on CUDA) right after the prompt, feeding ``window``
+    tokens per row (1: the sequential step), at the read lengths of that first step."""
+    args = run.args
+    engine = RolloutEngine(run.model, run.backend, rollout_config(args, "static", reps * window + 1, window))
+    from vlcot_grpo.fast_rollout import StaticDecoder
+    from vlcot_grpo.jacobi import JacobiDecoder
+
+    decoder = (JacobiDecoder if window > 1 else StaticDecoder)(engine, run.device)
+    with torch.no_grad():
+        decoder.prepare(run.prompts, args.group)
+        key = (decoder.read_bucket(0), decoder.guide_bucket(0))
+        with decoder.decoding():
+            one = (lambda: decoder.graphs.replay(key)) if decoder.graphs is not None else (lambda: decoder.step(*key))
+            one()  # capture or warm up
+            sync(run.device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                one()
+            sync(run.device)
+            seconds = (time.perf_counter() - start) / reps
+    decoder.release()
+    return seconds
+
+
 def lora_merge_section(run: Run) -> dict:
     """``--grpo-step --lora-merge-check N``: rollout steps/s through merged and unmerged adapters."""
     out = lora_merge_check(run.lora_model(), run.backend, run.prompts, run.args, run.device)
@@ -954,6 +1045,7 @@ SECTIONS = (
     ),
     ("runs", lambda run: True, engine_runs_section),
     ("speedup_vs_stock", lambda run: True, speedup_section),
+    ("jacobi", lambda run: run.args.jacobi_windows, jacobi_section),
     ("lora_rollout_steps_per_s", lambda run: run.args.grpo_step and run.args.lora_merge_check, lora_merge_section),
     ("grpo_step", lambda run: run.args.grpo_step, grpo_section),
 )
@@ -976,7 +1068,7 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is the fast setting
     run = Run(args, argv)
-    handles = add_chain_hooks(run.model, run.backend)
+    handles = [] if args.checkpoint else add_chain_hooks(run.model, run.backend)
     for key, runs, section in SECTIONS:
         if runs(run):
             guarded(run, key, section)

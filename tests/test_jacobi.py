@@ -238,3 +238,19 @@ def test_trainer_rolls_out_with_jacobi_and_logs_its_counters(tiny_path, tmp_path
     logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
     assert 0 < logged["vlcot/forward_passes_per_image_token"] <= 1.0
     assert logged["vlcot/accepted_drafts_per_step"] >= 0
+
+
+def test_benchmark_jacobi_section_on_cpu(tmp_path, bench, tiny_path):
+    """benchmarks/rollout.py --jacobi-windows: sequential and each window in one run, on a preset's random weights
+    and on a saved checkpoint (prompted with the demo's photos, no chain hooks)."""
+    argv = "--preset tiny --device cpu --lr-size 16 --stage-sizes 8,16,32 --max-new-tokens 200 --stock-steps 0"
+    results = bench.main([*argv.split(), "--engines", "", "--jacobi-windows", "4"])
+    section = results["jacobi"]
+    assert "error" not in section and [r["window"] for r in section["runs"]] == [1, 4]
+    sequential, window = section["runs"]
+    assert sequential["forward_passes_per_image_token"] == 1.0 and sequential["accepted_drafts_per_step"] == 0
+    # forced layout tokens (row ends, image ends) are drafted exactly, so even random weights keep some drafts
+    assert window["forward_passes_per_image_token"] < 1.0 and window["accepted_drafts_per_step"] > 0
+    assert window["step_cost"] > 0 and section["weights"] == "random (tiny)"
+    results = bench.main([*argv.split(), "--engines", "", "--jacobi-windows", "2", "--checkpoint", str(tiny_path)])
+    assert "error" not in results["jacobi"] and results["jacobi"]["weights"] == str(tiny_path)
