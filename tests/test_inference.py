@@ -35,10 +35,10 @@ def test_upscale_writes_final_images_chains_and_reports(tiny_path, photo, tmp_pa
     assert strict == (0 if all("final" in r for r in records.values()) else 1)
 
 
-def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch, presets):
-    """--engine and --compile reach the rollout: with guidance, both engines (the static one also with its decode
-    steps compiled) write the same greedy chain and final image. Logit
-    hooks make the random tiny model open the rough image at once and chain the stages (benchmarks/rollout.py)."""
+@pytest.fixture
+def chained(monkeypatch, presets):
+    """upscale's model with logit hooks that make the random tiny model open the rough image at once and chain the
+    stages (benchmarks/presets.py), so that every run writes a whole chain."""
     from vlcot_grpo import inference
 
     load = inference.load_for_inference
@@ -52,24 +52,50 @@ def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path
         return model, tokenizer, backend
 
     monkeypatch.setattr(inference, "load_for_inference", load_with_hooks)
+
+
+def _greedy_upscale(tiny_path, photo, out, *flags):
+    photo.resize((32, 32)).save(out.parent / "astronaut.png")
+    cli(["upscale", "--model", str(tiny_path), "--input", str(out.parent / "astronaut.png"), "--out", str(out),
+         "--lr-size", "16", "--sizes", "8", "16", "32", "--max-new-tokens", "300", "--greedy", "--guidance-scale",
+         "2.0", *flags])  # fmt: skip
+    record = json.loads((out / "astronaut.json").read_text())
+    assert "final" in record, record
+    return record["texts"], record["problems"], (out / "astronaut.png").read_bytes()
+
+
+def test_upscale_engines_write_the_same_greedy_images(tiny_path, photo, tmp_path, monkeypatch, chained):
+    """--engine and --compile reach the rollout: with guidance, both engines (the static one also with its decode
+    steps compiled) write the same greedy chain and final image."""
     from vlcot_grpo.fast_rollout import StaticDecoder
 
     static_runs, run = [], StaticDecoder.run
     monkeypatch.setattr(
         StaticDecoder, "run", lambda self, *a, **k: static_runs.append(self.compile) or run(self, *a, **k)
     )
-    photo.resize((32, 32)).save(tmp_path / "astronaut.png")
     outputs = {}
     for engine, extra in (("reference", []), ("static", []), ("static", ["--compile"])):
         out = tmp_path / (engine + "".join(extra))
-        cli(["upscale", "--model", str(tiny_path), "--input", str(tmp_path / "astronaut.png"), "--out", str(out),
-             "--lr-size", "16", "--sizes", "8", "16", "32", "--max-new-tokens", "300", "--greedy", "--guidance-scale",
-             "2.0", "--engine", engine, *extra])  # fmt: skip
-        record = json.loads((out / "astronaut.json").read_text())
-        assert "final" in record, record
-        outputs[out.name] = (record["texts"], record["problems"], (out / "astronaut.png").read_bytes())
+        outputs[out.name] = _greedy_upscale(tiny_path, photo, out, "--engine", engine, *extra)
     assert outputs["static"] == outputs["reference"] == outputs["static--compile"]
     assert static_runs == [False, True]
+
+
+def test_upscale_jacobi_writes_the_sequential_image_and_prints_counters(tiny_path, photo, tmp_path, chained, capsys):
+    """--image-decoding jacobi (engine 'auto' picks the static engine for it, on CPU too) writes the sequential
+    engine's greedy chain, and upscale prints the counters: under greedy decoding with these hooks every pass keeps
+    at least its pending token, so there are at most as many passes as image tokens."""
+    sequential = _greedy_upscale(tiny_path, photo, tmp_path / "sequential", "--engine", "reference")
+    capsys.readouterr()
+    jacobi = _greedy_upscale(
+        tiny_path, photo, tmp_path / "jacobi", "--image-decoding", "jacobi", "--jacobi-window", "4"
+    )
+    assert jacobi == sequential
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("jacobi decoding:"))
+    passes = float(line.split(":")[1].split()[0])
+    assert 0.25 <= passes <= 1.0, line
+    with pytest.raises(ValueError, match="jacobi_window must be at least 2"):
+        _greedy_upscale(tiny_path, photo, tmp_path / "bad", "--image-decoding", "jacobi", "--jacobi-window", "1")
 
 
 def test_upscale_missing_input_is_named(tiny_path, tmp_path):

@@ -183,6 +183,9 @@ class JacobiDecoder(StaticDecoder):
             "forward_passes_per_image_token": counts["image_steps"] / max(counts["image_tokens"], 1),
             "accepted_drafts_per_step": counts["accepted"] / max(counts["live_steps"], 1),
             "image_tokens": float(counts["image_tokens"]),
+            "image_forward_passes": float(counts["image_steps"]),
+            "accepted_drafts": float(counts["accepted"]),
+            "row_steps": float(counts["live_steps"]),
             "decode_steps": float(steps),
         }
         batch = self.engine.collect(prompt_ids, num_generations, written, s["done"], s["lengths"])

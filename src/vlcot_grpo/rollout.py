@@ -81,7 +81,8 @@ class RolloutConfig:
     engine: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (static on CUDA unless the weights are quantized, reference elsewhere), 'static' "
+            "help": "'auto' (static on CUDA or for image_decoding 'jacobi', unless the weights are quantized; "
+            "reference elsewhere), 'static' "
             "(vlcot_grpo.fast_rollout: static caches, CUDA graphs on CUDA) or 'reference' (DynamicCache, eager). "
             "Same tokens under greedy decoding; speeds in docs/benchmarks.md.",
             "choices": list(ENGINES),
@@ -149,8 +150,8 @@ class RolloutConfig:
             "help": "How the static engine decodes image codes: 'sequential' (one token per forward pass) or 'jacobi' "
             "(exact speculative Jacobi decoding, arXiv 2410.01699: each forward pass verifies a window of draft "
             "codes with the speculative-sampling rule, so codes keep the sequential sampler's distribution and "
-            "greedy decoding its tokens; forced layout tokens are placed, never drafted). Needs engine 'static' "
-            "and decode_attention 'sdpa'; the reference engine is always sequential.",
+            "greedy decoding its tokens; forced layout tokens are placed, never drafted). Runs on the static engine "
+            "(engine 'auto' then picks it) with decode_attention 'sdpa'; the reference engine is always sequential.",
             "choices": list(IMAGE_DECODING),
         },
     )
@@ -229,9 +230,11 @@ class RolloutConfig:
     def resolved_engine(self, device: torch.device, quantized: bool = False) -> str:
         """The engine that runs on ``device``: ``engine`` with ``"auto"`` resolved. ``quantized``: the model has
         quantized (integer-stored) weights, whose kernels have not been checked inside captured CUDA graphs, so
-        ``"auto"`` keeps them on the reference engine (``"static"`` still forces the static one)."""
+        ``"auto"`` keeps them on the reference engine (``"static"`` still forces the static one). Jacobi decoding
+        exists only on the static engine, so ``"auto"`` picks it for ``image_decoding="jacobi"``."""
         if self.engine == "auto":
-            return "static" if torch.device(device).type == "cuda" and not quantized else "reference"
+            wanted = torch.device(device).type == "cuda" or self.image_decoding == "jacobi"
+            return "static" if wanted and not quantized else "reference"
         return self.engine
 
 
