@@ -126,13 +126,16 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype):
     return model, load_backend(model, AutoTokenizer.from_pretrained(path))
 
 
-def photo_prompts(backend, n: int, lr_size: int) -> list[list[int]]:
-    """``n`` VLCoT prompts (``vlcot.encode_prompt``) of the demo's degraded photos, as a trained model is prompted."""
+def photo_prompts(backend, n: int, lr_size: int, prompt: str | None = None) -> list[list[int]]:
+    """``n`` VLCoT prompts (``vlcot.encode_prompt``, with ``prompt``: the trained one) of the demo's degraded
+    training photos, as a trained model is prompted."""
     from vlcot_grpo.data.demo import build_demo_dataset
-    from vlcot_grpo.vlcot import encode_prompt
+    from vlcot_grpo.vlcot import DEFAULT_PROMPT, encode_prompt
 
     photos = [row["lr_image"] for row in build_demo_dataset()]
-    return [encode_prompt(backend, photos[i % len(photos)], (lr_size, lr_size)) for i in range(n)]
+    return [
+        encode_prompt(backend, photos[i % len(photos)], (lr_size, lr_size), prompt or DEFAULT_PROMPT) for i in range(n)
+    ]
 
 
 def add_chain_hooks(model, backend):

@@ -630,12 +630,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA")
     parser.add_argument("--group", type=int, default=5, help="samples per prompt, G (paper: 5)")
     parser.add_argument("--prompts", type=int, default=1, help="distinct prompts (paper: 1 per GPU)")
-    parser.add_argument("--lr-size", type=int, default=512, help="LR prompt image side in pixels (paper: 512)")
+    parser.add_argument(
+        "--lr-size", type=int, default=None, help="LR prompt image side in pixels (default: --checkpoint's, else 512)"
+    )
     parser.add_argument(
         "--stage-sizes",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[128, 256, 512],
-        help="rough,middle,final",
+        default=None,
+        help="rough,middle,final (default: --checkpoint's, else the paper's 128,256,512)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=7000, help="completion limit (paper: 7000)")
     parser.add_argument("--guidance", type=float, default=3.0, help="transformers' convention, 1.0 = off")
@@ -721,7 +723,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the bundled photos and without the chain hooks: acceptance rates mean something only on trained weights",
     )
     parser.add_argument("--json", default=None, help="write the results here")
-    return parser.parse_args(argv)
+    return with_checkpoint_settings(parser.parse_args(argv))
+
+
+def with_checkpoint_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Sizes and prompt a trained ``--checkpoint`` saw (its vlcot_settings.json) where no flag sets them, else the
+    paper's: a trained model prompted off its training distribution would not show its real acceptance rates."""
+    from vlcot_grpo.saved_settings import read_settings
+    from vlcot_grpo.vlcot import DEFAULT_PROMPT
+
+    saved = read_settings(args.checkpoint)
+    if args.lr_size is None:
+        args.lr_size = saved.get("lr_size", 512)
+    if args.stage_sizes is None:
+        sizes = saved.get("stage_sizes")
+        args.stage_sizes = [sizes[s][0] for s in STAGES] if sizes else [128, 256, 512]
+    args.prompt = saved.get("prompt", DEFAULT_PROMPT)
+    return args
 
 
 class Run:
@@ -767,7 +785,7 @@ class Run:
             kv_mb_per_token=self.kv_token / 1e6,
         )
         if args.checkpoint:
-            self.prompts = photo_prompts(self.backend, args.prompts, args.lr_size)
+            self.prompts = photo_prompts(self.backend, args.prompts, args.lr_size, args.prompt)
         else:
             self.prompts = make_prompts(self.backend, args.prompts, args.lr_size)
         self._lora = None
