@@ -255,16 +255,8 @@ def _add_code_rows(state, added: int, code_ids: list[int]) -> None:
             state[key] = torch.cat([weight, mean.expand(added, -1)])
 
 
-def convert_checkpoint(model_dir, vq_path, out, text_tokenizer=None, overwrite: bool = False) -> Path:
-    """Write the ``PureForConditionalGeneration`` folder ``out`` from a Lumina-mGPT / PURE folder and LlamaGen's
-    VQ file; see the module docstring. Returns ``out``."""
-    from transformers import AutoTokenizer
-
-    from vlcot_grpo.models.base import without_zero3_init
-    from vlcot_grpo.models.pure import PureConfig, PureForConditionalGeneration, code_ids_from_vocab
-
-    model_dir, vq_path, out = Path(model_dir), Path(vq_path), Path(out)
-    text_tokenizer = Path(text_tokenizer) if text_tokenizer else None
+def _read_source_config(model_dir: Path, out: Path, overwrite: bool) -> dict:
+    """Check ``model_dir`` and ``out`` and return the checkpoint's config.json (a Chameleon one)."""
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"--model {model_dir}: no config.json (a Lumina-mGPT or PURE checkpoint folder)")
@@ -275,6 +267,62 @@ def convert_checkpoint(model_dir, vq_path, out, text_tokenizer=None, overwrite: 
     source = json.loads(config_file.read_text())
     if source.get("model_type") != "chameleon":
         raise CheckpointError(f"{config_file}: model_type {source.get('model_type')!r}, expected 'chameleon'")
+    return source
+
+
+def _assemble_model(config, state, where: str):
+    """A ``PureForConditionalGeneration`` built on the meta device holding exactly ``state``."""
+    from vlcot_grpo.models.base import without_zero3_init
+    from vlcot_grpo.models.pure import PureForConditionalGeneration
+
+    with torch.device("meta"), without_zero3_init():
+        model = PureForConditionalGeneration(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(state, expected, where)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.config.dtype = state["lm_head.weight"].dtype
+    return model
+
+
+def _conversion_record(model_dir, vq_path, text_tokenizer, ids, added, codebook: int, weights) -> dict:
+    """What ``RECORD_FILE`` says about a conversion: its inputs, the code ids and what was dropped."""
+    half = codebook // 2
+    return {
+        "source": str(model_dir),
+        "vq": str(vq_path),
+        "text_tokenizer": str(text_tokenizer) if text_tokenizer else None,
+        "codes_added": [added[0], added[-1]] if added else None,
+        "code_ids": {
+            "first_half": [ids[0], ids[half - 1]],
+            "second_half": [ids[half], ids[codebook - 1]],
+        },
+        "dropped": [f"{DROPPED_LM_PREFIX}*"] if any(k.startswith(DROPPED_LM_PREFIX) for k in weights) else [],
+    }
+
+
+def _save_folder(model, tokenizer, record: dict, out: Path) -> None:
+    """Save into a staging folder next to ``out``, then move it into place (replacing ``out``)."""
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staging, max_shard_size="5GB")
+    tokenizer.save_pretrained(staging)
+    (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+
+
+def convert_checkpoint(model_dir, vq_path, out, text_tokenizer=None, overwrite: bool = False) -> Path:
+    """Write the ``PureForConditionalGeneration`` folder ``out`` from a Lumina-mGPT / PURE folder and LlamaGen's
+    VQ file; see the module docstring. Returns ``out``."""
+    from transformers import AutoTokenizer
+
+    from vlcot_grpo.models.pure import PureConfig, code_ids_from_vocab
+
+    model_dir, vq_path, out = Path(model_dir), Path(vq_path), Path(out)
+    text_tokenizer = Path(text_tokenizer) if text_tokenizer else None
+    source = _read_source_config(model_dir, out, overwrite)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vq_state = read_vq_state_dict(vq_path)
@@ -285,10 +333,10 @@ def convert_checkpoint(model_dir, vq_path, out, text_tokenizer=None, overwrite: 
     if "lm_head.weight" not in weights:
         raise CheckpointError(f"{model_dir}: no lm_head.weight among the weights ({len(weights)} keys)")
     rows = int(weights["lm_head.weight"].shape[0])
-    names = _names(tokenizer, text_tokenizer)
-    ids, added = code_layout(names, vq_config.num_embeddings, rows, str(model_dir))
+    codebook = vq_config.num_embeddings
+    ids, added = code_layout(_names(tokenizer, text_tokenizer), codebook, rows, str(model_dir))
     tokenizer = _name_codes(tokenizer, ids, str(model_dir))
-    code_ids_from_vocab(tokenizer.get_vocab(), vq_config.num_embeddings, str(model_dir))  # the backend's reading
+    code_ids_from_vocab(tokenizer.get_vocab(), codebook, str(model_dir))  # the backend's reading
 
     fields = {k: v for k, v in source.items() if k not in _UPSTREAM_ONLY}
     config = PureConfig(
@@ -298,35 +346,12 @@ def convert_checkpoint(model_dir, vq_path, out, text_tokenizer=None, overwrite: 
     )
     state = _lm_state_dict(weights, config, str(model_dir))
     if added:
-        _add_code_rows(state, len(added), [ids[c] for c in range(vq_config.num_embeddings // 2)])
+        _add_code_rows(state, len(added), [ids[c] for c in range(codebook // 2)])
     state.update({f"image_tokenizer.{k}": v for k, v in vq_weights.items()})
-    with torch.device("meta"), without_zero3_init():
-        model = PureForConditionalGeneration(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_keys(state, expected, f"{model_dir} + {vq_path}")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.config.dtype = state["lm_head.weight"].dtype
+    model = _assemble_model(config, state, f"{model_dir} + {vq_path}")
 
-    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(staging, max_shard_size="5GB")
-    tokenizer.save_pretrained(staging)
-    record = {
-        "source": str(model_dir),
-        "vq": str(vq_path),
-        "text_tokenizer": str(text_tokenizer) if text_tokenizer else None,
-        "codes_added": [added[0], added[-1]] if added else None,
-        "code_ids": {
-            "first_half": [ids[0], ids[vq_config.num_embeddings // 2 - 1]],
-            "second_half": [ids[vq_config.num_embeddings // 2], ids[vq_config.num_embeddings - 1]],
-        },
-        "dropped": [f"{DROPPED_LM_PREFIX}*"] if any(k.startswith(DROPPED_LM_PREFIX) for k in weights) else [],
-    }
-    (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    record = _conversion_record(model_dir, vq_path, text_tokenizer, ids, added, codebook, weights)
+    _save_folder(model, tokenizer, record, out)
     return out
 
 

@@ -85,44 +85,44 @@ def emu3_special_tokens(codebook_size: int) -> list[str]:
     return [EMU3_ENDOFTEXT, EMU3_IM_START, EMU3_IM_END, *extras, *vision]
 
 
+#: The byte-level pre-tokenizer (and, but for Emu3's prefix space, decoder) of the published BPE tokenizers.
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _save_emu3_tokenizer(path: Path, codebook_size: int, bpe_vocab_size: int) -> dict[str, int]:
-    """Write Emu3's tokenizer files to ``path``; returns the full vocabulary (token -> id)."""
-    vocab, merges = _emu3_bpe(bpe_vocab_size)
-    first_special = len(vocab)
-    specials = {tok: first_special + i for i, tok in enumerate(emu3_special_tokens(codebook_size))}
-    vocab.update(specials)
-    added = [
-        {
-            "id": i,
-            "content": tok,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for tok, i in specials.items()
-    ]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+def _special_added_token(token_id: int, content: str) -> dict:
+    """A ``tokenizer.json`` ``added_tokens`` entry of a special token, as the published checkpoints write it."""
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
+
+
+def _write_bpe_tokenizer_json(path: Path, added: list[dict], vocab, merges, unk_token, decoder: dict) -> None:
+    """Write a byte-level BPE ``tokenizer.json`` (no normalizer, no post-processor) to ``path``."""
     _write_json(
-        path / "tokenizer.json",
+        path,
         {
             "version": "1.0",
             "truncation": None,
             "padding": None,
             "added_tokens": added,
             "normalizer": None,
-            "pre_tokenizer": byte_level,
+            "pre_tokenizer": _BYTE_LEVEL,
             "post_processor": None,
-            "decoder": byte_level | {"add_prefix_space": True},
+            "decoder": decoder,
             "model": {
                 "type": "BPE",
                 "dropout": None,
-                "unk_token": None,
+                "unk_token": unk_token,
                 "continuing_subword_prefix": "",
                 "end_of_word_suffix": "",
                 "fuse_unk": False,
@@ -132,30 +132,43 @@ def _save_emu3_tokenizer(path: Path, codebook_size: int, bpe_vocab_size: int) ->
             },
         },
     )
+
+
+def _emu3_tokenizer_config(added: list[dict], roles: dict[str, str]) -> dict:
+    """Emu3's ``tokenizer_config.json``: its added tokens, roles, extra special tokens and left padding."""
+    return {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
+        **roles,
+        "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {
+            "image_token": IMAGE_PLACEHOLDER_TOKEN,
+            "boi_token": IMAGE_START,
+            "eoi_token": IMAGE_END,
+            "image_wrapper_token": IMAGE_WRAPPER,
+            "eof_token": END_OF_FRAME,
+        },
+        "model_max_length": 1000000000000000019884624838656,
+        "padding_side": "left",
+        "processor_class": "Emu3Processor",
+        "tokenizer_class": "GPT2Tokenizer",
+    }
+
+
+def _save_emu3_tokenizer(path: Path, codebook_size: int, bpe_vocab_size: int) -> dict[str, int]:
+    """Write Emu3's tokenizer files to ``path``; returns the full vocabulary (token -> id)."""
+    vocab, merges = _emu3_bpe(bpe_vocab_size)
+    first_special = len(vocab)
+    specials = {tok: first_special + i for i, tok in enumerate(emu3_special_tokens(codebook_size))}
+    vocab.update(specials)
+    added = [_special_added_token(i, tok) for tok, i in specials.items()]
+    decoder = _BYTE_LEVEL | {"add_prefix_space": True}
+    _write_bpe_tokenizer_json(path / "tokenizer.json", added, vocab, merges, None, decoder)
     _write_json(path / "vocab.json", vocab)
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges))
     roles = {"bos_token": EMU3_BOS, "eos_token": EMU3_EOS, "pad_token": EMU3_ENDOFTEXT}
     _write_json(path / "special_tokens_map.json", roles)
-    _write_json(
-        path / "tokenizer_config.json",
-        {
-            "add_prefix_space": False,
-            "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
-            **roles,
-            "clean_up_tokenization_spaces": False,
-            "extra_special_tokens": {
-                "image_token": IMAGE_PLACEHOLDER_TOKEN,
-                "boi_token": IMAGE_START,
-                "eoi_token": IMAGE_END,
-                "image_wrapper_token": IMAGE_WRAPPER,
-                "eof_token": END_OF_FRAME,
-            },
-            "model_max_length": 1000000000000000019884624838656,
-            "padding_side": "left",
-            "processor_class": "Emu3Processor",
-            "tokenizer_class": "GPT2Tokenizer",
-        },
-    )
+    _write_json(path / "tokenizer_config.json", _emu3_tokenizer_config(added, roles))
     return vocab
 
 
@@ -281,29 +294,8 @@ def pure_vocabulary(codebook_size: int, bpe: dict[str, int], codes_above_text: b
 
 def _save_pure_tokenizer(path: Path, vocab: dict[str, int], specials: int, merges: list[str]) -> None:
     special_ids = set(range(specials)) | {i for t, i in vocab.items() if t.startswith("IMGIMG")}
-    added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": True}
-        for t, i in sorted(vocab.items(), key=lambda kv: kv[1])
-        if i in special_ids
-    ]  # fmt: skip
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    _write_json(
-        path / "tokenizer.json",
-        {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": added,
-            "normalizer": None,
-            "pre_tokenizer": byte_level,
-            "post_processor": None,
-            "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": PURE_UNK, "continuing_subword_prefix": "",
-                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
-                      "merges": merges},
-        },
-    )  # fmt: skip
+    added = [_special_added_token(i, t) for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i in special_ids]
+    _write_bpe_tokenizer_json(path / "tokenizer.json", added, vocab, merges, PURE_UNK, _BYTE_LEVEL)
     _write_json(
         path / "tokenizer_config.json",
         {
