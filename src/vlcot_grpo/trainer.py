@@ -186,6 +186,19 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
             parses = parse_completions(self.backend, batch.completion_ids, self.stage_grids)
         self._scoring = {"sampling_top_k": batch.top_k}
         self._rollout_seconds = time.perf_counter() - start
+        self._log_rollout(batch, parses)
+        return {
+            "prompt_ids": batch.prompt_ids,
+            "completion_ids": batch.completion_ids,
+            "logprobs": batch.logprobs,  # TRL keeps them as sampling_per_token_logps
+            "env_mask": batch.sampled_mask,  # TRL multiplies this into the loss mask: forced tokens get 0
+            "vlcot": parses,
+            "stage_texts": [p.texts for p in parses],
+            "stage_images": [p.images for p in parses],
+        }
+
+    def _log_rollout(self, batch, parses) -> None:
+        """The rollout's metrics: format-valid and finished rates, tokens per image, time, decoding counters."""
         # per rank (each rolls out its own prompts, to its own length): the metrics below are the main rank's
         logger.info(
             "rank %d: rolled out %d completions, the longest %d tokens, in %.1f s",
@@ -207,15 +220,6 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
         kept = [k for row in batch.top_k for k in row if k > 0]
         if kept:  # the mean top-k at image-code positions: the entropy rule's k tracks the codes' uncertainty
             metrics["vlcot/image_top_k"].append(sum(kept) / len(kept))
-        return {
-            "prompt_ids": batch.prompt_ids,
-            "completion_ids": batch.completion_ids,
-            "logprobs": batch.logprobs,  # TRL keeps them as sampling_per_token_logps
-            "env_mask": batch.sampled_mask,  # TRL multiplies this into the loss mask: forced tokens get 0
-            "vlcot": parses,
-            "stage_texts": [p.texts for p in parses],
-            "stage_images": [p.images for p in parses],
-        }
 
     # ----- log-probs -------------------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(

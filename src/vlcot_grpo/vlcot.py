@@ -145,6 +145,25 @@ def _as_list(ids) -> list[int]:
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
+def _read_block(backend, block: Block, content: list[int], stage_grids, problems: list[str]) -> None:
+    """Fill ``block`` from its tokens: an image block's codes (checked against its stage's grid), a text block's
+    text; what is wrong goes to ``problems``."""
+    if block.name in IMAGE_BLOCKS:
+        stage = block.name.removesuffix("_image")
+        result = backend.parse_image_tokens(content, stage_grids.get(stage))
+        block.codes, block.error = result.codes, result.error
+        if result.error:
+            problems.append(f"<{block.name}> malformed: {result.error}")
+        return
+    invalid = sum(not 0 <= t < backend.vocab_size for t in content)
+    if invalid:  # decode_text leaves them out
+        problems.append(f"<{block.name}> holds {invalid} out-of-vocabulary ids")
+    block.text = backend.decode_text(content).strip()
+    if not block.text:
+        block.error = "empty"
+        problems.append(f"<{block.name}> is empty")
+
+
 def _parse_one(backend, ids, opener, closer, ignore, stage_grids) -> VLCoTParse:
     ids = _strip_trailing(ids, ignore)
     parse = VLCoTParse()
@@ -181,23 +200,7 @@ def _parse_one(backend, ids, opener, closer, ignore, stage_grids) -> VLCoTParse:
         parse.problems.append(f"{stray} tokens outside any block")
 
     for block in parse.blocks.values():
-        content = ids[block.start : block.end]
-        if block.name in IMAGE_BLOCKS:
-            stage = block.name.removesuffix("_image")
-            result = backend.parse_image_tokens(content, stage_grids.get(stage))
-            block.codes, block.error = result.codes, result.error
-            if result.error:
-                parse.problems.append(f"<{block.name}> malformed: {result.error}")
-        else:
-            vocab = backend.vocab_size
-            invalid = sum(not 0 <= t < vocab for t in content)
-            if invalid:  # decode_text leaves them out
-                parse.problems.append(f"<{block.name}> holds {invalid} out-of-vocabulary ids")
-            block.text = backend.decode_text(content).strip()
-            if not block.text:
-                block.error = "empty"
-                parse.problems.append(f"<{block.name}> is empty")
-
+        _read_block(backend, block, ids[block.start : block.end], stage_grids, parse.problems)
     missing = [b for b in BLOCKS if b not in parse.blocks]
     if missing:
         parse.problems.append("missing blocks: " + ", ".join(f"<{b}>" for b in missing))
