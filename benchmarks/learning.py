@@ -64,7 +64,8 @@ def run_seed(seed: int, root: Path, args) -> dict:
         "--config", str(GRPO_RECIPE), "--model_name_or_path", str(cold), "--output_dir", str(folder / "grpo"),
         "--max_steps", str(args.grpo_steps), "--seed", str(seed), "--report_to", "none", "--image_log_steps", "0",
         "--save_strategy", "steps", "--save_steps", str(args.grpo_steps), "--save_total_limit", "1",
-        "--build_tiny_model", "false",
+        "--build_tiny_model", "false", "--learning_rate", str(args.grpo_lr),
+        "--num_generations", str(args.generations), "--per_device_train_batch_size", str(args.generations),
     ])  # fmt: skip
     grpo_seconds = time.perf_counter() - start
     # the same wall-clock time of further SFT, at the cold start's measured seconds per epoch
@@ -153,6 +154,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="outputs/learning")
     parser.add_argument("--sft-epochs", type=int, default=40, help="Cold-start epochs (the demo: 120).")
     parser.add_argument("--grpo-steps", type=int, default=12, help="GRPO steps (the demo's 12).")
+    parser.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO (LoRA) learning rate (the demo's 2e-4).")
+    parser.add_argument(
+        "--generations", type=int, default=4, help="Rollouts per photo and GRPO step, one photo a step (the demo's 4)."
+    )
     parser.add_argument("--samples", type=int, default=4, help="Held-out chains per photo and model.")
     parser.add_argument("--eval-seed", type=int, default=1000, help="Held-out sampling seed (plus the run's seed).")
     parser.add_argument("--threads", type=int, default=1)

@@ -22,7 +22,7 @@ from .format import FormatReward
 from .generation import DEFAULT_METRICS, GenerationReward
 from .guard import GuardedReward, RewardError, guard_reward
 from .iqa_weights import MetricUnavailableError, weight_files
-from .loader import REWARDS, RewardSpec, build_reward, load_rewards
+from .loader import REWARDS, RewardSpec, build_reward, load_rewards, recipe_specs
 from .understanding import UnderstandingReward
 
 __all__ = [
@@ -41,5 +41,6 @@ __all__ = [
     "build_reward",
     "guard_reward",
     "load_rewards",
+    "recipe_specs",
     "weight_files",
 ]

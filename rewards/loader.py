@@ -158,6 +158,40 @@ def build_reward(spec: RewardSpec):
     return bound
 
 
+def recipe_specs(entries, reward_kwargs=None, reward_weights=None) -> list[dict]:
+    """A training recipe's ``rewards`` (names, or in YAML mappings in ``RewardSpec``'s form), its ``reward_kwargs``
+    (per name, a dict or its JSON text) and ``reward_weights`` as one spec dict per reward, for ``load_rewards`` and
+    for the run's saved settings. An entry's own kwargs win over ``reward_kwargs``; weights go in one place."""
+    import json
+
+    by_name = json.loads(reward_kwargs) if isinstance(reward_kwargs, str) else dict(reward_kwargs or {})
+    entries = [dict(e) if isinstance(e, Mapping) else {"name": e} for e in entries or []]
+    names = [str(e.get("name")) for e in entries]
+    unknown = set(by_name) - set(names)
+    if unknown:
+        raise ValueError(f"reward_kwargs names rewards that are not in `rewards`: {sorted(unknown)}")
+    weighted = [n for n, e in zip(names, entries) if "weight" in e]
+    if weighted and reward_weights:
+        raise ValueError(
+            f"rewards {weighted} carry a weight and reward_weights is set too: give the weights in one place"
+        )
+    weights = list(reward_weights or [e.get("weight", 1.0) for e in entries])
+    if len(weights) != len(entries):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(entries)} rewards")
+    return [
+        {**e, "kwargs": _merged_kwargs(by_name.get(n), e.get("kwargs")), "weight": w}
+        for n, e, w in zip(names, entries, weights)
+    ]
+
+
+def _merged_kwargs(from_reward_kwargs, from_entry):
+    """An entry's own kwargs over those ``reward_kwargs`` gives its name; anything but a mapping is left for
+    ``RewardSpec`` to reject with its message."""
+    if from_entry is not None and not isinstance(from_entry, Mapping):
+        return from_entry
+    return {**(from_reward_kwargs or {}), **(from_entry or {})}
+
+
 def load_rewards(specs) -> tuple[list[GuardedReward], list[float]]:
     """Reward callables (each guarded, see ``guard_reward``) and their weights, from a recipe's list of specs."""
     rewards: list[GuardedReward] = []

@@ -82,3 +82,28 @@ def test_the_dataset_is_checked_before_the_model_loads(tmp_path):
         grpo.main(argv)
     with pytest.raises(FileNotFoundError, match="no such folder"):  # then the model, with a message of its own
         grpo.main(_argv(tmp_path, "--model_name_or_path", str(tmp_path / "a" / "b"), "--build_tiny_model", "false"))
+
+
+def test_mapping_reward_entries_run_and_are_saved_so_that_they_rebuild(tmp_path):
+    """A recipe whose rewards are mappings (weights, kwargs, a label) trains, and what the run saves of them builds
+    the same rewards again (the held-out check and the model card read it)."""
+    from vlcot_grpo.heldout import run_rewards
+    from vlcot_grpo.saved_settings import read_settings
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        RECIPE.read_text().replace(
+            "rewards: [format, degradation, understanding, fidelity]",
+            "rewards:\n  - {name: format, label: fmt}\n  - {name: degradation, weight: 0.5, kwargs: {graded: true}}",
+        ).replace("reward_weights: [1.0, 1.0, 1.0, 1.0]", "")
+    )
+    argv = _argv(tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    argv[1] = str(recipe)
+    out = grpo.main(argv)
+    saved = read_settings(out)["rewards"]
+    assert saved == [
+        {"name": "format", "weight": 1.0, "kwargs": {}, "label": "fmt"},
+        {"name": "degradation", "weight": 0.5, "kwargs": {"graded": True}},
+    ]
+    funcs, weights = run_rewards({"rewards": saved})
+    assert weights == {"fmt": 1.0, "degradation": 0.5} and funcs[1].reward.graded

@@ -265,6 +265,15 @@ def test_the_documented_recipe_entries_load_through_the_grpo_script(tmp_path, mo
     assert [f.__name__ for f in funcs] == ["format", "degradation", "length", "my_reward"]
     assert training_args.reward_weights == [1.0, 1.0, 0.5, 1.0]
     assert sys.modules["my_pkg.my_module"]
+    # what the run saves of them rebuilds the same rewards (the demo's held-out check reads it back)
+    from vlcot_grpo.heldout import run_rewards
+    from vlcot_grpo.saved_settings import reward_records
+
+    records = reward_records(script_args, training_args)
+    assert [r["kwargs"] for r in records][1] == {"graded": True}
+    again, weights = run_rewards({"rewards": records})
+    assert [f.__name__ for f in again] == [f.__name__ for f in funcs]
+    assert list(weights.values()) == [1.0, 1.0, 0.5, 1.0]
     weighted = recipe.read_text() + "reward_weights: [1, 1, 1, 1]\n"
     recipe.write_text(weighted)
     script_args, training_args, _ = grpo.parse_args(["--config", str(recipe)])

@@ -116,7 +116,6 @@ def evaluate_folders(
     """Scores of every SR/HR pair with the same stem: ``mean`` (over the scored pairs), ``folder`` (FID),
     ``per_image`` (one row per stem of either folder, with its ``status``), ``counts`` by status and ``metrics``
     (which pyiqa variant each name is)."""
-    from torchvision.transforms.functional import to_tensor
     from tqdm.auto import tqdm
 
     specs = resolve_metrics(metrics)
@@ -126,36 +125,11 @@ def evaluate_folders(
     created = {s.name: _create(s, device) for s in specs if not s.per_folder}
     per_folder = {s.name: _create(s, device) for s in specs if s.per_folder}
     rows = {}
-    scored_pairs = []
     for stem in tqdm(sorted(set(sr_files) | set(hr_files)), desc="evaluate", unit="pair", disable=not progress):
-        row = {"name": stem, "sr": str(sr_files.get(stem, "")), "hr": str(hr_files.get(stem, "")), "note": ""}
-        rows[stem] = row
-        if stem not in hr_files or stem not in sr_files:
-            row["status"] = "missing_hr" if stem not in hr_files else "missing_sr"
-            continue
-        try:
-            sr, hr = open_rgb_image(sr_files[stem]), open_rgb_image(hr_files[stem])
-        except (BadImageError, OSError, ValueError) as err:
-            row.update(status="unreadable", note=str(err))
-            continue
-        if sr.size != hr.size:
-            note = f"SR {sr.size[0]}x{sr.size[1]}, HR {hr.size[0]}x{hr.size[1]}"
-            if not resize_hr:
-                row.update(status="size_mismatch", note=note + " (--resize-hr scores it on the HR resized)")
-                continue
-            aspect = abs(sr.size[0] * hr.size[1] - sr.size[1] * hr.size[0]) > 0.01 * sr.size[0] * hr.size[1]
-            row["note"] = note + ": HR resized (bicubic)" + (", ASPECT DIFFERS" if aspect else "")
-            hr = hr.resize(sr.size, Image.Resampling.BICUBIC)
-        sr_t, hr_t = to_tensor(sr)[None].to(device), to_tensor(hr)[None].to(device)
-        try:
-            for name, metric in created.items():
-                value = metric(sr_t, hr_t) if metric.metric_mode == "FR" else metric(sr_t)
-                row[name] = float(value.item())
-        except Exception as err:  # noqa: BLE001 - one pair's failure is reported with the pair, not fatal
-            row.update(status="failed", note=f"{type(err).__name__}: {err}")
-            continue
-        row["status"] = "scored"
-        scored_pairs.append(stem)
+        sr, hr = sr_files.get(stem), hr_files.get(stem)
+        rows[stem] = {"name": stem, "sr": str(sr or ""), "hr": str(hr or ""), "note": ""}
+        rows[stem].update(_score_pair(sr, hr, created, device, resize_hr))
+    scored_pairs = [stem for stem, row in rows.items() if row["status"] == "scored"]
     scored = [rows[s] for s in scored_pairs]
     mean = {name: sum(r[name] for r in scored) / len(scored) for name in created} if scored else {}
     folder = {name: _folder_score(m, sr_files, hr_files, scored_pairs) for name, m in per_folder.items()}
@@ -168,6 +142,35 @@ def evaluate_folders(
         "per_image": list(rows.values()),
         "metrics": {s.name: {"pyiqa": s.pyiqa_name, "options": s.options} for s in specs},
     }
+
+
+def _score_pair(sr_path: Path | None, hr_path: Path | None, created: dict, device, resize_hr: bool) -> dict:
+    """One pair's ``status``, ``note`` and, when scored, a value per metric. Nothing here raises: a bad pair is
+    reported in its row and the others are scored."""
+    from torchvision.transforms.functional import to_tensor
+
+    if hr_path is None or sr_path is None:
+        return {"status": "missing_hr" if hr_path is None else "missing_sr"}
+    try:
+        sr, hr = open_rgb_image(sr_path), open_rgb_image(hr_path)
+    except (BadImageError, OSError, ValueError) as err:
+        return {"status": "unreadable", "note": str(err)}
+    row = {}
+    if sr.size != hr.size:
+        note = f"SR {sr.size[0]}x{sr.size[1]}, HR {hr.size[0]}x{hr.size[1]}"
+        if not resize_hr:
+            return {"status": "size_mismatch", "note": note + " (--resize-hr scores it on the HR resized)"}
+        aspect = abs(sr.size[0] * hr.size[1] - sr.size[1] * hr.size[0]) > 0.01 * sr.size[0] * hr.size[1]
+        row["note"] = note + ": HR resized (bicubic)" + (", ASPECT DIFFERS" if aspect else "")
+        hr = hr.resize(sr.size, Image.Resampling.BICUBIC)
+    sr_t, hr_t = to_tensor(sr)[None].to(device), to_tensor(hr)[None].to(device)
+    try:
+        for name, metric in created.items():
+            value = metric(sr_t, hr_t) if metric.metric_mode == "FR" else metric(sr_t)
+            row[name] = float(value.item())
+    except Exception as err:  # noqa: BLE001 - one pair's failure is reported with the pair, not fatal
+        return {"status": "failed", "note": f"{type(err).__name__}: {err}"}
+    return {**row, "status": "scored"}
 
 
 def _folder_score(metric, sr_files, hr_files, stems) -> float | None:

@@ -6,11 +6,9 @@ Script, training and model arguments come from one YAML file (TRL's parser); the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,40 +55,12 @@ def parse_args(argv=None):
 
 
 def build_rewards(script_args: GRPOScriptArguments, training_args):
-    from vlcot_grpo.rewards import load_rewards
+    from vlcot_grpo.rewards import load_rewards, recipe_specs
 
-    kwargs = script_args.reward_kwargs or {}
-    if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs)
-    # an entry is a name, or (in YAML) a mapping in the loader's documented form
-    entries = [dict(e) if isinstance(e, Mapping) else {"name": e} for e in script_args.rewards]
-    names = [str(e.get("name")) for e in entries]
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise ValueError(f"reward_kwargs names rewards that are not in `rewards`: {sorted(unknown)}")
-    weighted = [n for n, e in zip(names, entries) if "weight" in e]
-    if weighted and training_args.reward_weights:
-        raise ValueError(
-            f"rewards {weighted} carry a weight and reward_weights is set too: give the weights in one place"
-        )
-    weights = training_args.reward_weights or [e.get("weight", 1.0) for e in entries]
-    if len(weights) != len(entries):
-        raise ValueError(f"reward_weights has {len(weights)} entries for {len(entries)} rewards")
-    specs = [
-        {**e, "kwargs": _merged_kwargs(kwargs.get(n), e.get("kwargs")), "weight": w}
-        for n, e, w in zip(names, entries, weights)
-    ]
+    specs = recipe_specs(script_args.rewards, script_args.reward_kwargs, training_args.reward_weights)
     funcs, weights = load_rewards(specs)
     training_args.reward_weights = list(weights)
     return funcs
-
-
-def _merged_kwargs(from_reward_kwargs, from_entry):
-    """An entry's own kwargs over those ``reward_kwargs`` gives its name; anything but a mapping is left for the
-    loader to reject with its message."""
-    if from_entry is not None and not isinstance(from_entry, Mapping):
-        return from_entry
-    return {**(from_reward_kwargs or {}), **(from_entry or {})}
 
 
 def check_completion_budget(model, tokenizer, training_args) -> None:

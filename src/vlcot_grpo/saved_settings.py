@@ -86,6 +86,59 @@ def _public_module(cls) -> str:
     return "transformers" if getattr(transformers, cls.__name__, None) is cls else cls.__module__
 
 
+#: the training argument each sampling key of the file is read from, where the names differ
+_SAMPLING_SOURCE = {"max_new_tokens": "max_completion_length"}
+
+
+def _sampling_record(training_args) -> dict:
+    values = {key: getattr(training_args, _SAMPLING_SOURCE.get(key, key), None) for key in SAMPLING_KEYS}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _dataset_record(script_args) -> dict:
+    data = {"name": script_args.dataset_name}
+    marker = Path(script_args.dataset_name) / "prepare_data.json"
+    if marker.is_file():  # prepare-data's record: sizes, scale, seed, degradation config
+        data["prepare_data"] = json.loads(marker.read_text()).get("arguments")
+    elif script_args.dataset_name == "demo":
+        data.update(hr_size=script_args.demo_hr_size, seed=script_args.demo_seed)
+    return data
+
+
+def reward_records(script_args, training_args) -> list[dict]:
+    """The run's rewards as ``load_rewards`` specs: what ``vlcot_grpo.heldout`` rebuilds them from. After
+    ``grpo.build_rewards`` the weights are all in ``reward_weights``; an entry's own weight counts only before."""
+    from collections.abc import Mapping
+
+    from vlcot_grpo.rewards import recipe_specs
+
+    entries = getattr(script_args, "rewards", None)  # SFT has none
+    if not entries:
+        return []
+    weights = training_args.reward_weights
+    if weights:
+        entries = [{k: v for k, v in e.items() if k != "weight"} if isinstance(e, Mapping) else e for e in entries]
+    specs = recipe_specs(entries, script_args.reward_kwargs, weights)
+    keep = ("name", "weight", "kwargs", "label")
+    return [{k: spec[k] for k in keep if spec.get(k) is not None} | {"kwargs": spec["kwargs"]} for spec in specs]
+
+
+def _training_record(training_args, model_args) -> dict:
+    return {
+        "learning_rate": training_args.learning_rate,
+        "max_steps": training_args.max_steps,
+        "num_train_epochs": training_args.num_train_epochs,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "num_generations": getattr(training_args, "num_generations", None),
+        "beta": getattr(training_args, "beta", None),
+        "seed": training_args.seed,
+        "use_peft": model_args.use_peft,
+        "lora_r": model_args.lora_r if model_args.use_peft else None,
+        "load_in_4bit": model_args.load_in_4bit,
+    }
+
+
 def training_settings(method: str, model, script_args, training_args, model_args, argv, dataset=None) -> dict:
     """Everything a run saves: the family, the base (path, Hub id, fingerprint), sizes, prompt, sampling, rewards,
     data, training settings and the recipe as run. ``model`` is the base as loaded, before any adapter."""
@@ -94,36 +147,15 @@ def training_settings(method: str, model, script_args, training_args, model_args
     prompt = training_args.prompt_template
     if dataset is not None and "prompt" in dataset.column_names and len(dataset):
         prompt = dataset[0]["prompt"]  # what the model was trained on (a prepare-data prompt file, or the template)
-    sampling = {
-        "temperature": getattr(training_args, "temperature", None),
-        "top_k": getattr(training_args, "top_k", None),
-        "top_p": getattr(training_args, "top_p", None),
-        "min_p": getattr(training_args, "min_p", None),
-        "image_temperature": getattr(training_args, "image_temperature", None),
-        "image_top_k": getattr(training_args, "image_top_k", None),
-        "guidance_scale": getattr(training_args, "guidance_scale", None),
-        "max_new_tokens": getattr(training_args, "max_completion_length", None),
-    }
     family = model.config.model_type
-    data = {"name": script_args.dataset_name}
-    marker = Path(script_args.dataset_name) / "prepare_data.json"
-    if marker.is_file():  # prepare-data's record: sizes, scale, seed, degradation config
-        data["prepare_data"] = json.loads(marker.read_text()).get("arguments")
-    elif script_args.dataset_name == "demo":
-        data.update(hr_size=script_args.demo_hr_size, seed=script_args.demo_seed)
-    rewards = []
-    weights = getattr(training_args, "reward_weights", None) or []
-    for name, weight in zip(getattr(script_args, "rewards", []) or [], weights):
-        kwargs = script_args.reward_kwargs or {}
-        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
-        rewards.append({"name": name, "weight": weight, "kwargs": kwargs.get(name, {})})
+    model_class = BACKENDS[family].model_class if family in BACKENDS else None
     base_path = model_args.model_name_or_path
     return {
         "method": method,
         "family": family,
-        "model_class": BACKENDS[family].model_class.__name__ if family in BACKENDS else None,
+        "model_class": model_class.__name__ if model_class else None,
         # where the class is imported from: transformers for Emu3, this package for a family it defines (PURE)
-        "model_module": _public_module(BACKENDS[family].model_class) if family in BACKENDS else None,
+        "model_module": _public_module(model_class) if model_class else None,
         "adapter": bool(model_args.use_peft),
         "base_model": {
             "path": str(Path(base_path).resolve()) if Path(base_path).exists() else base_path,
@@ -133,22 +165,10 @@ def training_settings(method: str, model, script_args, training_args, model_args
         "lr_size": training_args.lr_size,
         "stage_sizes": {k: list(v) for k, v in training_args.stage_sizes.items()},
         "prompt": prompt,
-        "sampling": {k: v for k, v in sampling.items() if v is not None} if method == "grpo" else {},
-        "rewards": rewards,
-        "dataset": data,
-        "training": {
-            "learning_rate": training_args.learning_rate,
-            "max_steps": training_args.max_steps,
-            "num_train_epochs": training_args.num_train_epochs,
-            "per_device_train_batch_size": training_args.per_device_train_batch_size,
-            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-            "num_generations": getattr(training_args, "num_generations", None),
-            "beta": getattr(training_args, "beta", None),
-            "seed": training_args.seed,
-            "use_peft": model_args.use_peft,
-            "lora_r": model_args.lora_r if model_args.use_peft else None,
-            "load_in_4bit": model_args.load_in_4bit,
-        },
+        "sampling": _sampling_record(training_args) if method == "grpo" else {},
+        "rewards": reward_records(script_args, training_args),
+        "dataset": _dataset_record(script_args),
+        "training": _training_record(training_args, model_args),
         "recipe": _recipe(argv),
     }
 
