@@ -46,11 +46,9 @@ def rollout_option(name: str):
 
 
 @dataclass
-class VLCoTGRPOConfig(GRPOConfig):
-    """GRPO settings for VLCoT rollouts. Text sampling uses GRPOConfig's ``temperature``, ``top_k`` (1 = the paper's
-    greedy text), ``top_p`` and ``min_p``; ``repetition_penalty``, ``generation_kwargs``, ``cache_implementation``
-    and vLLM are refused at start (the VLCoT engine does not use them). ``max_completion_length`` bounds a whole
-    completion (text and all three images)."""
+class VLCoTFields:
+    """The fields both training configs add (SFT's traces and GRPO's rollouts must agree on them): the sizes of
+    the input and of the three stage images, the instruction, and transformers 4's name for checkpointing."""
 
     lr_size: int = field(
         default=512,
@@ -62,10 +60,31 @@ class VLCoTGRPOConfig(GRPOConfig):
     prompt_template: str = field(
         default=DEFAULT_PROMPT,
         metadata={
-            "help": "Instruction text with the image placeholder '<|image|>'; used when the dataset has no "
-            "'prompt' column."
+            "help": "Instruction text with the image placeholder '<|image|>'; used for rows without a 'prompt' column."
         },
     )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5); use that instead."},
+    )
+
+    @property
+    def stage_sizes(self) -> dict[str, tuple[int, int]]:
+        return stage_sizes_of(self)
+
+    def check_sizes(self, *extra: str) -> None:
+        for name in ("lr_size", "rough_size", "middle_size", "final_size", *extra):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class VLCoTGRPOConfig(VLCoTFields, GRPOConfig):
+    """GRPO settings for VLCoT rollouts. Text sampling uses GRPOConfig's ``temperature``, ``top_k`` (1 = the paper's
+    greedy text), ``top_p`` and ``min_p``; ``repetition_penalty``, ``generation_kwargs``, ``cache_implementation``
+    and vLLM are refused at start (the VLCoT engine does not use them). ``max_completion_length`` bounds a whole
+    completion (text and all three images)."""
+
     guidance_scale: float = field(
         default=1.0,
         metadata={
@@ -139,14 +158,11 @@ class VLCoTGRPOConfig(GRPOConfig):
         },
     )
     image_log_samples: int = field(default=4, metadata={"help": "How many samples per logged step get a picture."})
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5); use that instead."},
-    )
 
     def __post_init__(self):
         checkpointing_default(self)
         super().__post_init__()
+        self.check_sizes()
         try:  # the rollout options are checked where they are defined
             self.rollout_config()
         except ValueError as err:
@@ -172,13 +188,6 @@ class VLCoTGRPOConfig(GRPOConfig):
                     f"temperature, top_k, top_p and min_p, and image codes with image_temperature, image_top_k and "
                     f"guidance_scale); remove it or set it to {unused!r}"
                 )
-        for name in ("lr_size", "rough_size", "middle_size", "final_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @property
-    def stage_sizes(self) -> dict[str, tuple[int, int]]:
-        return stage_sizes_of(self)
 
     def rollout_config(self) -> RolloutConfig:
         return RolloutConfig(

@@ -209,13 +209,18 @@ class StaticDecoder:
             if cfg.do_sample:  # text first, then codes: the order in which the reference path draws
                 s["text_noise"].exponential_(generator=generator)
                 s["code_noise"].exponential_(generator=generator)
-            if self.graphs is not None:
-                self.graphs.replay(key)
-            else:
-                self.step(*key)
-            self.buckets_used.append(key)
+            self.advance(key)
             steps += 1
         return steps
+
+    def advance(self, key: tuple[int, int]) -> None:
+        """One decode step at bucket ``key`` (read length, guidance read length): its captured graph replayed, or
+        the step run."""
+        if self.graphs is not None:
+            self.graphs.replay(key)
+        else:
+            self.step(*key)
+        self.buckets_used.append(key)
 
     def collect(self, prompt_ids, num_generations: int, steps: int):
         """The ``RolloutBatch`` of the first ``steps`` decode steps."""

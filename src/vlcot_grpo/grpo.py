@@ -7,22 +7,11 @@ Script, training and model arguments come from one YAML file (TRL's parser); the
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlcot_grpo.script_utils import (
-    SharedScriptArguments,
-    check_report_to,
-    load_policy,
-    load_train_dataset,
-    log_distribution,
-    peft_config_for,
-    record_run,
-    resume_checkpoint,
-    save_run_record,
-)
+from vlcot_grpo.script_utils import SharedScriptArguments, load_policy, make_trainer, save_run_record, start_run
 
 
 @dataclass
@@ -78,31 +67,16 @@ def check_completion_budget(model, tokenizer, training_args) -> None:
 
 
 def main(argv=None) -> Path:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    script_args, training_args, model_args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run = start_run(argv, parse_args)
+    script_args, training_args, model_args = run.script_args, run.training_args, run.model_args
 
     from vlcot_grpo.plots import plot_rewards
     from vlcot_grpo.trainer import VLCoTGRPOTrainer
 
-    check_report_to(training_args)
-    # what can be checked without the model first: a bad dataset, reward or checkpoint path fails in seconds
-    dataset = load_train_dataset(script_args, training_args)
-    rewards = build_rewards(script_args, training_args)
-    resume = resume_checkpoint(training_args)
+    rewards = build_rewards(script_args, training_args)  # a bad reward fails before the model loads, too
     model, tokenizer = load_policy(model_args, training_args, script_args)
     check_completion_budget(model, tokenizer, training_args)
-    trainer = VLCoTGRPOTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, model, tokenizer),
-    )
-    record_run(trainer, "grpo", model, script_args, training_args, model_args, argv, dataset)
-    log_distribution(trainer)
+    trainer = make_trainer(VLCoTGRPOTrainer, "grpo", run, model, tokenizer, reward_funcs=rewards)
     device, rollout = trainer.accelerator.device, trainer.engine.config
     engine = trainer.engine.resolved_engine(device)  # walks the parameters (quantized or not): once
     static = engine == "static"
@@ -115,7 +89,7 @@ def main(argv=None) -> Path:
         static and rollout.resolved_fuse(device),
         trainer.merges_adapters_for_rollouts,
     )
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=run.resume)
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:

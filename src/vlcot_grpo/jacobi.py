@@ -165,11 +165,7 @@ class JacobiDecoder(StaticDecoder):
                 for name in NOISE[:3]:
                     s[name].exponential_(generator=generator)
                 s["accept_noise"].uniform_(generator=generator)
-            if self.graphs is not None:
-                self.graphs.replay(key)
-            else:
-                self.step(*key)
-            self.buckets_used.append(key)
+            self.advance(key)
             steps += 1
             since_sync += 1
         return steps

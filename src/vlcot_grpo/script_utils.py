@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,6 +359,49 @@ def peft_config_for(model_args, model, tokenizer):
         if name not in saved and name.rsplit(".", 1)[-1] not in saved:
             layers[name] = tag_ids
     return dataclasses.replace(config, trainable_token_indices=layers or None)
+
+
+@dataclass
+class ScriptRun:
+    """One run of a training script: the command line, the three argument dataclasses TRL's parser made, the
+    training dataset and the checkpoint to resume from (None: start afresh)."""
+
+    argv: list[str]
+    script_args: SharedScriptArguments
+    training_args: object
+    model_args: object
+    dataset: object = None
+    resume: str | None = None
+
+
+def start_run(argv, parse_args) -> ScriptRun:
+    """What both scripts do before loading the model: parse (``sys.argv`` when ``argv`` is None), set up logging,
+    check ``report_to``, load the dataset, find the checkpoint to resume from. A bad dataset, recipe or checkpoint
+    path fails here, in seconds."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run = ScriptRun(argv, *parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_report_to(run.training_args)
+    run.dataset = load_train_dataset(run.script_args, run.training_args)
+    run.resume = resume_checkpoint(run.training_args)
+    return run
+
+
+def make_trainer(trainer_class, method: str, run: ScriptRun, model, tokenizer, **kwargs):
+    """The script's trainer on ``model`` (LoRA from the model arguments), with the run recorded for its model card
+    and ``vlcot_settings.json``."""
+    trainer = trainer_class(
+        model=model,
+        args=run.training_args,
+        train_dataset=run.dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config_for(run.model_args, model, tokenizer),
+        **kwargs,
+    )
+    record_run(trainer, method, model, run.script_args, run.training_args, run.model_args, run.argv, run.dataset)
+    log_distribution(trainer)
+    return trainer
 
 
 def record_run(trainer, method: str, model, script_args, training_args, model_args, argv, dataset) -> None:

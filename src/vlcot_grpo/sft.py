@@ -16,7 +16,6 @@ the base model with the adapter merged in.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,20 +27,11 @@ from peft.utils.other import TrainableTokensWrapper
 from trl import SFTConfig, SFTTrainer
 
 from vlcot_grpo.card import ModelCardMixin
+from vlcot_grpo.config import VLCoTFields, checkpointing_default
 from vlcot_grpo.models import load_backend, load_checkpoint_weights, load_model, unwrap_model
-from vlcot_grpo.script_utils import (
-    SharedScriptArguments,
-    check_report_to,
-    load_policy,
-    load_train_dataset,
-    log_distribution,
-    peft_config_for,
-    record_run,
-    resume_checkpoint,
-    save_run_record,
-)
+from vlcot_grpo.script_utils import SharedScriptArguments, load_policy, make_trainer, save_run_record, start_run
 from vlcot_grpo.traces import build_trace_dataset
-from vlcot_grpo.vlcot import DEFAULT_PROMPT, STAGES, stage_sizes_of
+from vlcot_grpo.vlcot import STAGES
 
 #: Subfolder of output_dir that keeps the LoRA adapter alone.
 ADAPTER_SUBDIR = "adapter"
@@ -51,23 +41,9 @@ ADAPTER_SUBDIR = "adapter"
 
 
 @dataclass
-class VLCoTSFTConfig(SFTConfig):
+class VLCoTSFTConfig(VLCoTFields, SFTConfig):
     """SFT settings for VLCoT traces. Sizes must match the GRPO recipe that continues from this model."""
 
-    lr_size: int = field(
-        default=512,
-        metadata={"help": "Side (pixels) the low-quality input is resized to before tokenisation (the paper: 512)."},
-    )
-    rough_size: int = field(default=128, metadata={"help": "Side (pixels) of the rough target image (paper: 128)."})
-    middle_size: int = field(default=256, metadata={"help": "Side (pixels) of the middle target image (paper: 256)."})
-    final_size: int = field(default=512, metadata={"help": "Side (pixels) of the final target image (paper: 512)."})
-    prompt_template: str = field(
-        default=DEFAULT_PROMPT,
-        metadata={
-            "help": "Instruction text with the image placeholder '<|image|>'; used for rows without a 'prompt' "
-            "column (as in GRPO)."
-        },
-    )
     image_loss_weight: float = field(
         default=1.0,
         metadata={
@@ -97,27 +73,15 @@ class VLCoTSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Loss on the completion only (default). False also trains on the prompt and LR image."},
     )
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5); use that instead."},
-    )
 
     def __post_init__(self):
-        from vlcot_grpo.config import checkpointing_default
-
         checkpointing_default(self)
         super().__post_init__()
-        for name in ("lr_size", "rough_size", "middle_size", "final_size", "trace_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.check_sizes("trace_batch_size")
         if self.image_loss_weight < 0:
             raise ValueError(f"image_loss_weight must be >= 0, got {self.image_loss_weight}")
         if self.format_check_samples < 0:
             raise ValueError(f"format_check_samples must be >= 0, got {self.format_check_samples}")
-
-    @property
-    def stage_sizes(self) -> dict[str, tuple[int, int]]:
-        return stage_sizes_of(self)
 
 
 # ----- trainer ---------------------------------------------------------------------------------------------------
@@ -409,25 +373,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     """Run the cold start; returns ``output_dir``, the folder the GRPO recipe loads as ``model_name_or_path``."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    script_args, training_args, model_args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    check_report_to(training_args)
-    # what can be checked without the model first: a bad dataset or checkpoint path fails in seconds
-    dataset = load_train_dataset(script_args, training_args)
-    resume = resume_checkpoint(training_args)
+    run = start_run(argv, parse_args)
+    script_args, training_args, model_args = run.script_args, run.training_args, run.model_args
     model, tokenizer = load_policy(model_args, training_args, script_args)
-    trainer = VLCoTSFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, model, tokenizer),
-    )
-    record_run(trainer, "sft", model, script_args, training_args, model_args, argv, dataset)
-    log_distribution(trainer)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer = make_trainer(VLCoTSFTTrainer, "sft", run, model, tokenizer)
+    trainer.train(resume_from_checkpoint=run.resume)
     output_dir = save_for_grpo(trainer, tokenizer, model_args.model_name_or_path)
     if trainer.accelerator.is_main_process:
         save_run_record(trainer, output_dir, adapter=False)  # output_dir holds the full (merged) model

@@ -251,29 +251,27 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
                     input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep + 1
                 ).logits
             targets = ids[:, -logits_to_keep:]
+            # both chunked, so that memory stays bounded
+            masks = {"code_mask": self._code_mask, "text_mask": self._text_mask, "compute_entropy": compute_entropy}
             if guided:
                 uncond_logits, uncond_index = self._unconditional_logits(model, ids, mask, logits_to_keep)
-                logps, entropy = sampled_logps(  # chunked, so that memory stays bounded
+                logps, entropy = sampled_logps(
                     logits[:, :-1],
                     targets,
-                    code_mask=self._code_mask,
-                    text_mask=self._text_mask,
                     settings=self._sampler_settings,
                     top_k=top_k[start : start + batch_size],
                     uncond_logits=uncond_logits,
                     uncond_index=uncond_index,
-                    compute_entropy=compute_entropy,
+                    **masks,
                 )
             else:
-                logps, entropy = completion_logps(  # chunked, so that memory stays bounded
+                logps, entropy = completion_logps(
                     logits[:, :-1],
                     targets,
-                    code_mask=self._code_mask,
-                    text_mask=self._text_mask,
                     text_temperature=self.temperature,
                     image_temperature=self.args.image_temperature,
                     restricted=self.args.logprob_support == "restricted",
-                    compute_entropy=compute_entropy,
+                    **masks,
                 )
             all_logps.append(logps)
             if compute_entropy:

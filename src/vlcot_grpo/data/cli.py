@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlcot_grpo.data.dataset import BadImageError, build_vlcot_dataset_with_summary
+from vlcot_grpo.data.dataset import BadImageError, DatasetOptions, build_vlcot_dataset_with_summary
 from vlcot_grpo.data.degradations import DegradationConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -253,27 +253,36 @@ def _load_tagger(args: argparse.Namespace) -> ClipTagger | None:
         raise _PrepareDataError(str(error), 2) from None
 
 
+#: DatasetOptions fields that prepare-data's flags of the same name set as they are
+_PLAIN_OPTIONS = (
+    "hr_size",
+    "scale",
+    "lr_size",
+    "seed",
+    "small_images",
+    "max_image_pixels",
+    "strict",
+    "num_proc",
+    "cache_dir",
+)
+
+
+def _dataset_options(args: argparse.Namespace, prompt, degradation_config) -> DatasetOptions:
+    return DatasetOptions(
+        **{name: getattr(args, name) for name in _PLAIN_OPTIONS},
+        stage_sizes=tuple(args.stage_sizes) if args.stage_sizes else None,
+        prompt=prompt,
+        degradation_config=degradation_config,
+        progress=not args.no_progress,
+    )
+
+
 def _build(
     args: argparse.Namespace, hr_dir: Path, prompt: str | None, degradation_config: DegradationConfig | None
 ) -> datasets.Dataset:
     """The dataset, after printing the build summary; an error when no image was usable."""
     try:
-        dataset, summary = build_vlcot_dataset_with_summary(
-            hr_dir,
-            hr_size=args.hr_size,
-            scale=args.scale,
-            lr_size=args.lr_size,
-            stage_sizes=tuple(args.stage_sizes) if args.stage_sizes else None,
-            seed=args.seed,
-            prompt=prompt,
-            degradation_config=degradation_config,
-            small_images=args.small_images,
-            max_image_pixels=args.max_image_pixels,
-            strict=args.strict,
-            num_proc=args.num_proc,
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress,
-        )
+        dataset, summary = build_vlcot_dataset_with_summary(hr_dir, _dataset_options(args, prompt, degradation_config))
     except BadImageError as error:
         raise _PrepareDataError(f"bad input file (--strict): {error}") from None
     except ValueError as error:

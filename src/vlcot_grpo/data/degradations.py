@@ -115,20 +115,22 @@ def generalized_gaussian_kernel(
     size: int, sigma_x: float, sigma_y: float | None = None, rotation: float = 0.0, beta: float = 1.0
 ) -> np.ndarray:
     """Generalized Gaussian kernel, ``exp(-q^beta / 2)``: beta < 1 has heavier tails, beta > 1 a flatter top."""
-    if beta <= 0:
-        raise ValueError(f"generalized Gaussian beta must be positive, got {beta!r}")
-    sigma_y = sigma_x if sigma_y is None else sigma_y
-    return _normalised(np.exp(-0.5 * _quadratic_form(size, sigma_x, sigma_y, rotation) ** beta))
+    return _shaped_kernel(lambda qb: np.exp(-0.5 * qb), "generalized Gaussian", size, sigma_x, sigma_y, rotation, beta)
 
 
 def plateau_kernel(
     size: int, sigma_x: float, sigma_y: float | None = None, rotation: float = 0.0, beta: float = 1.0
 ) -> np.ndarray:
     """Plateau-shaped kernel, ``1 / (q^beta + 1)``: a flat top with slowly decaying shoulders."""
+    return _shaped_kernel(lambda qb: 1.0 / (qb + 1.0), "plateau", size, sigma_x, sigma_y, rotation, beta)
+
+
+def _shaped_kernel(profile, name: str, size, sigma_x, sigma_y, rotation, beta) -> np.ndarray:
+    """``profile(q ** beta)`` normalised, for the kernels with a shape exponent ``beta``."""
     if beta <= 0:
-        raise ValueError(f"plateau beta must be positive, got {beta!r}")
+        raise ValueError(f"{name} beta must be positive, got {beta!r}")
     sigma_y = sigma_x if sigma_y is None else sigma_y
-    return _normalised(1.0 / (_quadratic_form(size, sigma_x, sigma_y, rotation) ** beta + 1.0))
+    return _normalised(profile(_quadratic_form(size, sigma_x, sigma_y, rotation) ** beta))
 
 
 def sinc_kernel(size: int, cutoff: float) -> np.ndarray:

@@ -6,8 +6,8 @@ codes on their own table and head, shown as one vocabulary) are here; adding a f
 in ``BACKENDS``.
 """
 
-from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend, without_zero3_init
-from vlcot_grpo.models.emu3 import Emu3Backend, unwrap_model
+from vlcot_grpo.models.base import CODE, ImageParse, ImageTokenBackend, unwrap_model, without_zero3_init
+from vlcot_grpo.models.emu3 import Emu3Backend
 from vlcot_grpo.models.janus import JanusBackend, JanusForVLCoT
 from vlcot_grpo.models.prepare import TagTokens, add_vlcot_tokens, check_vlcot_tokens, prepare_checkpoint
 from vlcot_grpo.models.pure import PureBackend, PureConfig, PureForConditionalGeneration

@@ -49,6 +49,17 @@ def without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def unwrap_model(model):
+    """The transformers model under PEFT / DeepSpeed / DDP wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
 @dataclass
 class ImageParse:
     """Result of parsing the token ids of one image. ``codes`` is set only when ``error`` is None."""
@@ -80,6 +91,8 @@ class ImageTokenBackend(ABC):
     #: Modules (full names from the model's root) left unquantized under QLoRA: what must stay exact (a VQ model)
     #: and the output head, whose tag rows are trained.
     full_precision_modules: tuple[str, ...] = ()
+    #: The family's named layout tokens (image start/end, end of row...): ``_ids`` maps each to its id.
+    layout_tokens: tuple[str, ...] = ()
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -125,7 +138,6 @@ class ImageTokenBackend(ABC):
     def logits_module(self) -> torch.nn.Module:
         """The module whose output is the logits over the whole vocabulary, where a forward hook on them attaches:
         the output head, or Janus's join of its two heads."""
-        from vlcot_grpo.models.emu3 import unwrap_model
 
         return unwrap_model(self.model).get_output_embeddings()
 
@@ -199,6 +211,15 @@ class ImageTokenBackend(ABC):
 
     def _size_token_ids(self, rows: int, cols: int) -> list[int]:
         return []
+
+    @cached_property
+    def _ids(self) -> dict[str, int]:
+        return self._named_token_ids(self.layout_tokens)
+
+    @property
+    def vqmodel(self):
+        """The image tokenizer; ``model.vqmodel`` of the unwrapped model unless the family keeps it elsewhere."""
+        return unwrap_model(self.model).model.vqmodel
 
     def _named_token_ids(self, tokens) -> dict[str, int]:
         """token -> id for each of the family's named layout tokens; a ValueError names one the tokenizer lacks."""

@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 from transformers import Emu3ForConditionalGeneration
 
-from vlcot_grpo.models.base import ImageTokenBackend
+from vlcot_grpo.models.base import ImageTokenBackend, unwrap_model
 
 IMAGE_START = "<|image start|>"
 IMAGE_END = "<|image end|>"
@@ -30,17 +30,6 @@ def visual_token(code: int) -> str:
     return f"<|visual token {code:06d}|>"
 
 
-def unwrap_model(model):
-    """The transformers model under PEFT / DeepSpeed / DDP wrappers."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
-
-
 class Emu3Backend(ImageTokenBackend):
     name = "emu3"
     model_class = Emu3ForConditionalGeneration
@@ -53,14 +42,7 @@ class Emu3Backend(ImageTokenBackend):
     reserved_tag_tokens = tuple(f"<|extra_{i}|>" for i in range(1, 15))
     #: The VQ model encodes the targets and decodes the pictures: never quantized. The head keeps its tag rows exact.
     full_precision_modules = ("model.vqmodel", "lm_head")
-
-    @cached_property
-    def _ids(self) -> dict[str, int]:
-        return self._named_token_ids(LAYOUT_TOKENS)
-
-    @property
-    def vqmodel(self):
-        return unwrap_model(self.model).model.vqmodel
+    layout_tokens = LAYOUT_TOKENS
 
     @property
     def downsample(self) -> int:

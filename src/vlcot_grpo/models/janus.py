@@ -43,8 +43,7 @@ from transformers.models.janus.modeling_janus import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from vlcot_grpo.models.base import ImageTokenBackend
-from vlcot_grpo.models.emu3 import unwrap_model
+from vlcot_grpo.models.base import ImageTokenBackend, unwrap_model
 from vlcot_grpo.models.llamagen import decode_codes, encode_to_codes
 
 IMAGE_START = "<begin_of_image>"
@@ -100,28 +99,11 @@ class JanusForVLCoT(JanusForConditionalGeneration):
 
     @can_return_tuple
     def forward(
-        self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        self, input_ids=None, labels=None, logits_to_keep: int | torch.Tensor = 0, **kwargs
     ) -> JanusCausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        """The stock forward's inputs (``attention_mask``, ``position_ids``, ``cache``, ``pixel_values``...) go to
+        the joint model as they are; the logits cover text and image codes."""
+        outputs = self.model(input_ids=input_ids, **kwargs)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
@@ -160,17 +142,10 @@ class JanusBackend(ImageTokenBackend):
         "lm_head",
     )
     announces_grid = False
+    layout_tokens = LAYOUT_TOKENS
     #: two heads (text, image): TRL's fused LM head, which projects through ``get_output_embeddings`` alone, cannot
     #: score this family (``vlcot_grpo.sft`` scores its SFT loss from the model's own logits)
     single_output_layer = False
-
-    @cached_property
-    def _ids(self) -> dict[str, int]:
-        return self._named_token_ids(LAYOUT_TOKENS)
-
-    @property
-    def vqmodel(self):
-        return unwrap_model(self.model).model.vqmodel
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         # the understanding encoder and its aligner: the VLCoT path reads images as codes

@@ -315,24 +315,18 @@ def build_upstream_chameleon(spec=None, vocab_size: int = 0, seed: int = 0):
     across the heads of each shard (``model_parallel_size`` 1): the model a published checkpoint is the weights of."""
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    from vlcot_grpo.models.tiny import TinyPureSpec
+    from vlcot_grpo.models.tiny import TINY_CHAMELEON_VQ, TinyPureSpec
 
     spec = spec or TinyPureSpec()
     config = ChameleonConfig(
         vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
+        **spec.lm_fields(),
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
         vocabulary_map={},
-        vq_config={"base_channels": 32, "channel_multiplier": [1], "num_res_blocks": 1, "embed_dim": 4,
-                   "num_embeddings": 16, "latent_channels": 32, "resolution": 32},
-    )  # fmt: skip
+        vq_config=TINY_CHAMELEON_VQ,
+    )
     torch.manual_seed(seed)
     model = ChameleonForConditionalGeneration(config).eval()
     with torch.no_grad():

@@ -35,8 +35,7 @@ from transformers import (
 )
 from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
 
-from vlcot_grpo.models.base import ImageTokenBackend
-from vlcot_grpo.models.emu3 import unwrap_model
+from vlcot_grpo.models.base import ImageTokenBackend, unwrap_model
 from vlcot_grpo.models.llamagen import decode_codes, encode_to_codes
 
 MODEL_TYPE = "vlcot_pure"
@@ -151,10 +150,7 @@ class PureBackend(ImageTokenBackend):
     #: documented as a free range (PURE and Lumina-mGPT take 08706, 08796-08799 and 08800 + n), so none is re-purposed.
     reserved_tag_tokens = None
     full_precision_modules = ("image_tokenizer", "lm_head")
-
-    @cached_property
-    def _ids(self) -> dict[str, int]:
-        return self._named_token_ids((*LAYOUT_TOKENS, END_OF_TURN))
+    layout_tokens = (*LAYOUT_TOKENS, END_OF_TURN)
 
     @cached_property
     def _size_ids(self) -> dict[int, int]:

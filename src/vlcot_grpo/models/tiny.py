@@ -9,7 +9,7 @@ layout tokens, the 14 VLCoT tags and one token per VQ code. It is saved next to 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,16 +25,58 @@ SPEC_FILE = "tiny_spec.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
 
+#: The tiny Chameleon VQGAN every Chameleon-based model builds and PURE then drops: the smallest that builds.
+TINY_CHAMELEON_VQ = {
+    "base_channels": 32,
+    "channel_multiplier": [1],
+    "num_res_blocks": 1,
+    "embed_dim": 4,
+    "num_embeddings": 16,
+    "latent_channels": 32,
+    "resolution": 32,
+}
+
+
 @dataclass
-class TinyEmu3Spec:
-    """Shape of a tiny Emu3 model. Defaults give a ~0.5 M-parameter model that runs in milliseconds on a CPU."""
+class TinyLMSpec:
+    """The language model's shape, the same fields in every family (``lm_fields`` gives them to a config)."""
 
     hidden_size: int = field(default=64, metadata={"help": "Width of the language model."})
     num_hidden_layers: int = field(default=2, metadata={"help": "Decoder layers."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    num_key_value_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
+    num_key_value_heads: int = field(
+        default=2, metadata={"help": "Key/value heads (grouped-query attention; Janus-Pro: as many as heads)."}
+    )
     intermediate_size: int = field(default=128, metadata={"help": "MLP width."})
     max_position_embeddings: int = field(default=4096, metadata={"help": "Longest sequence (RoPE)."})
+
+    def lm_fields(self) -> dict:
+        """The language model's config fields, as transformers names them in every family here."""
+        return {f.name: getattr(self, f.name) for f in fields(TinyLMSpec)}
+
+
+def char_tokenizer(tokens: list[str], specials: list[str]) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (one token per printable ASCII character, as no tiny model needs subwords) over
+    ``tokens`` (ids in that order; the first four are pad, bos, eos, unk), ``specials`` kept whole."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()  # join characters back without spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tokenizer
+
+
+#: the characters of every tiny tokenizer
+CHARS = [chr(c) for c in range(32, 127)]
+
+
+@dataclass
+class TinyEmu3Spec(TinyLMSpec):
+    """Shape of a tiny Emu3 model. Defaults give a ~0.5 M-parameter model that runs in milliseconds on a CPU."""
+
     codebook_size: int = field(default=256, metadata={"help": "VQ codebook entries (one token each)."})
     vq_base_channels: int = field(default=32, metadata={"help": "VQ conv width; a multiple of 32 (GroupNorm)."})
     vq_channel_multiplier: tuple[int, ...] = field(
@@ -52,18 +94,10 @@ class TinyEmu3Spec:
 
 
 def build_tiny_tokenizer(codebook_size: int) -> PreTrainedTokenizerFast:
-    chars = [chr(c) for c in range(32, 127)]
+    """Character-level; the layout tokens, tags and ``<|visual token N|>`` codes as Emu3's tokenizer names them."""
     specials = [PAD, BOS, EOS, UNK, *LAYOUT_TOKENS, IMAGE_PLACEHOLDER_TOKEN, *TAGS]
     specials += [visual_token(c) for c in range(codebook_size)]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    core.decoder = decoders.Fuse()  # join characters back without spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
-    return tokenizer
+    return char_tokenizer(specials + CHARS, specials[4:])
 
 
 def tiny_emu3_vq_config(spec: TinyEmu3Spec) -> dict:
@@ -89,12 +123,7 @@ def tiny_emu3_config(spec: TinyEmu3Spec, vocab: dict[str, int], pad_id: int, bos
         vq_config=tiny_emu3_vq_config(spec),
         text_config={
             "vocab_size": len(vocab),
-            "hidden_size": spec.hidden_size,
-            "intermediate_size": spec.intermediate_size,
-            "num_hidden_layers": spec.num_hidden_layers,
-            "num_attention_heads": spec.num_attention_heads,
-            "num_key_value_heads": spec.num_key_value_heads,
-            "max_position_embeddings": spec.max_position_embeddings,
+            **spec.lm_fields(),
             "pad_token_id": pad_id,
             "bos_token_id": bos_id,
             "eos_token_id": eos_id,
@@ -154,15 +183,9 @@ def ensure_tiny_emu3(path: str | Path, spec: TinyEmu3Spec | None = None) -> Path
 
 # ----- PURE / Lumina-mGPT (Chameleon language model, LlamaGen VQ-8 image tokenizer) ----------------------------------
 @dataclass
-class TinyPureSpec:
+class TinyPureSpec(TinyLMSpec):
     """Shape of a tiny PURE model: Chameleon's architecture and LlamaGen VQ-8's (four stages: downsample 8)."""
 
-    hidden_size: int = field(default=64, metadata={"help": "Width of the language model."})
-    num_hidden_layers: int = field(default=2, metadata={"help": "Decoder layers."})
-    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    num_key_value_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
-    intermediate_size: int = field(default=128, metadata={"help": "MLP width."})
-    max_position_embeddings: int = field(default=4096, metadata={"help": "Longest sequence (RoPE)."})
     codebook_size: int = field(default=256, metadata={"help": "VQ codebook entries (one token each)."})
     vq_base_channels: int = field(default=32, metadata={"help": "VQ conv width; a multiple of 32 (GroupNorm)."})
     vq_channel_multiplier: tuple[int, ...] = field(
@@ -194,20 +217,23 @@ def build_tiny_pure_tokenizer(
     from vlcot_grpo.models.pure import image_code_name
 
     half = codebook_size // 2
-    chars = [chr(c) for c in range(32, 127)]
     head = [PAD, BOS, EOS, UNK, *(image_code_name(c) for c in range(half)), *pure_layout_tokens(max_size_units)]
     tail = [*TAGS, *(image_code_name(c) for c in range(half, codebook_size))]
-    fillers = max(0, (vocab_size or 0) - len(head) - len(chars) - len(tail))
+    fillers = max(0, (vocab_size or 0) - len(head) - len(CHARS) - len(tail))
     tail += [f"<filler_{i}>" for i in range(fillers)]
-    vocab = {tok: i for i, tok in enumerate(head + chars + tail)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in head[4:] + tail]})
-    return tokenizer
+    return char_tokenizer(head + CHARS + tail, head[4:] + tail)
+
+
+def llamagen_vq_fields(spec) -> dict:
+    """The LlamaGen VQ's shape (PURE's image tokenizer and Janus's VQ model name the fields alike)."""
+    return {
+        "num_embeddings": spec.codebook_size,
+        "embed_dim": spec.vq_embed_dim,
+        "latent_channels": spec.vq_latent_channels,
+        "base_channels": spec.vq_base_channels,
+        "channel_multiplier": list(spec.vq_channel_multiplier),
+        "num_res_blocks": spec.vq_num_res_blocks,
+    }
 
 
 def tiny_pure_config(spec: TinyPureSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
@@ -216,35 +242,14 @@ def tiny_pure_config(spec: TinyPureSpec, vocab_size: int, pad_id: int, bos_id: i
 
     return PureConfig(
         vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
+        **spec.lm_fields(),
         pad_token_id=pad_id,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         vocabulary_map={},
-        # Chameleon's own VQGAN is built by ChameleonModel and then dropped (PureForConditionalGeneration): keep it
-        # small so that building costs nothing
-        vq_config={
-            "base_channels": 32,
-            "channel_multiplier": [1],
-            "num_res_blocks": 1,
-            "embed_dim": 4,
-            "num_embeddings": 16,
-            "latent_channels": 32,
-            "resolution": 32,
-        },
-        image_tokenizer_config={
-            "num_embeddings": spec.codebook_size,
-            "embed_dim": spec.vq_embed_dim,
-            "latent_channels": spec.vq_latent_channels,
-            "base_channels": spec.vq_base_channels,
-            "channel_multiplier": list(spec.vq_channel_multiplier),
-            "num_res_blocks": spec.vq_num_res_blocks,
-        },
+        # Chameleon's own VQGAN is built by ChameleonModel and then dropped (PureForConditionalGeneration)
+        vq_config=TINY_CHAMELEON_VQ,
+        image_tokenizer_config=llamagen_vq_fields(spec),
     )
 
 
@@ -310,15 +315,9 @@ def ensure_tiny_model(path: str | Path, family: str = "emu3", spec=None) -> Path
 
 # ----- Janus / Janus-Pro (Llama language model; image codes on their own table and head) ---------------------------
 @dataclass
-class TinyJanusSpec:
+class TinyJanusSpec(TinyLMSpec):
     """Shape of a tiny Janus: Llama language model, SigLIP understanding encoder, LlamaGen VQ image tokenizer."""
 
-    hidden_size: int = field(default=64, metadata={"help": "Width of the language model."})
-    num_hidden_layers: int = field(default=2, metadata={"help": "Decoder layers."})
-    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    num_key_value_heads: int = field(default=2, metadata={"help": "Key/value heads (Janus-Pro: as many as heads)."})
-    intermediate_size: int = field(default=128, metadata={"help": "MLP width."})
-    max_position_embeddings: int = field(default=4096, metadata={"help": "Longest sequence (RoPE)."})
     codebook_size: int = field(default=256, metadata={"help": "VQ codebook entries (Janus: 16384)."})
     vq_base_channels: int = field(default=32, metadata={"help": "VQ conv width; a multiple of 32 (GroupNorm)."})
     vq_channel_multiplier: tuple[int, ...] = field(
@@ -342,17 +341,8 @@ JANUS_SPECIALS = ("<begin_of_image>", "<end_of_image>", "<image_placeholder>", "
 
 def build_tiny_janus_tokenizer(with_tags: bool = True) -> PreTrainedTokenizerFast:
     """Character-level, as the other tiny tokenizers; no code tokens: Janus's codes live outside the text table."""
-    chars = [chr(c) for c in range(32, 127)]
     specials = [PAD, BOS, EOS, UNK, *JANUS_SPECIALS, *(TAGS if with_tags else ())]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
-    return tokenizer
+    return char_tokenizer(specials + CHARS, specials[4:])
 
 
 def tiny_janus_config(spec: TinyJanusSpec, tokenizer):
@@ -365,12 +355,7 @@ def tiny_janus_config(spec: TinyJanusSpec, tokenizer):
         text_config={
             "model_type": "llama",
             "vocab_size": rows,
-            "hidden_size": hidden,
-            "intermediate_size": spec.intermediate_size,
-            "num_hidden_layers": spec.num_hidden_layers,
-            "num_attention_heads": spec.num_attention_heads,
-            "num_key_value_heads": spec.num_key_value_heads,
-            "max_position_embeddings": spec.max_position_embeddings,
+            **spec.lm_fields(),
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
@@ -387,12 +372,7 @@ def tiny_janus_config(spec: TinyJanusSpec, tokenizer):
             "num_image_tokens": 4,
         },
         vq_config={
-            "num_embeddings": spec.codebook_size,
-            "embed_dim": spec.vq_embed_dim,
-            "latent_channels": spec.vq_latent_channels,
-            "base_channels": spec.vq_base_channels,
-            "channel_multiplier": list(spec.vq_channel_multiplier),
-            "num_res_blocks": spec.vq_num_res_blocks,
+            **llamagen_vq_fields(spec),
             # the image aligner writes, and the image head reads, the language model's width
             "projection_dim": hidden,
             "image_token_embed_dim": hidden,
