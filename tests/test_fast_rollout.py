@@ -159,7 +159,7 @@ def test_greedy_equals_reference(tiny_family, hooks, photo, guidance, max_new, k
     prompts = _prompts(backend, photo, tiny.lr)
     if max_new == "in-middle":  # Emu3: 37; a limit that ends inside the middle image for the first two prompts
         # (Janus's images, with no row ends, are shorter: 18 tokens in the middle)
-        max_new = len(backend.image_template(*tiny.grids["rough"])) + (24 if backend._row_end() else 8)
+        max_new = len(backend.image_template(*tiny.grids["rough"])) + (24 if backend.row_end() else 8)
     kw = {"max_new_tokens": max_new, "do_sample": False, "guidance_scale": guidance, **_attention(kernel)}
     ref, fast = _both(model, backend, prompts, 2, stage_sizes=tiny.sizes, **kw)
     assert (max(small_pieces) >= 4) if kernel == "split" else not small_pieces
@@ -175,7 +175,7 @@ def test_greedy_equals_reference(tiny_family, hooks, photo, guidance, max_new, k
         assert all(fast.finished) and all(
             p.blocks[b].error is None for p in parses for b in p.blocks if b.endswith("_image")
         )
-        assert sum(len(p.blocks) for p in parses) >= (10 if backend._row_end() else 8)  # Janus: no text between
+        assert sum(len(p.blocks) for p in parses) >= (10 if backend.row_end() else 8)  # Janus: no text between
         assert len({len(c) for c in fast.completion_ids}) == 3
 
 

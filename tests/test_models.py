@@ -77,16 +77,16 @@ def _expected(tiny):
 
 def test_malformed_missing_row_end(tiny):
     backend = tiny[2]
-    if not backend._row_end():
+    if not backend.row_end():
         pytest.skip(f"{tiny.family} has no end-of-row token")
     ids = _ids(tiny)
     rows, cols = _grid(tiny)
-    prefix = len(backend._image_prefix(rows, cols))
+    prefix = len(backend.image_prefix(rows, cols))
     del ids[prefix + cols]  # first row's end-of-row token
     result = backend.parse_image_tokens(ids)
     assert not result.ok and result.codes is None
-    row_end = tiny[1].convert_ids_to_tokens(backend._row_end()[0])
-    assert f"row 0, column {cols}" in result.error and row_end in result.error
+    row_end_token = tiny[1].convert_ids_to_tokens(backend.row_end()[0])
+    assert f"row 0, column {cols}" in result.error and row_end_token in result.error
 
 
 def test_malformed_truncated(tiny):
@@ -97,7 +97,7 @@ def test_malformed_truncated(tiny):
 def test_malformed_text_inside_image(tiny):
     backend = tiny[2]
     ids = _ids(tiny)
-    ids[len(backend._image_prefix(*_grid(tiny))) + 2] = backend.encode_text("a")[0]
+    ids[len(backend.image_prefix(*_grid(tiny))) + 2] = backend.encode_text("a")[0]
     result = backend.parse_image_tokens(ids, _expected(tiny))
     assert not result.ok and "expected an image code" in result.error and "'a'" in result.error
 

@@ -10,7 +10,7 @@ A backend wraps one loaded model and its tokenizer and answers four questions:
 3. which vocabulary entries are image codes (``image_code_mask``) and which are layout-only (``layout_token_ids``);
 4. the VLCoT tags as token ids (``tag_ids``).
 
-Families differ only in how an image is framed (``_image_prefix``, ``_row_end``, ``_image_suffix``, ``_read_grid``)
+Families differ only in how an image is framed (``image_prefix``, ``row_end``, ``image_suffix``, ``read_grid``)
 and in their VQ model (``_encode_pixels``, ``_decode_grids``). Everything else lives here, once.
 """
 
@@ -110,19 +110,19 @@ class ImageTokenBackend(ABC):
         """LongTensor ``(codebook_size,)``: the language-model token id of each VQ code."""
 
     @abstractmethod
-    def _image_prefix(self, rows: int, cols: int) -> list[int]:
+    def image_prefix(self, rows: int, cols: int) -> list[int]:
         """Forced token ids before the first code (image start, size tokens, ...)."""
 
     @abstractmethod
-    def _row_end(self) -> list[int]:
+    def row_end(self) -> list[int]:
         """Forced token ids after each row of codes (may be empty)."""
 
     @abstractmethod
-    def _image_suffix(self) -> list[int]:
+    def image_suffix(self) -> list[int]:
         """Forced token ids after the last row (image end, ...)."""
 
     @abstractmethod
-    def _read_grid(self, ids: list[int]) -> tuple[int, int] | str:
+    def read_grid(self, ids: list[int]) -> tuple[int, int] | str:
         """Grid size announced by the prefix of ``ids``, or an error message."""
 
     @abstractmethod
@@ -166,7 +166,7 @@ class ImageTokenBackend(ABC):
     #: The smallest code grid the family's layout can announce (PURE counts sides in 4-code units).
     smallest_grid: tuple[int, int] = (1, 1)
     #: Whether an image's layout says its grid (size tokens, end-of-row tokens). Janus's does not: an image is then
-    #: parsed against the grid expected of it, and ``_read_grid`` is asked only when none is given.
+    #: parsed against the grid expected of it, and ``read_grid`` is asked only when none is given.
     announces_grid: bool = True
     #: Whether the logits over the whole vocabulary are one linear layer (``get_output_embeddings``), as TRL's fused
     #: LM head assumes. Janus's are two heads side by side.
@@ -272,8 +272,8 @@ class ImageTokenBackend(ABC):
     # ----- codes <-> token ids ----------------------------------------------------------------------------------
     def image_template(self, rows: int, cols: int) -> torch.Tensor:
         """The full token layout of a ``rows`` x ``cols`` image: forced ids, and ``CODE`` (-1) where codes go."""
-        row = [CODE] * cols + self._row_end()
-        return torch.tensor(self._image_prefix(rows, cols) + row * rows + self._image_suffix(), dtype=torch.long)
+        row = [CODE] * cols + self.row_end()
+        return torch.tensor(self.image_prefix(rows, cols) + row * rows + self.image_suffix(), dtype=torch.long)
 
     def codes_to_token_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """``(rows, cols)`` code grid -> flat token ids in this family's layout."""
@@ -292,7 +292,7 @@ class ImageTokenBackend(ABC):
         if expected_grid is not None and not self.announces_grid:
             grid = tuple(expected_grid)
         else:
-            grid = self._read_grid(ids)
+            grid = self.read_grid(ids)
         if isinstance(grid, str):
             return ImageParse(error=grid)
         if expected_grid is not None and tuple(grid) != tuple(expected_grid):
@@ -300,7 +300,7 @@ class ImageTokenBackend(ABC):
                 error=f"size tokens announce a {grid[0]}x{grid[1]} grid, expected {expected_grid[0]}x{expected_grid[1]}"
             )
         rows, cols = grid
-        if rows * (cols + len(self._row_end())) > len(ids):  # checked before the template is built: an absurd
+        if rows * (cols + len(self.row_end())) > len(ids):  # checked before the template is built: an absurd
             # header (99999999*99999999) must not allocate it
             return ImageParse(
                 error=f"truncated image: {'size tokens announce' if self.announces_grid else 'the stage expects'} "
@@ -308,8 +308,8 @@ class ImageTokenBackend(ABC):
                 f"{len(ids)} tokens"
             )
         template = self.image_template(rows, cols).tolist()
-        prefix_len = len(self._image_prefix(rows, cols))
-        row_len = cols + len(self._row_end())
+        prefix_len = len(self.image_prefix(rows, cols))
+        row_len = cols + len(self.row_end())
         for pos, (want, got) in enumerate(zip(template, ids)):
             where = self._describe_position(pos, prefix_len, row_len, rows)
             if want == CODE:

@@ -56,16 +56,16 @@ class Emu3Backend(ImageTokenBackend):
     def _size_token_ids(self, rows: int, cols: int) -> list[int]:
         return self.encode_text(f"{rows}*{cols}")
 
-    def _image_prefix(self, rows: int, cols: int) -> list[int]:
+    def image_prefix(self, rows: int, cols: int) -> list[int]:
         return [self._ids[IMAGE_START], *self._size_token_ids(rows, cols), self._ids[IMAGE_WRAPPER]]
 
-    def _row_end(self) -> list[int]:
+    def row_end(self) -> list[int]:
         return [self._ids[END_OF_ROW]]
 
-    def _image_suffix(self) -> list[int]:
+    def image_suffix(self) -> list[int]:
         return [self._ids[END_OF_FRAME], self._ids[IMAGE_END]]
 
-    def _read_grid(self, ids: list[int]) -> tuple[int, int] | str:
+    def read_grid(self, ids: list[int]) -> tuple[int, int] | str:
         if not ids:
             return "empty image: no tokens"
         if ids[0] != self._ids[IMAGE_START]:

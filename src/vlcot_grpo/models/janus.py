@@ -180,16 +180,16 @@ class JanusBackend(ImageTokenBackend):
         mask[len(self.tokenizer) : self.text_rows] = False
         return mask
 
-    def _image_prefix(self, rows: int, cols: int) -> list[int]:
+    def image_prefix(self, rows: int, cols: int) -> list[int]:
         return [self._ids[IMAGE_START]]
 
-    def _row_end(self) -> list[int]:
+    def row_end(self) -> list[int]:
         return []
 
-    def _image_suffix(self) -> list[int]:
+    def image_suffix(self) -> list[int]:
         return [self._ids[IMAGE_END]]
 
-    def _read_grid(self, ids: list[int]) -> tuple[int, int] | str:
+    def read_grid(self, ids: list[int]) -> tuple[int, int] | str:
         """With no expected grid: the square grid of the codes between image start and end (Janus's own images are
         square); anything else cannot be read."""
         if not ids:

@@ -204,16 +204,16 @@ class PureBackend(ImageTokenBackend):
             )
         return units
 
-    def _image_prefix(self, rows: int, cols: int) -> list[int]:
+    def image_prefix(self, rows: int, cols: int) -> list[int]:
         return [self._ids[IMAGE_START], self._size_ids[self._units(rows)], self._size_ids[self._units(cols)]]
 
-    def _row_end(self) -> list[int]:
+    def row_end(self) -> list[int]:
         return [self._ids[END_OF_ROW]]
 
-    def _image_suffix(self) -> list[int]:
+    def image_suffix(self) -> list[int]:
         return [self._ids[IMAGE_END]]
 
-    def _read_grid(self, ids: list[int]) -> tuple[int, int] | str:
+    def read_grid(self, ids: list[int]) -> tuple[int, int] | str:
         if not ids:
             return "empty image: no tokens"
         if ids[0] != self._ids[IMAGE_START]:
