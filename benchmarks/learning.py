@@ -66,6 +66,7 @@ def run_seed(seed: int, root: Path, args) -> dict:
         "--save_strategy", "steps", "--save_steps", str(args.grpo_steps), "--save_total_limit", "1",
         "--build_tiny_model", "false", "--learning_rate", str(args.grpo_lr),
         "--num_generations", str(args.generations), "--per_device_train_batch_size", str(args.generations),
+        *(["--rewards", *args.rewards, "--reward_weights", *["1"] * len(args.rewards)] if args.rewards else []),
     ])  # fmt: skip
     grpo_seconds = time.perf_counter() - start
     # the same wall-clock time of further SFT, at the cold start's measured seconds per epoch
@@ -157,6 +158,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO (LoRA) learning rate (the demo's 2e-4).")
     parser.add_argument(
         "--generations", type=int, default=4, help="Rollouts per photo and GRPO step, one photo a step (the demo's 4)."
+    )
+    parser.add_argument(
+        "--rewards", nargs="+", default=None, help="GRPO's rewards (default: the demo recipe's four, weight 1 each)."
     )
     parser.add_argument("--samples", type=int, default=4, help="Held-out chains per photo and model.")
     parser.add_argument("--eval-seed", type=int, default=1000, help="Held-out sampling seed (plus the run's seed).")

@@ -409,3 +409,73 @@ def test_merged_adapters_reuse_their_host_buffers(tiny_path):
         assert not all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
     assert first and {k: v.data_ptr() for k, v in buffers.items()} == first
     assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
+
+
+# ----- the direction of one step --------------------------------------------------------------------------------------
+def code_share_reward(code_ids: set[int]):
+    """A reward that differs between the chains of a random model: the share of image-code tokens."""
+
+    def code_share(prompts, completions, completion_ids, **kwargs):
+        return [sum(int(t) in code_ids for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    return code_share
+
+
+class StepProbe(VLCoTGRPOTrainer):
+    """Keeps the first batch it rolls out and each chain's log-prob under the policy before the step."""
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if not hasattr(self, "probe"):
+            self.probe = output, self.chain_logps(output)
+        return output
+
+    def chain_logps(self, output):
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)
+        self._scoring = output  # the sampled top-k the guided log-probs are scored with
+        try:
+            with torch.no_grad():
+                logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, ids, mask, output["completion_ids"].size(1)
+                )
+        finally:
+            self._scoring = None
+        return (logps * output["completion_mask"]).sum(1)
+
+
+def test_one_step_raises_the_chains_with_positive_advantage(tiny_path, dataset, tmp_path):
+    """Through the whole VLCoT path (LoRA merged for the rollout, image codes drawn with entropy top-k under the
+    guided sampler correction), one GRPO step moves each chain's log-prob the way its advantage says: the
+    advantage-weighted change is positive and the chains above the group mean gain more than those below."""
+    from peft import LoraConfig
+
+    from vlcot_grpo.models import load_backend
+
+    model, tokenizer = _load(tiny_path)
+    code_ids = set(torch.nonzero(load_backend(model, tokenizer).image_code_mask).flatten().tolist())
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        num_generations=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-4,
+        image_log_steps=0,
+        image_top_k=-1,
+        image_temperature=1.0,
+        beta=0.0,
+    )
+    assert args.sampler_correction == "guided" and args.rollout_merge_adapters
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=r".*text_model.*\.(q_proj|v_proj|down_proj)")
+    trainer = StepProbe(
+        model=model, reward_funcs=[code_share_reward(code_ids)], args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=lora,
+    )  # fmt: skip
+    trainer.train()
+    output, before = trainer.probe
+    change = trainer.chain_logps(output) - before
+    advantages = output["advantages"]
+    advantages = advantages if advantages.dim() == 1 else advantages[:, 0]
+    assert (advantages != 0).any(), advantages
+    assert float((advantages * change).sum()) > 0, (advantages, change)
+    assert change[advantages > 0].mean() > change[advantages < 0].mean(), (advantages, change)
