@@ -101,7 +101,7 @@ class GenerationReward(Reward):
         if unknown:
             raise ValueError(f"GenerationReward normalize names metrics not in metrics={self.metrics}: {unknown}")
         self.device = device
-        self._models: dict[str, torch.nn.Module] = {}  # a plain dict: never registered as submodules
+        self.metric_models: dict[str, torch.nn.Module] = {}  # a plain dict: never registered as submodules
         self._normalizers: dict[str, Callable[[float], float]] = {}
 
     def _weights(self, weights) -> dict[str, float]:
@@ -131,16 +131,16 @@ class GenerationReward(Reward):
         device = self._device()
         failures: list[MetricUnavailableError] = []
         for metric in self.metrics:
-            if metric not in self._models:
+            if metric not in self.metric_models:
                 try:
-                    self._models[metric] = create_metric(metric, device)
+                    self.metric_models[metric] = create_metric(metric, device)
                 except MetricUnavailableError as err:
                     failures.append(err)  # keep going: report every unavailable metric at once
                     continue
                 self._normalizers[metric] = make_normalizer(
-                    metric, self.normalize.get(metric), bool(self._models[metric].lower_better)
+                    metric, self.normalize.get(metric), bool(self.metric_models[metric].lower_better)
                 )
-            self._models[metric].to(device)
+            self.metric_models[metric].to(device)
         if failures:
             message = "\n\n".join(str(err) for err in failures)
             raise MetricUnavailableError(message) from (failures[0].__cause__ or failures[0])
@@ -172,7 +172,7 @@ class GenerationReward(Reward):
     @torch.no_grad()
     def raw_scores(self, images: list) -> dict[str, list[float | None]]:
         """Un-normalised score of every metric for every image (``None`` where the image is ``None``)."""
-        if any(image is not None for image in images) and len(self._models) < len(self.metrics):
+        if any(image is not None for image in images) and len(self.metric_models) < len(self.metrics):
             self.prepare()
         raw: dict[str, list[float | None]] = {m: [None] * len(images) for m in self.metrics}
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -183,7 +183,7 @@ class GenerationReward(Reward):
         for indices in by_size.values():
             batch = images_to_batch([images[i] for i in indices], device)
             for metric in self.metrics:
-                values = self._models[metric](batch).detach().float().reshape(-1).cpu().tolist()
+                values = self.metric_models[metric](batch).detach().float().reshape(-1).cpu().tolist()
                 if len(values) != len(indices):
                     raise RuntimeError(
                         f"pyiqa metric {metric!r} returned {len(values)} scores for {len(indices)} images"

@@ -490,14 +490,14 @@ def old_dataset(rows: int = 3, broken_params=(), foreign_lr=()) -> datasets.Data
 def test_a_dataset_from_before_label_versions_loads_with_recomputed_levels(tmp_path):
     from types import SimpleNamespace
 
-    from vlcot_grpo.script_utils import _load_vlcot_dataset
+    from vlcot_grpo.script_utils import load_train_dataset
 
     old_dataset().save_to_disk(str(tmp_path / "old"))
     args = SimpleNamespace(dataset_name=str(tmp_path / "old"), dataset_train_split="train")
     with pytest.warns(
         LabelVersionWarning, match=r"label version 1 .*recomputed .* of 3 of its 3 older rows"
     ) as caught:
-        loaded = _load_vlcot_dataset(args, None)
+        loaded = load_train_dataset(args, None)
     assert "did not reproduce" not in str(caught[0].message)  # the replays gave the stored LR images
     assert loaded.column_names == COLUMNS
     assert label_versions(loaded) == [LABEL_VERSION] * 3

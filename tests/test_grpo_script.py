@@ -92,10 +92,12 @@ def test_mapping_reward_entries_run_and_are_saved_so_that_they_rebuild(tmp_path)
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        RECIPE.read_text().replace(
+        RECIPE.read_text()
+        .replace(
             "rewards: [format, degradation, understanding, fidelity]",
             "rewards:\n  - {name: format, label: fmt}\n  - {name: degradation, weight: 0.5, kwargs: {graded: true}}",
-        ).replace("reward_weights: [1.0, 1.0, 1.0, 1.0]", "")
+        )
+        .replace("reward_weights: [1.0, 1.0, 1.0, 1.0]", "")
     )
     argv = _argv(tmp_path, "--max_steps", "1", "--save_strategy", "no")
     argv[1] = str(recipe)

@@ -125,11 +125,11 @@ def test_sinc_width_is_that_of_the_gaussian_with_the_same_half_amplitude_frequen
 
 def test_sinc_and_gaussian_definitions_agree_on_a_gaussian():
     # kernel_variance's sinc rule applied to a Gaussian profile gives sigma back (they agree where both apply).
-    from vlcot_grpo.data.levels import _half_amplitude_sigma
+    from vlcot_grpo.data.levels import half_amplitude_sigma
 
     for sigma in (0.8, 1.5, 2.5):
         profile = deg.gaussian_kernel(31, sigma).astype(np.float64).sum(axis=0)
-        assert _half_amplitude_sigma(profile) == pytest.approx(sigma, rel=0.01)
+        assert half_amplitude_sigma(profile) == pytest.approx(sigma, rel=0.01)
 
 
 def impulse_response_variance(image: np.ndarray, centre: int, reach: int) -> float:

@@ -138,7 +138,7 @@ def test_prompt_ends_with_the_end_of_turn(tiny_pure, photo):
 
 def test_text_never_samples_layout_or_size_tokens(tiny_pure):
     backend = tiny_pure[2]
-    size_ids = list(backend._size_ids.values())
+    size_ids = list(backend.size_ids.values())
     assert len(size_ids) == 32 and not backend.text_token_mask[size_ids].any()
     assert not backend.text_token_mask[backend.layout_token_ids].any()
     assert not (backend.text_token_mask & backend.image_code_mask).any()

@@ -74,9 +74,9 @@ def test_the_named_file_is_the_one_pyiqa_tries_to_download(empty_weights_cache, 
 def test_metrics_that_need_no_weights_are_created_once(empty_weights_cache):
     reward = GenerationReward(metrics=("entropy", "piqe"), device="cpu")
     reward.prepare()
-    models = dict(reward._models)
+    models = dict(reward.metric_models)
     reward.prepare("cpu")
-    assert reward._models == models  # not re-created
+    assert reward.metric_models == models  # not re-created
     assert all(not any(p.requires_grad for p in m.parameters()) for m in models.values())
     assert weight_files("entropy") == [] and weight_files("psnr") == []
 

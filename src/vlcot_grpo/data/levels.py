@@ -180,10 +180,10 @@ def kernel_variance(kernel: KernelParams) -> float:
     x, y = _kernel_grid(weights)
     if kernel.kind != "sinc":
         return float(((weights * x * x).sum() + (weights * y * y).sum()) / 2.0)
-    return _half_amplitude_sigma(weights.sum(axis=0)) ** 2
+    return half_amplitude_sigma(weights.sum(axis=0)) ** 2
 
 
-def _half_amplitude_sigma(profile: np.ndarray) -> float:
+def half_amplitude_sigma(profile: np.ndarray) -> float:
     """Gaussian-equivalent sigma of a symmetric 1-D kernel from its frequency response (see kernel_variance)."""
     half = profile.shape[0] // 2
     offsets = np.arange(-half, half + 1, dtype=np.float64)

@@ -153,7 +153,7 @@ class PureBackend(ImageTokenBackend):
     layout_tokens = (*LAYOUT_TOKENS, END_OF_TURN)
 
     @cached_property
-    def _size_ids(self) -> dict[int, int]:
+    def size_ids(self) -> dict[int, int]:
         """units -> id of ``<reserved{8800+units}>``, for every such token the vocabulary has (units >= 1)."""
         sizes = {}
         for name, token_id in self.tokenizer.get_vocab().items():
@@ -179,7 +179,7 @@ class PureBackend(ImageTokenBackend):
     @cached_property
     def layout_token_ids(self) -> list[int]:
         # every size token, not only those of the smallest grid: none is ever text
-        return sorted(set(super().layout_token_ids) | set(self._size_ids.values()))
+        return sorted(set(super().layout_token_ids) | set(self.size_ids.values()))
 
     @property
     def prompt_suffix_ids(self) -> list[int]:
@@ -196,8 +196,8 @@ class PureBackend(ImageTokenBackend):
 
     def _units(self, codes: int) -> int:
         units = codes // CODES_PER_UNIT
-        if codes % CODES_PER_UNIT or units not in self._size_ids:
-            have = max(self._size_ids, default=0)
+        if codes % CODES_PER_UNIT or units not in self.size_ids:
+            have = max(self.size_ids, default=0)
             raise ValueError(
                 f"a {codes}-code side has no PURE size token: sides are multiples of {CODES_PER_UNIT} codes up to "
                 f"{have * CODES_PER_UNIT} (the tokenizer's largest is {size_token(have)})"
@@ -205,7 +205,7 @@ class PureBackend(ImageTokenBackend):
         return units
 
     def image_prefix(self, rows: int, cols: int) -> list[int]:
-        return [self._ids[IMAGE_START], self._size_ids[self._units(rows)], self._size_ids[self._units(cols)]]
+        return [self._ids[IMAGE_START], self.size_ids[self._units(rows)], self.size_ids[self._units(cols)]]
 
     def row_end(self) -> list[int]:
         return [self._ids[END_OF_ROW]]
@@ -218,7 +218,7 @@ class PureBackend(ImageTokenBackend):
             return "empty image: no tokens"
         if ids[0] != self._ids[IMAGE_START]:
             return f"token 0 (image header): expected {IMAGE_START!r}, got {self._token_name(ids[0])}"
-        units = {token_id: n for n, token_id in self._size_ids.items()}
+        units = {token_id: n for n, token_id in self.size_ids.items()}
         sides = []
         for pos in (1, 2):
             if len(ids) <= pos or ids[pos] not in units:
