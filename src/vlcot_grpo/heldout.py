@@ -81,9 +81,7 @@ def run_rewards(settings: dict):
     """The run's rewards (names, weights, kwargs as recorded), built as the GRPO script builds them."""
     from vlcot_grpo.rewards import load_rewards
 
-    keep = ("name", "kwargs", "weight", "label")
-    specs = [{k: r[k] for k in keep if r.get(k) is not None} for r in settings["rewards"]]
-    funcs, weights = load_rewards(specs)
+    funcs, weights = load_rewards(settings["rewards"])  # recorded as load_rewards specs (saved_settings)
     return funcs, {f.__name__: w for f, w in zip(funcs, weights)}
 
 

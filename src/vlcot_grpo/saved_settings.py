@@ -118,9 +118,7 @@ def reward_records(script_args, training_args) -> list[dict]:
     weights = training_args.reward_weights
     if weights:
         entries = [{k: v for k, v in e.items() if k != "weight"} if isinstance(e, Mapping) else e for e in entries]
-    specs = recipe_specs(entries, script_args.reward_kwargs, weights)
-    keep = ("name", "weight", "kwargs", "label")
-    return [{k: spec[k] for k in keep if spec.get(k) is not None} | {"kwargs": spec["kwargs"]} for spec in specs]
+    return recipe_specs(entries, script_args.reward_kwargs, weights)
 
 
 def _training_record(training_args, model_args) -> dict:

@@ -399,22 +399,22 @@ def make_trainer(trainer_class, method: str, run: ScriptRun, model, tokenizer, *
         peft_config=peft_config_for(run.model_args, model, tokenizer),
         **kwargs,
     )
-    record_run(trainer, method, model, run.script_args, run.training_args, run.model_args, run.argv, run.dataset)
+    record_run(trainer, method, model, run)
     log_distribution(trainer)
     return trainer
 
 
-def record_run(trainer, method: str, model, script_args, training_args, model_args, argv, dataset) -> None:
+def record_run(trainer, method: str, model, run: ScriptRun) -> None:
     """Give the trainer what its model card and ``vlcot_settings.json`` say (``model`` is the base as loaded), and
     point the adapter at ``base_model_id`` when one is set."""
     from vlcot_grpo.saved_settings import training_settings
 
     trainer.vlcot_settings = training_settings(
-        method, model, script_args, training_args, model_args, argv, dataset=dataset
+        method, model, run.script_args, run.training_args, run.model_args, run.argv, dataset=run.dataset
     )
-    if script_args.base_model_id and hasattr(trainer.model, "peft_config"):
+    if run.script_args.base_model_id and hasattr(trainer.model, "peft_config"):
         for config in trainer.model.peft_config.values():
-            config.base_model_name_or_path = script_args.base_model_id
+            config.base_model_name_or_path = run.script_args.base_model_id
 
 
 def save_run_record(trainer, folder, adapter: bool | None = None) -> None:
