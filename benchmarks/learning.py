@@ -6,10 +6,13 @@ held-out photos (never trained on) with the same seeds and the GRPO run's reward
 Per seed: (1) a cold start, the demo's SFT recipe but ``--sft-epochs`` (default 40 of the demo's 120) so that it
 leaves room to improve; (2) GRPO from it with the demo's recipe (rewards format, degradation, understanding,
 fidelity); (3) the cold start trained on further by SFT for the wall-clock time GRPO took (epochs from the cold
-start's own seconds per epoch). Each of the three models writes ``--samples`` chains per held-out photo, generated
-with the same seed for all three, scored by the GRPO run's rewards (``vlcot_grpo.heldout``). Reported: held-out mean
-± 95 % interval over seeds (Student t) of every reward, of the weighted total and of the format-valid rate; GRPO's
-reward curves per step (``curves.png``, one line per seed); ``learning.json`` and ``learning.md`` (the table).
+start's own seconds per row and epoch). ``--sft-degradations`` gives the cold start several degradations of each
+photo; ``--fresh-degradations`` trains GRPO and more SFT on new ones, so that they see inputs the cold start never
+saw (the held-out photos stay unseen by all three). Each of the three models writes ``--samples`` chains per
+held-out photo, generated with the same seed for all three, scored by the GRPO run's rewards
+(``vlcot_grpo.heldout``). Reported: held-out mean ± 95 % interval over seeds (Student t) of every reward, of the
+weighted total and of the format-valid rate; GRPO's reward curves per step (``curves.png``, one line per seed);
+``learning.json`` and ``learning.md`` (the table).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def _data_flags(demo_seed: int, copies: int) -> list[str]:
+    return ["--demo_seed", str(demo_seed), "--demo_degradations_per_image", str(copies)]
+
+
 def _sft(model: Path, out: Path, epochs: int, seed: int, extra: list[str]) -> float:
     from vlcot_grpo import sft
 
@@ -58,7 +65,12 @@ def run_seed(seed: int, root: Path, args) -> dict:
     folder = root / f"seed{seed}"
     base = root / "model"  # the tiny base, built once by the first cold start (build_tiny_model in the recipe)
     cold = folder / "cold_start"
-    sft_seconds = _sft(base, cold, args.sft_epochs, seed, [])
+    cold_data = _data_flags(0, args.sft_degradations)
+    # GRPO and more SFT: the cold start's inputs, or fresh degradations of the same photos (demo seeds after the
+    # cold start's, so no LR input is one the cold start saw)
+    later = args.fresh_degradations or args.sft_degradations
+    later_data = _data_flags(args.sft_degradations, later) if args.fresh_degradations else cold_data
+    sft_seconds = _sft(base, cold, args.sft_epochs, seed, cold_data)
     start = time.perf_counter()
     out = grpo.main([
         "--config", str(GRPO_RECIPE), "--model_name_or_path", str(cold), "--output_dir", str(folder / "grpo"),
@@ -66,12 +78,14 @@ def run_seed(seed: int, root: Path, args) -> dict:
         "--save_strategy", "steps", "--save_steps", str(args.grpo_steps), "--save_total_limit", "1",
         "--build_tiny_model", "false", "--learning_rate", str(args.grpo_lr),
         "--num_generations", str(args.generations), "--per_device_train_batch_size", str(args.generations),
+        *later_data,
         *(["--rewards", *args.rewards, "--reward_weights", *["1"] * len(args.rewards)] if args.rewards else []),
     ])  # fmt: skip
     grpo_seconds = time.perf_counter() - start
-    # the same wall-clock time of further SFT, at the cold start's measured seconds per epoch
-    more_epochs = max(1, round(grpo_seconds / (sft_seconds / args.sft_epochs)))
-    more_seconds = _sft(cold, folder / "sft_more", more_epochs, seed, ["--build_tiny_model", "false"])
+    # the same wall-clock time of further SFT, at the cold start's measured seconds per row and epoch
+    seconds_per_epoch = sft_seconds / args.sft_epochs * later / args.sft_degradations
+    more_epochs = max(1, round(grpo_seconds / seconds_per_epoch))
+    more_seconds = _sft(cold, folder / "sft_more", more_epochs, seed, ["--build_tiny_model", "false", *later_data])
     state = json.loads(next(Path(out).glob("checkpoint-*/trainer_state.json")).read_text())
 
     settings = read_settings(out)
@@ -162,19 +176,43 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--rewards", nargs="+", default=None, help="GRPO's rewards (default: the demo recipe's four, weight 1 each)."
     )
+    parser.add_argument(
+        "--sft-degradations", type=int, default=1, help="Degraded copies of each photo in the cold start (demo: 1)."
+    )
+    parser.add_argument(
+        "--fresh-degradations",
+        type=int,
+        default=0,
+        help="GRPO and more SFT train on this many new degradations of each photo, none the cold start saw "
+        "(0: on the cold start's own inputs).",
+    )
     parser.add_argument("--samples", type=int, default=4, help="Held-out chains per photo and model.")
     parser.add_argument("--eval-seed", type=int, default=1000, help="Held-out sampling seed (plus the run's seed).")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="Train nothing: merge the seeds of earlier runs (their learning.json, e.g. one process per seed "
+        "run side by side) into one table in --out.",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    runs = [run_seed(seed, root, args) for seed in args.seeds]
+    settings = vars(args)
+    if args.merge:
+        reports = [json.loads((Path(folder) / "learning.json").read_text()) for folder in args.merge]
+        runs = [run for report in reports for run in report["runs"]]
+        settings = {**reports[0]["args"], "seeds": [run["seed"] for run in runs], "merged_from": args.merge}
+    else:
+        runs = [run_seed(seed, root, args) for seed in args.seeds]
     table = summarise(runs)
     text = markdown(table, runs)
     curves = plot_curves(runs, root / "curves.png")
-    report = {"args": vars(args), "table": table, "runs": runs, "seconds": time.perf_counter() - start}
+    report = {"args": settings, "table": table, "runs": runs, "seconds": time.perf_counter() - start}
     (root / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "learning.md").write_text(text)
     print(text)

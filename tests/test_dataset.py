@@ -324,6 +324,27 @@ def test_same_seed_same_dataset_and_seeds_follow_the_content(tmp_path):
     assert raw_rows(single)[0]["lr_image"] == raw_rows(first)[index]["lr_image"]
 
 
+def test_degradations_per_image_gives_each_photo_the_seeds_that_follow(tmp_path):
+    folder = tmp_path / "hr"
+    write_good_files(folder)
+    (folder / "broken.png").write_bytes(b"not an image")
+    copies, summary = build(folder, tmp_path / "cache", seed=3, degradations_per_image=3)
+    singles = [build(folder, tmp_path / f"single{k}", seed=3 + k)[0] for k in range(3)]
+    n = len(singles[0])
+    assert summary.kept == n and len(copies) == 3 * n
+    # Copy k is the single-copy build at seed 3 + k, row for row.
+    assert raw_rows(copies) == [row for single in singles for row in raw_rows(single)]
+    # The HR image and targets are the photo's in every copy; the degradations differ.
+    rows = raw_rows(copies)
+    for i in range(n):
+        assert rows[i]["hr_image"] == rows[n + i]["hr_image"] == rows[2 * n + i]["hr_image"]
+        assert len({rows[k * n + i]["degradation_params"] for k in range(3)}) == 3
+    # The unreadable file is reported once, not once per copy.
+    assert [skip.source for skip in summary.skipped].count("broken.png") == 1
+    with pytest.raises(ValueError, match="degradations_per_image must be >= 1, got 0"):
+        build(folder, tmp_path / "cache", degradations_per_image=0)
+
+
 def test_a_crash_mid_build_keeps_the_finished_images(tmp_path, monkeypatch):
     folder = tmp_path / "hr"
     folder.mkdir()
@@ -419,6 +440,11 @@ def test_prepare_data_on_good_and_bad_files(mixed_folder, tmp_path, capsys):
     prompt_file.write_text(f"Fix {IMAGE_PLACEHOLDER}\n")
     assert prepare_data(*common, "--out", str(out), "--overwrite", "--prompt-file", str(prompt_file)) == 0
     assert datasets.load_from_disk(str(out))[0]["prompt"] == f"Fix {IMAGE_PLACEHOLDER}"
+    two = tmp_path / "two"
+    assert prepare_data(*common, "--out", str(two), "--seed", "1", "--degradations-per-image", "2") == 0
+    doubled = datasets.load_from_disk(str(two))
+    sources = list(doubled["source"])
+    assert len(doubled) == 2 * len(good) and sources[: len(good)] == sources[len(good) :]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,31 @@ def test_interval_is_students_t():
     assert bench.interval([5.0]) == (5.0, 0.0)
 
 
+def test_merge_puts_seeds_run_apart_into_one_table(tmp_path):
+    import json
+
+    bench = _learning()
+    for seed, total in ((0, 0.2), (1, 0.4)):
+        means = {m: {"format": total / 2, "total": total} for m in bench.MODELS}
+        run = {
+            "seed": seed,
+            "seconds": {"cold_start": 1.0, "grpo": 2.0, "sft_more": 2.0},
+            "sft_more_epochs": 3,
+            "means": means,
+            "log_history": [{"step": 1, "reward": total, "rewards/format/mean": total / 2}],
+        }
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        report = {"args": {"seeds": [seed], "grpo_steps": 60}, "runs": [run]}
+        (folder / "learning.json").write_text(json.dumps(report))
+    merged = bench.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "all")])
+    assert merged["args"]["seeds"] == [0, 1] and merged["args"]["grpo_steps"] == 60
+    mean, half = merged["table"]["total"]["grpo"]
+    assert mean == pytest.approx(0.3) and half == pytest.approx(12.706 * statistics.stdev([0.2, 0.4]) / 2**0.5)
+    assert (tmp_path / "all" / "curves.png").stat().st_size > 0
+    assert "0.300 ± " in (tmp_path / "all" / "learning.md").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
     reason="measured 2026-12-03: GRPO does not beat its cold start on the held-out photos (docs/benchmarks.md)",

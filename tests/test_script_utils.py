@@ -99,6 +99,17 @@ def test_recipe_prompt_replaces_the_dataset_prompt(tmp_path):
         load_train_dataset(data, _Args(prompt_template="no placeholder"))
 
 
+def test_demo_degradations_per_image_reaches_the_demo_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLCOT_GRPO_CACHE", str(tmp_path / "cache"))
+    training = _Args(prompt_template=DEFAULT_PROMPT, stage_sizes=None)
+    one = load_train_dataset(SharedScriptArguments(demo_hr_size=32, demo_seed=5), training)
+    data = SharedScriptArguments(demo_hr_size=32, demo_seed=4, demo_degradations_per_image=2)
+    two = load_train_dataset(data, training)
+    assert len(two) == 2 * len(one) and list(two["source"]) == list(one["source"]) * 2
+    # the second copy is the demo at seed 5
+    assert list(two["degradation_params"])[len(one) :] == list(one["degradation_params"])
+
+
 def test_missing_split_is_named(tmp_path):
     folder = tmp_path / "dd"
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"x": [1]})}).save_to_disk(str(folder))

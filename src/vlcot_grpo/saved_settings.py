@@ -101,7 +101,11 @@ def _dataset_record(script_args) -> dict:
     if marker.is_file():  # prepare-data's record: sizes, scale, seed, degradation config
         data["prepare_data"] = json.loads(marker.read_text()).get("arguments")
     elif script_args.dataset_name == "demo":
-        data.update(hr_size=script_args.demo_hr_size, seed=script_args.demo_seed)
+        data.update(
+            hr_size=script_args.demo_hr_size,
+            seed=script_args.demo_seed,
+            degradations_per_image=script_args.demo_degradations_per_image,
+        )
     return data
 
 

@@ -32,6 +32,13 @@ class SharedScriptArguments:
             "start and GRPO see the same low-quality inputs."
         },
     )
+    demo_degradations_per_image: int = field(
+        default=1,
+        metadata={
+            "help": "Rows per demo photo, each with its own degradation (copy k as demo_seed + k would make it). "
+            "A GRPO run at demo_seed n after a cold start with n copies trains on inputs the cold start never saw."
+        },
+    )
     build_tiny_model: bool = field(
         default=False,
         metadata={
@@ -306,7 +313,10 @@ def _load_vlcot_dataset(data_args: SharedScriptArguments, training_args):
         from vlcot_grpo.data.demo import build_demo_dataset
 
         return build_demo_dataset(
-            hr_size=data_args.demo_hr_size, stage_sizes=training_args.stage_sizes, seed=data_args.demo_seed
+            hr_size=data_args.demo_hr_size,
+            stage_sizes=training_args.stage_sizes,
+            seed=data_args.demo_seed,
+            degradations_per_image=data_args.demo_degradations_per_image,
         )
     path = Path(data_args.dataset_name)
     if not path.exists():

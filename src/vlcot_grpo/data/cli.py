@@ -44,6 +44,12 @@ def add_prepare_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
         help="Sides of the rough / middle / final targets (default: hr-size/4, hr-size/2, hr-size).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Global seed (default: 0).")
+    parser.add_argument(
+        "--degradations-per-image",
+        type=int,
+        default=1,
+        help="Rows per photo, each with its own degradation (copy k as --seed + k would make it; default: 1).",
+    )
     parser.add_argument("--num-proc", type=int, default=1, help="Worker processes (default: 1).")
     parser.add_argument("--strict", action="store_true", help="Stop with an error at the first bad input file.")
     parser.add_argument("--prompt-file", default=None, help="Text file with the prompt (must contain <|image|>).")
@@ -259,6 +265,7 @@ _PLAIN_OPTIONS = (
     "scale",
     "lr_size",
     "seed",
+    "degradations_per_image",
     "small_images",
     "max_image_pixels",
     "strict",

@@ -25,6 +25,9 @@ column                    type                 content
 Determinism: each image's degradation seed is derived from the global ``seed`` and the SHA-256 of the image's
 *file content* (see :func:`image_seed`), not from its position. Adding, removing or renaming files never changes
 the degradation of the others, and the same photo always gets the same degradation under the same seed.
+With ``degradations_per_image`` n > 1 every image gives n rows, the k-th degraded as a build at ``seed + k`` would
+degrade it (copies follow one another: all images at copy 0, then all at copy 1, ...); the HR image, stage targets,
+tags and caption are the same in all n.
 
 Caching: every processed image is written to ``cache_dir/<settings key>/items/<content hash>/`` the moment it is
 done (atomically: written to a temporary folder, then renamed). The settings key hashes everything that changes
@@ -161,7 +164,8 @@ class SkippedFile:
 
 @dataclass
 class BuildSummary:
-    """What a build did: counts of kept, newly processed and cached images, and every skipped file."""
+    """What a build did: counts of kept images, of image copies processed now or found in the cache (one per image
+    and degradation), and every skipped file."""
 
     kept: int = 0
     processed: int = 0
@@ -624,6 +628,13 @@ class DatasetOptions:
         metadata={"help": "Rough / middle / final target sizes (default hr/4, hr/2, hr); see normalise_stage_sizes."},
     )
     seed: int = field(default=0, metadata={"help": "Global seed; each image's seed also depends on its content."})
+    degradations_per_image: int = field(
+        default=1,
+        metadata={
+            "help": "Rows per image, each with its own degradation: copy k uses seed + k, so copy 0 is the "
+            "single-copy build and a build at seed + n with n copies shares no degradation with this one."
+        },
+    )
     prompt: str | None = field(
         default=None, metadata={"help": "Prompt with IMAGE_PLACEHOLDER; default vlcot_grpo.vlcot.DEFAULT_PROMPT."}
     )
@@ -751,7 +762,7 @@ def _process_missing(
 
     summary = skip.summary
     todo = [item for item, _ in items if not _is_cached(cache_root, item.content_hash)]
-    summary.from_cache = len(items) - len(todo)
+    summary.from_cache += len(items) - len(todo)
     tasks = [(item, settings, cache_root, options.max_image_pixels) for item in todo]
     sources = {item.content_hash: item.source for item in todo}
     rejected: set[str] = set()
@@ -798,24 +809,35 @@ def _assemble_dataset(
 def build_vlcot_dataset_with_summary(
     source: str | os.PathLike | datasets.Dataset, options: DatasetOptions | None = None, **overrides: Any
 ) -> tuple[datasets.Dataset, BuildSummary]:
-    """:func:`build_vlcot_dataset`, also returning the :class:`BuildSummary`."""
-    options = DatasetOptions.from_keywords(options, **overrides)
-    settings = _image_settings(options)
-    prompt = _checked_prompt(options.prompt)
-    cache_root = _open_cache(settings, options.cache_dir)
-    summary = BuildSummary(cache_path=str(cache_root))
-    skip = _Skipper(summary, options.strict)
+    """:func:`build_vlcot_dataset`, also returning the :class:`BuildSummary` (counts of images, not rows)."""
+    import datasets
 
+    options = DatasetOptions.from_keywords(options, **overrides)
+    if options.degradations_per_image < 1:
+        raise ValueError(f"degradations_per_image must be >= 1, got {options.degradations_per_image}")
+    _image_settings(options)  # bad sizes fail before any file is read
+    prompt = _checked_prompt(options.prompt)
+    summary = BuildSummary()
+    skip = _Skipper(summary, options.strict)
     items = _collect_inputs(source, options, skip)
-    rejected = _process_missing(items, settings, cache_root, options, skip)
-    entries = [
-        (str(_entry_dir(cache_root, item.content_hash)), item.source, annotation.tags, annotation.caption)
-        for item, annotation in items
-        if item.content_hash not in rejected
-    ]
-    summary.kept = len(entries)
+    parts = []
+    # Each copy is a build at its own seed with its own cache folder; an image rejected by copy 0 (unreadable,
+    # too small) is not tried again.
+    for copy in range(options.degradations_per_image):
+        settings = _image_settings(replace(options, seed=options.seed + copy))
+        cache_root = _open_cache(settings, options.cache_dir)
+        summary.cache_path = summary.cache_path or str(cache_root)
+        rejected = _process_missing(items, settings, cache_root, options, skip)
+        items = [(item, annotation) for item, annotation in items if item.content_hash not in rejected]
+        entries = [
+            (str(_entry_dir(cache_root, item.content_hash)), item.source, annotation.tags, annotation.caption)
+            for item, annotation in items
+        ]
+        parts.append(_assemble_dataset(entries, cache_root, prompt, options))
+    summary.kept = len(items)
     logger.info("prepare-data: %s", summary.format())
-    return _assemble_dataset(entries, cache_root, prompt, options), summary
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return dataset, summary
 
 
 def build_vlcot_dataset(

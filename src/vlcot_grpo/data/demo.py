@@ -104,12 +104,14 @@ def build_demo_dataset(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     split: str = "train",
+    degradations_per_image: int = 1,
 ) -> datasets.Dataset:
     """The demo VLCoT dataset of ``split`` (columns as :func:`~vlcot_grpo.data.dataset.build_vlcot_dataset`), built
     offline. Each photo's degradation depends on ``seed`` and its content only, so the splits never interact.
 
     ``stage_sizes``: three ints or (h, w) pairs, or {"rough": ..., "middle": ..., "final": ...}; default
     (hr/4, hr/2, hr). ``cache_dir`` defaults to :func:`~vlcot_grpo.data.dataset.default_cache_dir`.
+    ``degradations_per_image``: rows per photo, copy k degraded as at ``seed + k``.
     """
     return build_vlcot_dataset(
         demo_source_dataset(split),
@@ -117,6 +119,7 @@ def build_demo_dataset(
         scale=scale,
         stage_sizes=stage_sizes,
         seed=seed,
+        degradations_per_image=degradations_per_image,
         source_column="source",
         cache_dir=cache_dir,
         progress=False,
