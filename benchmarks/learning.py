@@ -78,6 +78,7 @@ def run_seed(seed: int, root: Path, args) -> dict:
         "--save_strategy", "steps", "--save_steps", str(args.grpo_steps), "--save_total_limit", "1",
         "--build_tiny_model", "false", "--learning_rate", str(args.grpo_lr),
         "--num_generations", str(args.generations), "--per_device_train_batch_size", str(args.generations),
+        "--gradient_accumulation_steps", str(args.prompts_per_step),
         *later_data,
         *(["--rewards", *args.rewards, "--reward_weights", *["1"] * len(args.rewards)] if args.rewards else []),
     ])  # fmt: skip
@@ -172,6 +173,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO (LoRA) learning rate (the demo's 2e-4).")
     parser.add_argument(
         "--generations", type=int, default=4, help="Rollouts per photo and GRPO step, one photo a step (the demo's 4)."
+    )
+    parser.add_argument(
+        "--prompts-per-step",
+        type=int,
+        default=1,
+        help="Photos (groups of rollouts) per GRPO optimiser step, by gradient accumulation (the demo: 1; the "
+        "paper: 6, one per GPU).",
     )
     parser.add_argument(
         "--rewards", nargs="+", default=None, help="GRPO's rewards (default: the demo recipe's four, weight 1 each)."
