@@ -3,12 +3,12 @@ held-out photos (never trained on) with the same seeds and the GRPO run's reward
 
     python benchmarks/learning.py --seeds 0 1 2 --out outputs/learning
 
-Per seed: (1) a cold start, the demo's SFT recipe but ``--sft-epochs`` (default 40 of the demo's 120) so that it
-leaves room to improve; (2) GRPO from it with the demo's recipe (rewards format, degradation, understanding,
-fidelity); (3) the cold start trained on further by SFT for the wall-clock time GRPO took (epochs from the cold
-start's own seconds per row and epoch). ``--sft-degradations`` gives the cold start several degradations of each
-photo; ``--fresh-degradations`` trains GRPO and more SFT on new ones, so that they see inputs the cold start never
-saw (the held-out photos stay unseen by all three). Each of the three models writes ``--samples`` chains per
+Per seed: (1) a cold start, the demo's SFT recipe but ``--sft-epochs`` (default 40) on ``--sft-degradations``
+(default 1) degradations of each photo, so that it leaves room to improve; (2) GRPO from it with the demo's
+recipe (rewards format, degradation, understanding, fidelity); (3) the cold start trained on further by SFT for the
+wall-clock time GRPO took (epochs from the cold start's own seconds per row and epoch). GRPO and more SFT train on
+the cold start's inputs, or with ``--fresh-degradations`` n on n new degradations of each photo that the cold start
+never saw (the held-out photos stay unseen by all three). Each of the three models writes ``--samples`` chains per
 held-out photo, generated with the same seed for all three, scored by the GRPO run's rewards
 (``vlcot_grpo.heldout``). Reported: held-out mean ± 95 % interval over seeds (Student t) of every reward, of the
 weighted total and of the format-valid rate; GRPO's reward curves per step (``curves.png``, one line per seed);
@@ -79,6 +79,7 @@ def run_seed(seed: int, root: Path, args) -> dict:
         "--build_tiny_model", "false", "--learning_rate", str(args.grpo_lr),
         "--num_generations", str(args.generations), "--per_device_train_batch_size", str(args.generations),
         "--gradient_accumulation_steps", str(args.prompts_per_step),
+        "--image_codes_in_loss", str(not args.text_loss_only).lower(),
         *later_data,
         *(["--rewards", *args.rewards, "--reward_weights", *["1"] * len(args.rewards)] if args.rewards else []),
     ])  # fmt: skip
@@ -168,7 +169,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="outputs/learning")
-    parser.add_argument("--sft-epochs", type=int, default=40, help="Cold-start epochs (the demo: 120).")
+    parser.add_argument(
+        "--sft-epochs", type=int, default=40, help="Cold-start epochs (the demo: 20, on 4 degradations)."
+    )
     parser.add_argument("--grpo-steps", type=int, default=12, help="GRPO steps (the demo's 12).")
     parser.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO (LoRA) learning rate (the demo's 2e-4).")
     parser.add_argument(
@@ -182,10 +185,13 @@ def main(argv=None) -> dict:
         "paper: 6, one per GPU).",
     )
     parser.add_argument(
+        "--text-loss-only", action="store_true", help="GRPO trains the text tokens only (image_codes_in_loss: false)."
+    )
+    parser.add_argument(
         "--rewards", nargs="+", default=None, help="GRPO's rewards (default: the demo recipe's four, weight 1 each)."
     )
     parser.add_argument(
-        "--sft-degradations", type=int, default=1, help="Degraded copies of each photo in the cold start (demo: 1)."
+        "--sft-degradations", type=int, default=1, help="Degraded copies of each photo in the cold start (demo: 4)."
     )
     parser.add_argument(
         "--fresh-degradations",

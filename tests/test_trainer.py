@@ -139,7 +139,8 @@ def test_rewards_receive_the_parsed_chain_and_stage_images(tiny_path, dataset, t
     assert kwargs["tags"][0] in (["astronaut", "flag"], ["cat"])
 
 
-def test_forced_tokens_are_out_of_the_loss(tiny_path, dataset, tmp_path):
+@pytest.mark.parametrize("codes_in_loss", [True, False])
+def test_forced_tokens_are_out_of_the_loss(tiny_path, dataset, tmp_path, codes_in_loss):
     model, tokenizer = _load(tiny_path)
     tag_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<rough_image>", "<middle_image>", "<final_image>")]
     model.lm_head.register_forward_hook(
@@ -148,7 +149,7 @@ def test_forced_tokens_are_out_of_the_loss(tiny_path, dataset, tmp_path):
     trainer = VLCoTGRPOTrainer(
         model=model,
         reward_funcs=[Recorder()],
-        args=_args(tmp_path, max_completion_length=300),
+        args=_args(tmp_path, max_completion_length=300, image_codes_in_loss=codes_in_loss),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
@@ -170,7 +171,7 @@ def test_forced_tokens_are_out_of_the_loss(tiny_path, dataset, tmp_path):
             if in_image is not None:
                 if k < len(in_image) and pos < len(ids) and out["completion_mask"][0].numel() > pos:
                     if ids[pos] != tokenizer.pad_token_id:
-                        assert mask[pos] == (1 if in_image[k] == CODE else 0), (stage, k)
+                        assert mask[pos] == (1 if in_image[k] == CODE and codes_in_loss else 0), (stage, k)
                         checked += 1
                 k += 1
                 if k == len(in_image):

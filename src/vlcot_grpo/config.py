@@ -131,6 +131,14 @@ class VLCoTGRPOConfig(VLCoTFields, GRPOConfig):
     rollout_fuse_projections: bool | None = rollout_option("fuse_projections")
     rollout_image_decoding: str = rollout_option("image_decoding")
     rollout_jacobi_window: int = rollout_option("jacobi_window")
+    image_codes_in_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether sampled image codes are trained on. False: only the sampled text tokens (tags, "
+            "degradation and descriptions) carry the chain's advantage, so a reward on the format or the texts "
+            "does not also push the chain's image codes; forced layout tokens are never trained on."
+        },
+    )
     rollout_merge_adapters: bool = field(
         default=True,
         metadata={

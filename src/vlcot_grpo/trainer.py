@@ -3,7 +3,8 @@
 It extends rather than forks. What it changes, and why:
 
 * generation goes through TRL's ``rollout_func`` hook to the ``RolloutEngine`` (text + forced-layout images), and
-  the engine's "sampled vs forced" mask goes back as ``env_mask`` so forced tokens never enter the loss;
+  the engine's "sampled vs forced" mask goes back as ``env_mask`` so forced tokens never enter the loss (nor image
+  codes, without ``image_codes_in_loss``);
 * rewards get the parsed chain (``vlcot``), its texts and decoded stage images as extra keyword arguments;
 * the rollout returns each token's sampling log-prob, and the trained log-probs follow ``sampler_correction``:
   ``guided`` scores the very distribution sampled (an unconditional pass over each image's tokens for guidance,
@@ -191,11 +192,21 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
             "prompt_ids": batch.prompt_ids,
             "completion_ids": batch.completion_ids,
             "logprobs": batch.logprobs,  # TRL keeps them as sampling_per_token_logps
-            "env_mask": batch.sampled_mask,  # TRL multiplies this into the loss mask: forced tokens get 0
+            "env_mask": self._loss_mask(batch),  # TRL multiplies this into the loss mask
             "vlcot": parses,
             "stage_texts": [p.texts for p in parses],
             "stage_images": [p.images for p in parses],
         }
+
+    def _loss_mask(self, batch) -> list[list[int]]:
+        """1 where a token is trained on: sampled, not forced; and not an image code without image_codes_in_loss."""
+        if self.args.image_codes_in_loss:
+            return batch.sampled_mask
+        codes = self._code_mask.tolist()
+        return [
+            [int(sampled and not codes[token]) for sampled, token in zip(mask, ids)]
+            for mask, ids in zip(batch.sampled_mask, batch.completion_ids)
+        ]
 
     def _log_rollout(self, batch, parses) -> None:
         """The rollout's metrics: format-valid and finished rates, tokens per image, time, decoding counters."""
