@@ -28,8 +28,8 @@ class SharedScriptArguments:
     demo_seed: int = field(
         default=0,
         metadata={
-            "help": "Seed of the demo dataset's degradations. Kept apart from the training seed so that the cold "
-            "start and GRPO see the same low-quality inputs."
+            "help": "Seed of the demo dataset's degradations, kept apart from the training seed (the demo's GRPO "
+            "recipe sets it past the cold start's copies, so that GRPO trains on new low-quality inputs)."
         },
     )
     demo_degradations_per_image: int = field(
