@@ -58,8 +58,7 @@ def _sft(model: Path, out: Path, epochs: int, seed: int, extra: list[str]) -> fl
 
 
 def run_seed(seed: int, root: Path, args) -> dict:
-    from vlcot_grpo import grpo, heldout
-    from vlcot_grpo.loading import load_pretrained
+    from vlcot_grpo import grpo
     from vlcot_grpo.saved_settings import read_settings
 
     folder = root / f"seed{seed}"
@@ -89,26 +88,36 @@ def run_seed(seed: int, root: Path, args) -> dict:
     more_epochs = max(1, round(grpo_seconds / seconds_per_epoch))
     more_seconds = _sft(cold, folder / "sft_more", more_epochs, seed, ["--build_tiny_model", "false", *later_data])
     state = json.loads(next(Path(out).glob("checkpoint-*/trainer_state.json")).read_text())
+    return {
+        "seed": seed,
+        "seconds": {"cold_start": sft_seconds, "grpo": grpo_seconds, "sft_more": more_seconds},
+        "sft_more_epochs": more_epochs,
+        "means": score_heldout(folder, seed, args),
+        "log_history": state["log_history"],
+        "weights": {r["name"]: r["weight"] for r in read_settings(out)["rewards"]},
+    }
 
-    settings = read_settings(out)
+
+def score_heldout(folder: Path, seed: int, args) -> dict:
+    """The seed's three saved models on the held-out photos, ``args.samples`` chains per photo and model with the
+    same sampling seed, scored by the GRPO run's rewards; model -> mean of each reward (pictures and heldout.json
+    are written into ``folder``)."""
+    from vlcot_grpo import heldout
+    from vlcot_grpo.loading import load_pretrained
+    from vlcot_grpo.saved_settings import read_settings
+
+    settings = read_settings(folder / "grpo")
     rows = heldout.heldout_rows(settings)
     rewards = heldout.run_rewards(settings)
     results = {}
-    for name, path in (("cold_start", cold), ("sft_more", folder / "sft_more"), ("grpo", out)):
-        model, tokenizer = load_pretrained(str(path), dtype="float32")
+    for name in MODELS:
+        model, tokenizer = load_pretrained(str(folder / name), dtype="float32")
         results[name] = heldout.evaluate_heldout(
             model, tokenizer, rows, settings, args.samples, args.eval_seed + seed, rewards
         )
         heldout.save_heldout_pictures(results[name], folder / "heldout" / name)
     heldout.write_summary(folder / "heldout.json", results)
-    return {
-        "seed": seed,
-        "seconds": {"cold_start": sft_seconds, "grpo": grpo_seconds, "sft_more": more_seconds},
-        "sft_more_epochs": more_epochs,
-        "means": {name: r.means() for name, r in results.items()},
-        "log_history": state["log_history"],
-        "weights": {r["name"]: r["weight"] for r in settings["rewards"]},
-    }
+    return {name: r.means() for name, r in results.items()}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -211,6 +220,12 @@ def main(argv=None) -> dict:
         help="Train nothing: merge the seeds of earlier runs (their learning.json, e.g. one process per seed "
         "run side by side) into one table in --out.",
     )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="With --merge: score each seed's saved models on the held-out photos again (--samples, --eval-seed) "
+        "instead of reusing the means they were run with.",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = Path(args.out)
@@ -219,8 +234,15 @@ def main(argv=None) -> dict:
     settings = vars(args)
     if args.merge:
         reports = [json.loads((Path(folder) / "learning.json").read_text()) for folder in args.merge]
-        runs = [run for report in reports for run in report["runs"]]
+        runs = []
+        for folder, report in zip(args.merge, reports):
+            for run in report["runs"]:
+                if args.rescore:
+                    run["means"] = score_heldout(Path(folder) / f"seed{run['seed']}", run["seed"], args)
+                runs.append(run)
         settings = {**reports[0]["args"], "seeds": [run["seed"] for run in runs], "merged_from": args.merge}
+        if args.rescore:
+            settings.update(samples=args.samples, eval_seed=args.eval_seed)
     else:
         runs = [run_seed(seed, root, args) for seed in args.seeds]
     table = summarise(runs)
