@@ -202,9 +202,9 @@ class VLCoTGRPOTrainer(ModelCardMixin, GRPOTrainer):
         """1 where a token is trained on: sampled, not forced; and not an image code without image_codes_in_loss."""
         if self.args.image_codes_in_loss:
             return batch.sampled_mask
-        codes = self._code_mask.tolist()
+        codes = self.backend.image_code_mask  # on the host, as the rollout's token ids are
         return [
-            [int(sampled and not codes[token]) for sampled, token in zip(mask, ids)]
+            (torch.tensor(mask, dtype=torch.bool) & ~codes[torch.tensor(ids, dtype=torch.long)]).int().tolist()
             for mask, ids in zip(batch.sampled_mask, batch.completion_ids)
         ]
 

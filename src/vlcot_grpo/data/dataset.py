@@ -815,7 +815,7 @@ def build_vlcot_dataset_with_summary(
     options = DatasetOptions.from_keywords(options, **overrides)
     if options.degradations_per_image < 1:
         raise ValueError(f"degradations_per_image must be >= 1, got {options.degradations_per_image}")
-    _image_settings(options)  # bad sizes fail before any file is read
+    first = _image_settings(options)  # bad sizes fail here, before any file is read
     prompt = _checked_prompt(options.prompt)
     summary = BuildSummary()
     skip = _Skipper(summary, options.strict)
@@ -824,7 +824,7 @@ def build_vlcot_dataset_with_summary(
     # Each copy is a build at its own seed with its own cache folder; an image rejected by copy 0 (unreadable,
     # too small) is not tried again.
     for copy in range(options.degradations_per_image):
-        settings = _image_settings(replace(options, seed=options.seed + copy))
+        settings = replace(first, seed=options.seed + copy)
         cache_root = _open_cache(settings, options.cache_dir)
         summary.cache_path = summary.cache_path or str(cache_root)
         rejected = _process_missing(items, settings, cache_root, options, skip)
